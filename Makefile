@@ -1,0 +1,35 @@
+# `make serve` and `make test` do the whole set-up on a fresh machine (Python 3.11 + venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 12345
+ARGS ?=
+
+.PHONY: install serve test unit e2e bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade 'pip==26.3'
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -c "import jina, torch, transformers, docarray"
+	touch $@
+
+serve: install
+	$(PY) jina_server.py --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+unit: install
+	$(PY) -m pytest -q -ra tests/unit
+
+e2e: install
+	$(PY) -m pytest -q -ra tests/e2e
+
+bench: install
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,429 @@
+"""The generation engine: token ids and settings in, text deltas out. No Jina in here.
+
+One scheduler thread owns the model. Requests wait in a bounded queue, are prefilled in chunks (so a
+long prompt delays the running answers by one chunk at most), then join a running batch that shares
+one forward pass per decode step (continuous batching). Each row keeps its own sampling settings,
+logits processors, random generator, stop conditions and detokenizer. The batch's KV cache is a
+left-padded transformers ``DynamicCache``: a joining row is padded to the batch's width, a leaving row
+is dropped with an index select. Cancelled requests are dropped before the next step.
+"""
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .detok import IncrementalDetokenizer
+from .sampling import SamplingSettings, ServerBusyError, build_logits_processors, to_generation_config
+
+log = logging.getLogger("jina_llm_stream.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    request_timeout: float = 300.0
+
+
+@dataclass
+class TokenEvent:
+    """A piece of the answer. ``finish_reason`` is set on the last one: stop, length or time_limit."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EngineError(RuntimeError):
+    """The model failed while working on this request (e.g. out of memory); other requests go on."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request inside the engine."""
+
+    request_id: int
+    prompt_ids: list
+    settings: SamplingSettings
+    emit: object
+    detok: IncrementalDetokenizer
+    deadline: float
+    processors: object = None
+    do_sample: bool = False
+    generator: torch.Generator | None = None
+    ids_buffer: torch.Tensor | None = None
+    cache: object = None
+    prefilled: int = 0
+    generated: list = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.settings.max_new_tokens
+
+
+class RequestHandle:
+    """What ``submit`` returns: lets the caller cancel its request from any thread."""
+
+    def __init__(self, engine: "Engine", sequence: _Sequence):
+        self._engine, self._sequence = engine, sequence
+
+    def cancel(self) -> None:
+        if not self._sequence.finished:
+            self._sequence.cancelled = True
+            self._engine._wake()
+
+
+class Engine:
+    """Continuous-batching decode loop over a transformers causal LM."""
+
+    def __init__(self, model, tokenizer, eos_token_ids, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = next(model.parameters()).device
+        self._ids = itertools.count(1)
+        self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []
+        self._rows: list[_Sequence] = []  # rows of the running batch, in cache order
+        self._cache = None
+        self._mask = None  # [rows, width] 1 for real tokens, 0 for left padding
+        self._positions = None  # [rows] position id of each row's next token
+        self._next_tokens = None  # [rows, 1] token each row feeds into the next step
+        self._lock = threading.Condition()
+        self._running = False
+        self._thread = None
+        parameters = inspect.signature(model.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in parameters
+        # transformers 5 renamed the cache argument; remote-code models may still use the old name.
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.steps = 0  # decode steps run, for tests and metrics
+
+    # ---- public API -------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids, settings: SamplingSettings, emit) -> RequestHandle:
+        """Queue a request; ``emit`` is called from the engine thread with each TokenEvent or an exception."""
+        sequence = _Sequence(
+            request_id=next(self._ids), prompt_ids=list(prompt_ids), settings=settings, emit=emit,
+            detok=IncrementalDetokenizer(self.tokenizer, settings.stop),
+            deadline=time.monotonic() + self.config.request_timeout,
+        )
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue:
+                raise ServerBusyError(
+                    f"server busy: {len(self._waiting)} requests are already waiting "
+                    f"(max_queue={self.config.max_queue}); retry later"
+                )
+            self._waiting.append(sequence)
+            self._lock.notify_all()
+        return RequestHandle(self, sequence)
+
+    async def stream(self, prompt_ids, settings: SamplingSettings):
+        """Async iterator of TokenEvents; closing it (or cancelling its task) cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening any more
+                handle.cancel()
+
+        handle = self.submit(prompt_ids, settings, emit)
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            handle.cancel()
+
+    def load(self) -> dict:
+        """Queue depth and batch size right now."""
+        return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._rows)}
+
+    # ---- scheduler loop ---------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while self._running and not (self._waiting or self._prefilling or self._rows):
+                    self._lock.wait()
+                if not self._running:
+                    break
+            self._drop_cancelled_and_expired()
+            self._admit()
+            if self._prefilling:
+                self._prefill_some()
+            if self._rows:
+                self._decode_guarded()
+        self._fail_everything(EngineError("the server is shutting down"))
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._rows) + len(self._prefilling) < self.config.max_batch_size:
+                sequence = self._waiting.popleft()
+                try:
+                    self._prepare(sequence)
+                except Exception as error:  # noqa: BLE001 - a bad setting must fail this request only
+                    self._finish_with_error(sequence, error)
+                    continue
+                self._prefilling.append(sequence)
+
+    def _prepare(self, sequence: _Sequence) -> None:
+        config = to_generation_config(sequence.settings, self.model.generation_config)
+        prompt_length = len(sequence.prompt_ids)
+        sequence.processors = build_logits_processors(self.model, config, sequence.settings, prompt_length,
+                                                      self.device)
+        sequence.do_sample = bool(config.do_sample)
+        if sequence.do_sample:
+            sequence.generator = torch.Generator(device=self.device)
+            if sequence.settings.seed is not None:
+                sequence.generator.manual_seed(sequence.settings.seed)
+            else:
+                sequence.generator.seed()
+        if len(sequence.processors):
+            sequence.ids_buffer = torch.tensor([sequence.prompt_ids + [0] * sequence.max_new_tokens],
+                                               dtype=torch.long, device=self.device)
+        sequence.cache = DynamicCache()
+
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            kept = deque()
+            for sequence in self._waiting:
+                if sequence.cancelled:
+                    sequence.finished = True
+                else:
+                    kept.append(sequence)
+            self._waiting = kept
+        self._prefilling = [s for s in self._prefilling if not self._retire_if_done(s, now)]
+        leaving = [index for index, s in enumerate(self._rows) if self._retire_if_done(s, now)]
+        self._remove_rows(leaving)
+
+    def _retire_if_done(self, sequence: _Sequence, now: float) -> bool:
+        if sequence.cancelled:
+            sequence.finished = True
+            return True
+        if now > sequence.deadline:
+            self._finish(sequence, "time_limit")
+            return True
+        return False
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    def _prefill_some(self) -> None:
+        """Prefill at most ``prefill_chunk`` prompt tokens this round, oldest requests first."""
+        budget = self.config.prefill_chunk
+        for sequence in list(self._prefilling):
+            if budget <= 0:
+                break
+            start = sequence.prefilled
+            end = min(len(sequence.prompt_ids), start + budget)
+            try:
+                logits = self._forward_prefill(sequence, start, end)
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail this request, keep serving
+                log.exception("prefill failed for request %s", sequence.request_id)
+                self._prefilling.remove(sequence)
+                self._finish_with_error(sequence, EngineError(f"generation failed: {error}"))
+                continue
+            budget -= end - start
+            sequence.prefilled = end
+            if end == len(sequence.prompt_ids):
+                self._prefilling.remove(sequence)
+                token = self._choose_tokens([sequence], logits[:, -1, :])[0]
+                if self._accept_token(sequence, token):
+                    self._join_batch(sequence, token)
+
+    def _forward_prefill(self, sequence: _Sequence, start: int, end: int) -> torch.Tensor:
+        input_ids = torch.tensor([sequence.prompt_ids[start:end]], dtype=torch.long, device=self.device)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
+            use_cache=True,
+        )
+        kwargs[self._cache_kwarg] = sequence.cache  # updated in place
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits
+
+    # ---- the running batch --------------------------------------------------------------------------
+    def _join_batch(self, sequence: _Sequence, first_token: int) -> None:
+        length = len(sequence.prompt_ids)
+        token = torch.tensor([[first_token]], dtype=torch.long, device=self.device)
+        position = torch.tensor([length], dtype=torch.long, device=self.device)
+        own_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if not self._rows:
+            self._cache, self._mask, self._positions, self._next_tokens = sequence.cache, own_mask, position, token
+        else:
+            width = max(self._mask.shape[1], length)
+            self._pad_batch_to(width)
+            for batch_layer, own_layer in zip(self._cache.layers, sequence.cache.layers):
+                batch_layer.keys = torch.cat([batch_layer.keys, _pad_left(own_layer.keys, width - length, 2)])
+                batch_layer.values = torch.cat([batch_layer.values, _pad_left(own_layer.values, width - length, 2)])
+            self._mask = torch.cat([self._mask, _pad_left(own_mask, width - length, 1)])
+            self._positions = torch.cat([self._positions, position])
+            self._next_tokens = torch.cat([self._next_tokens, token])
+        sequence.cache = None
+        self._rows.append(sequence)
+
+    def _pad_batch_to(self, width: int) -> None:
+        extra = width - self._mask.shape[1]
+        if extra <= 0:
+            return
+        for layer in self._cache.layers:
+            layer.keys = _pad_left(layer.keys, extra, 2)
+            layer.values = _pad_left(layer.values, extra, 2)
+        self._mask = _pad_left(self._mask, extra, 1)
+
+    def _remove_rows(self, indices) -> None:
+        if not indices:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._positions = self._next_tokens = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        self._next_tokens = self._next_tokens[index]
+        # Columns that are padding for every remaining row cost attention work for nothing: cut them.
+        unused = int((self._mask.sum(dim=0) == 0).int().cumprod(dim=0).sum())
+        if unused:
+            self._crop_left(unused)
+
+    def _crop_left(self, columns: int) -> None:
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+        self._mask = self._mask[:, columns:]
+
+    def _decode_guarded(self) -> None:
+        try:
+            self._decode_step()
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail this batch, keep serving
+            log.exception("decode step failed; failing the %d requests of this batch", len(self._rows))
+            for sequence in self._rows:
+                self._finish_with_error(sequence, EngineError(f"generation failed: {error}"))
+            self._rows = []
+            self._cache = self._mask = self._positions = self._next_tokens = None
+
+    def _decode_step(self) -> None:
+        ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        output = self.model(
+            input_ids=self._next_tokens,
+            attention_mask=self._mask,
+            position_ids=self._positions.unsqueeze(1),
+            use_cache=True,
+            **{self._cache_kwarg: self._cache},  # updated in place
+        )
+        self._positions = self._positions + 1
+        self.steps += 1
+        tokens = self._choose_tokens(self._rows, output.logits[:, -1, :])
+        self._next_tokens = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        leaving = [i for i, (s, t) in enumerate(zip(self._rows, tokens)) if not self._accept_token(s, t)]
+        self._remove_rows(leaving)
+
+    def _choose_tokens(self, sequences, logits: torch.Tensor) -> list:
+        """Next token of each row: the row's own processors, then greedy or its own seeded sampling."""
+        scores = logits.float()
+        for row, sequence in enumerate(sequences):
+            if sequence.ids_buffer is not None:
+                length = len(sequence.prompt_ids) + len(sequence.generated)
+                scores[row:row + 1] = sequence.processors(sequence.ids_buffer[:, :length], scores[row:row + 1])
+        chosen = scores.argmax(dim=-1)
+        for row, sequence in enumerate(sequences):
+            if sequence.do_sample:
+                probs = torch.softmax(scores[row], dim=-1)
+                chosen[row] = torch.multinomial(probs, 1, generator=sequence.generator)[0]
+        return chosen.tolist()
+
+    # ---- per-token bookkeeping --------------------------------------------------------------------
+    def _accept_token(self, sequence: _Sequence, token: int) -> bool:
+        """Record ``token``, emit the text it completes; False when the request is finished."""
+        if token in self.eos_token_ids:
+            self._finish(sequence, "stop")
+            return False
+        sequence.generated.append(token)
+        if sequence.ids_buffer is not None:
+            sequence.ids_buffer[0, len(sequence.prompt_ids) + len(sequence.generated) - 1] = token
+        text = sequence.detok.push(token)
+        if sequence.detok.stopped:
+            self._finish(sequence, "stop", text)
+            return False
+        if len(sequence.generated) >= sequence.max_new_tokens:
+            self._finish(sequence, "length", text)
+            return False
+        if text:
+            self._emit(sequence, TokenEvent(text, None, len(sequence.prompt_ids), len(sequence.generated)))
+        return True
+
+    def _finish(self, sequence: _Sequence, reason: str, text: str = "") -> None:
+        text += sequence.detok.flush()
+        sequence.finished = True
+        self._emit(sequence, TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated)))
+
+    def _finish_with_error(self, sequence: _Sequence, error: BaseException) -> None:
+        sequence.finished = True
+        self._emit(sequence, error)
+
+    def _emit(self, sequence: _Sequence, event) -> None:
+        try:
+            sequence.emit(event)
+        except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+            log.exception("could not deliver an event for request %s", sequence.request_id)
+            sequence.cancelled = True
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._lock:
+            pending = list(self._waiting) + self._prefilling + self._rows
+            self._waiting.clear()
+        self._prefilling, self._rows = [], []
+        for sequence in pending:
+            if not sequence.finished:
+                self._finish_with_error(sequence, error)
+
+
+def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
+    if amount <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def supports_batching(model) -> bool:
+    """Left-padded cache merging needs plain full-attention ``DynamicLayer`` caches."""
+    probe = DynamicCache(config=model.config)
+    return all(type(layer) is DynamicLayer for layer in probe.layers)

@@ -1,0 +1,126 @@
+"""The Jina adapter: documents in, engine requests out, engine events back to documents.
+
+``/chat`` (batch: ``Client.post``) and ``/stream`` (``Client.stream_doc``) share ``_events``: one path
+from a ``Prompt`` to the engine, so they cannot drift apart. ``_error_boundary`` is the one place that
+decides what a client sees when something goes wrong.
+"""
+
+import asyncio
+import contextlib
+import logging
+from typing import Optional
+
+from docarray import DocList
+from jina import Executor, requests
+
+from schemas import Generation, Prompt
+
+from . import jina_compat
+from .engine import Engine, EngineConfig, EngineError
+from .model import encode_prompt, load
+from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
+
+jina_compat.install()
+log = logging.getLogger("jina_llm_stream.executor")
+
+STREAM_TEXT_MODES = ("delta", "cumulative")
+
+
+class TokenStreamingExecutor(Executor):
+    """Serves a Hugging Face causal LM: ``/chat`` for whole answers, ``/stream`` for pieces as they come."""
+
+    def __init__(
+        self,
+        model_name: Optional[str] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        max_new_tokens_limit: int = 2048,
+        max_prompt_tokens: int = 4096,
+        max_prompt_chars: int = 200_000,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        request_timeout: float = 300.0,
+        stream_text: str = "delta",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if stream_text not in STREAM_TEXT_MODES:
+            raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
+        self.stream_text = stream_text
+        loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle)
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.limits = Limits(
+            max_new_tokens_limit=max_new_tokens_limit,
+            max_prompt_tokens=min(max_prompt_tokens, (loaded.context_length or 1 << 30) - 1),
+            max_prompt_chars=max_prompt_chars,
+            context_length=loaded.context_length or 1 << 30,
+        )
+        self.engine = Engine(
+            loaded.model, loaded.tokenizer, loaded.eos_token_ids,
+            EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                         request_timeout=request_timeout),
+        ).start()
+
+    @requests(on="/chat")
+    async def chat(self, docs: DocList[Prompt], **kwargs) -> DocList[Generation]:
+        """Whole answers, one per prompt, in order; prompts of one call share the running batch."""
+        with self._error_boundary("/chat"):
+            prepared = [self._prepare(doc) for doc in docs]  # every prompt is checked before any work starts
+            answers = await asyncio.gather(*(self._answer(prompt_ids, settings) for prompt_ids, settings in prepared))
+        return DocList[Generation](answers)
+
+    @requests(on="/stream")
+    async def stream(self, doc: Prompt, **kwargs) -> Generation:
+        """One Generation per new piece of text (or the whole text so far, with ``stream_text=cumulative``)."""
+        with self._error_boundary("/stream"):
+            prompt_ids, settings = self._prepare(doc)
+            so_far = ""
+            async for event in self.engine.stream(prompt_ids, settings):
+                so_far += event.text
+                text = so_far if self.stream_text == "cumulative" else event.text
+                if event.text or event.finish_reason:
+                    yield _generation(text, event)
+
+    async def _answer(self, prompt_ids, settings) -> Generation:
+        pieces, last = [], None
+        async for event in self.engine.stream(prompt_ids, settings):
+            pieces.append(event.text)
+            last = event
+        return _generation("".join(pieces), last)
+
+    def _prepare(self, doc: Prompt):
+        """Validate and tokenize one prompt; raises RequestError naming the field."""
+        messages = validate_messages(doc.message, self.limits)
+        settings = parse_gen_conf(doc.gen_conf, self.limits)
+        try:
+            prompt_ids = encode_prompt(self.tokenizer, messages)
+        except Exception as error:  # noqa: BLE001 - a template that refuses these messages (e.g. role order)
+            raise RequestError("message", f"<{len(messages)} messages>", f"the chat template refused them: {error}")
+        return prompt_ids, fit_to_context(settings, len(prompt_ids), self.limits)
+
+    @contextlib.contextmanager
+    def _error_boundary(self, endpoint: str):
+        """Client mistakes and a full queue pass through with their message; anything else is logged with
+        its stack here and reaches the client as one line."""
+        try:
+            yield
+        except (RequestError, ServerBusyError, EngineError) as error:
+            log.warning("%s: %s: %s", endpoint, type(error).__name__, error)
+            raise
+        except Exception as error:
+            log.exception("%s failed", endpoint)
+            raise EngineError(f"internal error while generating: {type(error).__name__}: {error}") from error
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        super().close()
+
+
+def _generation(text: str, event) -> Generation:
+    return Generation(text=text, finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
+                      completion_tokens=event.completion_tokens)

@@ -1,0 +1,260 @@
+"""``gen_conf`` -> validated settings -> transformers ``GenerationConfig`` and logits processors.
+
+Everything a client sends is checked here, before any token is produced. Errors name the field, the bad
+value and what is allowed. Sampling itself reuses transformers' own logits processors (the list that
+``model.generate`` builds), so ``temperature``, ``top_k``, ``repetition_penalty`` ... mean exactly what they
+mean there. ``presence_penalty`` and ``frequency_penalty`` have their OpenAI meaning (transformers has
+no processor for them), applied to the generated tokens only.
+"""
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+DEFAULT_MAX_NEW_TOKENS = 512
+MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 256
+ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class RequestError(ValueError):
+    """A client mistake, reported to that client; the server carries on."""
+
+    def __init__(self, field: str, value, allowed: str):
+        self.field, self.allowed = field, allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field}={shown} is not allowed: {allowed}")
+
+
+class ServerBusyError(RuntimeError):
+    """The queue is full: the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds, set by the operator (CLI flags / config.yml / Executor arguments)."""
+
+    max_new_tokens_limit: int = 2048
+    max_prompt_tokens: int = 4096
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    context_length: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What one request asked for, validated. ``max_new_tokens`` None means "as many as fit"."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple = ()
+
+
+# field -> (type, low, high, settings attribute). ``low``/``high`` are inclusive unless noted in
+# EXCLUSIVE_LOW. Aliases map OpenAI names onto the transformers ones.
+_NUMERIC_FIELDS = {
+    "max_new_tokens": (int, 1, None, "max_new_tokens"),
+    "max_tokens": (int, 1, None, "max_new_tokens"),
+    "min_new_tokens": (int, 0, None, "min_new_tokens"),
+    "temperature": (float, 0.0, 2.0, "temperature"),
+    "top_k": (int, 0, 100_000, "top_k"),
+    "top_p": (float, 0.0, 1.0, "top_p"),
+    "min_p": (float, 0.0, 1.0, "min_p"),
+    "typical_p": (float, 0.0, 1.0, "typical_p"),
+    "repetition_penalty": (float, 0.0, 10.0, "repetition_penalty"),
+    "no_repeat_ngram_size": (int, 0, 32, "no_repeat_ngram_size"),
+    "presence_penalty": (float, -2.0, 2.0, "presence_penalty"),
+    "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
+    "seed": (int, 0, 2**63 - 1, "seed"),
+    "num_beams": (int, 1, 1, None),
+    "num_return_sequences": (int, 1, 1, None),
+}
+EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
+ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, "do_sample", "stop"]))
+
+
+def _range_text(name, low, high) -> str:
+    op = "<" if name in EXCLUSIVE_LOW else "<="
+    upper = f" <= {high}" if high is not None else ""
+    return f"{low} {op} {name}{upper}"
+
+
+def _check_number(name: str, value, kind, low, high):
+    field = f"gen_conf.{name}"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind is int and not is_int:
+        raise RequestError(field, value, f"an integer, {_range_text(name, low, high)}")
+    if kind is float and not (is_int or isinstance(value, float)):
+        raise RequestError(field, value, f"a number, {_range_text(name, low, high)}")
+    if kind is float and not math.isfinite(value):
+        raise RequestError(field, value, f"a finite number, {_range_text(name, low, high)}")
+    too_low = value <= low if name in EXCLUSIVE_LOW else value < low
+    if too_low or (high is not None and value > high):
+        if name in ("num_beams", "num_return_sequences"):
+            raise RequestError(field, value, f"only 1 is supported (one answer per prompt, no beam search)")
+        raise RequestError(field, value, f"allowed range is {_range_text(name, low, high)}")
+    return kind(value)
+
+
+def _check_stop(value) -> tuple:
+    allowed = (
+        f"a string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+        f"of at most {MAX_STOP_STRING_CHARS} characters"
+    )
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or len(items) > MAX_STOP_STRINGS:
+        raise RequestError("gen_conf.stop", value, allowed)
+    for item in items:
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_STOP_STRING_CHARS:
+            raise RequestError("gen_conf.stop", value, allowed)
+    return tuple(dict.fromkeys(items))
+
+
+def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
+    """Validate a client's ``gen_conf`` dict; every key must be on the allow-list."""
+    if gen_conf is None:
+        return SamplingSettings()
+    if not isinstance(gen_conf, dict):
+        raise RequestError("gen_conf", gen_conf, "an object (dict) of generation settings")
+    unknown = sorted(str(key) for key in gen_conf if key not in ALLOWED_GEN_CONF_KEYS)
+    if unknown:
+        raise RequestError(f"gen_conf.{unknown[0]}", gen_conf[unknown[0]] if unknown[0] in gen_conf else None,
+                           f"unknown setting; allowed keys are {', '.join(ALLOWED_GEN_CONF_KEYS)}")
+    if "max_tokens" in gen_conf and "max_new_tokens" in gen_conf:
+        if gen_conf["max_tokens"] != gen_conf["max_new_tokens"]:
+            raise RequestError("gen_conf.max_tokens", gen_conf["max_tokens"],
+                               "give either max_tokens or max_new_tokens (they mean the same), not both")
+    values = {}
+    for name, raw in gen_conf.items():
+        if name == "do_sample":
+            if not isinstance(raw, bool):
+                raise RequestError("gen_conf.do_sample", raw, "true or false")
+            values["do_sample"] = raw
+        elif name == "stop":
+            values["stop"] = _check_stop(raw)
+        else:
+            kind, low, high, attribute = _NUMERIC_FIELDS[name]
+            if attribute in ("max_new_tokens", "min_new_tokens"):
+                high = limits.max_new_tokens_limit
+            checked = _check_number(name, raw, kind, low, high)
+            if attribute:
+                values[attribute] = checked
+    settings = SamplingSettings(**values)
+    if settings.max_new_tokens is not None and settings.min_new_tokens > settings.max_new_tokens:
+        raise RequestError("gen_conf.min_new_tokens", settings.min_new_tokens,
+                           f"must not exceed max_new_tokens ({settings.max_new_tokens})")
+    return settings
+
+
+def fit_to_context(settings: SamplingSettings, prompt_tokens: int, limits: Limits) -> SamplingSettings:
+    """Check the prompt's size and settle ``max_new_tokens``: a default is lowered to fit, a value the
+    client chose is refused if it does not fit (never lowered silently)."""
+    if prompt_tokens > limits.max_prompt_tokens:
+        raise RequestError("message", f"<{prompt_tokens} tokens after the chat template>",
+                           f"the prompt may have at most {limits.max_prompt_tokens} tokens; shorten it")
+    room = limits.context_length - prompt_tokens
+    if room < 1:
+        raise RequestError("message", f"<{prompt_tokens} tokens after the chat template>",
+                           f"the prompt must leave room in the model's context of {limits.context_length} tokens")
+    if settings.max_new_tokens is None:
+        chosen = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit, room)
+        if settings.min_new_tokens > chosen:
+            raise RequestError("gen_conf.min_new_tokens", settings.min_new_tokens,
+                               f"at most {chosen} tokens fit after this prompt")
+        return replace(settings, max_new_tokens=chosen)
+    if settings.max_new_tokens > room:
+        raise RequestError("gen_conf.max_new_tokens", settings.max_new_tokens,
+                           f"prompt ({prompt_tokens} tokens) + max_new_tokens must fit the model's context of "
+                           f"{limits.context_length} tokens: at most {room} here")
+    return settings
+
+
+def validate_messages(message, limits: Limits) -> list:
+    """``message`` must be a non-empty list of ``{"role": str, "content": str}``."""
+    if not isinstance(message, list) or not message:
+        raise RequestError("message", message, 'a non-empty list of {"role": str, "content": str} objects')
+    if len(message) > limits.max_messages:
+        raise RequestError("message", f"<{len(message)} messages>", f"at most {limits.max_messages} messages")
+    total_chars = 0
+    for index, item in enumerate(message):
+        field = f"message[{index}]"
+        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+            raise RequestError(field, item, 'an object with exactly the keys "role" and "content"')
+        role, content = item["role"], item["content"]
+        if role not in ALLOWED_ROLES:
+            raise RequestError(f"{field}.role", role, f"one of {', '.join(ALLOWED_ROLES)}")
+        if not isinstance(content, str):
+            raise RequestError(f"{field}.content", content, "a string")
+        total_chars += len(content)
+        if total_chars > limits.max_prompt_chars:
+            raise RequestError("message", f"<more than {limits.max_prompt_chars} characters>",
+                               f"at most {limits.max_prompt_chars} characters of content in all")
+    return [{"role": item["role"], "content": item["content"]} for item in message]
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's penalties: ``logit -= presence * [count > 0] + frequency * count`` over generated tokens."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def to_generation_config(settings: SamplingSettings, base: GenerationConfig) -> GenerationConfig:
+    """The model's own generation defaults, overridden by what the client set."""
+    config = copy.deepcopy(base)
+    overrides = {
+        name: getattr(settings, name)
+        for name in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                     "typical_p", "repetition_penalty", "no_repeat_ngram_size")
+        if getattr(settings, name) is not None
+    }
+    config.update(**overrides)
+    if config.do_sample and config.temperature == 0.0:
+        config.do_sample = False  # temperature 0 means greedy, as in OpenAI's API
+    config.num_beams = 1
+    config.num_return_sequences = 1
+    return config
+
+
+def build_logits_processors(model, config: GenerationConfig, settings: SamplingSettings, prompt_length: int,
+                            device) -> LogitsProcessorList:
+    """The processor list ``model.generate`` would build for ``config`` (same classes, same order)."""
+    # transformers keeps these two helpers private; requirements.txt pins the version they were checked on,
+    # and tests/unit/test_engine.py compares our output with model.generate for the same settings.
+    model._prepare_special_tokens(config, True, device=device)
+    processors = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=prompt_length,
+        encoder_input_ids=None,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=LogitsProcessorList(),
+        device=device,
+        model_kwargs={},
+    )
+    if settings.presence_penalty or settings.frequency_penalty:
+        processors.insert(0, PresenceFrequencyPenalty(settings.presence_penalty, settings.frequency_penalty,
+                                                      prompt_length))
+    return processors

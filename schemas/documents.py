@@ -1,0 +1,23 @@
+from typing import Optional
+
+from docarray import BaseDoc
+
+
+class Prompt(BaseDoc):
+    """A chat: ``message`` is a list of ``{"role", "content"}``; ``gen_conf`` holds generation settings."""
+
+    message: list[dict]
+    gen_conf: dict = {}
+
+
+class Generation(BaseDoc):
+    """A whole answer (``/chat``) or one piece of it (``/stream``).
+
+    Only ``text`` is required; clients that declare just ``text`` keep working. ``finish_reason`` is
+    set on the last piece: ``stop`` (EOS or a stop string), ``length`` (max_new_tokens) or ``time_limit``.
+    """
+
+    text: str = ""
+    finish_reason: Optional[str] = None
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None

@@ -1,0 +1,39 @@
+"""Tiny models and tokenizers built offline for the tests (random weights, trained tokenizers)."""
+
+import json
+from pathlib import Path
+
+from executor.model import DEMO_CHAT_TEMPLATE, _DEMO_CORPUS, build_gpt2, build_tokenizer
+
+
+def sentencepiece_tokenizer(vocab_size: int = 600):
+    """A Llama-style tokenizer: "▁" for spaces, BPE, byte fallback (<0xNN>) for unseen characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    core.train_from_iterator([_DEMO_CORPUS.replace("😀", "").replace("🚀", "")] * 4, trainer=trainer)
+    spec = json.loads(core.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # byte fallback pieces are ordinary tokens, as in Llama's vocabulary
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    core = Tokenizer.from_str(json.dumps(spec))
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_tiny_models(root: Path) -> dict:
+    """Paths of the tiny models the tests serve."""
+    return {
+        # Larger initial weights make the random model's next-token choice clear-cut (no near ties).
+        "chat": build_gpt2(root / "chat", build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE), n_layer=2,
+                           n_embd=64, n_head=4, n_positions=512, initializer_range=0.2),
+        "plain": build_gpt2(root / "plain", build_tokenizer(chat_template=None), n_layer=2, n_embd=64, n_head=4,
+                            n_positions=512, initializer_range=0.2, seed=1),
+    }

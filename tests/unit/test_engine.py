@@ -1,0 +1,223 @@
+"""The engine on tiny real models: same tokens as model.generate, alone or in a batch; cancellation; limits."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from executor.detok import decode
+from executor.engine import Engine, EngineConfig, EngineError, supports_batching
+from executor.model import encode_prompt, load
+from executor.sampling import Limits, ServerBusyError, fit_to_context, parse_gen_conf
+
+PROMPTS = [
+    [{"role": "user", "content": "Hello, how are you?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "中文：你好 😀 café"}],
+    [{"role": "user", "content": "Numbers: 1 2 3"}],
+    [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}],
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_models):
+    return load(str(tiny_models["chat"]))
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_batch_size=8, prefill_chunk=16))
+    yield engine.start()
+    engine.shutdown()
+
+
+def settings_for(lm, prompt_ids, gen_conf):
+    limits = Limits(context_length=lm.context_length)
+    return fit_to_context(parse_gen_conf(gen_conf, limits), len(prompt_ids), limits)
+
+
+async def collect(engine, lm, prompt_ids, gen_conf):
+    events = [e async for e in engine.stream(prompt_ids, settings_for(lm, prompt_ids, gen_conf))]
+    return "".join(e.text for e in events), events[-1]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def reference(lm, prompt_ids, **kwargs):
+    output = lm.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                               pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
+    new = output[0, len(prompt_ids):].tolist()
+    if new and new[-1] in lm.eos_token_ids:
+        new = new[:-1]
+    return decode(lm.tokenizer, new), len(new)
+
+
+GREEDY_SETTINGS = [
+    {"max_new_tokens": 30},
+    {"max_new_tokens": 30, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+    {"max_new_tokens": 30, "min_new_tokens": 20},
+]
+
+
+@pytest.mark.parametrize("gen_conf", GREEDY_SETTINGS)
+def test_greedy_matches_model_generate(engine, lm, gen_conf):
+    for messages in PROMPTS:
+        prompt_ids = encode_prompt(lm.tokenizer, messages)
+        text, last = run(collect(engine, lm, prompt_ids, gen_conf))
+        expected, count = reference(lm, prompt_ids, do_sample=False, **gen_conf)
+        assert text == expected
+        assert last.completion_tokens == count
+
+
+def test_seeded_sampling_matches_model_generate_with_the_same_seed(engine, lm):
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    gen_conf = {"max_new_tokens": 30, "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 11}
+    text, _ = run(collect(engine, lm, prompt_ids, gen_conf))
+    torch.manual_seed(11)
+    expected, _ = reference(lm, prompt_ids, max_new_tokens=30, do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+    assert text == expected
+
+
+def test_batched_requests_equal_their_solo_answers(engine, lm):
+    confs = [{"max_new_tokens": 12 + 7 * i} for i in range(len(PROMPTS))]
+    confs.append({"max_new_tokens": 25, "do_sample": True, "temperature": 0.9, "seed": 5})
+    prompts = [encode_prompt(lm.tokenizer, m) for m in PROMPTS] + [encode_prompt(lm.tokenizer, PROMPTS[1])]
+    alone = [run(collect(engine, lm, p, c))[0] for p, c in zip(prompts, confs)]
+
+    async def together():
+        return await asyncio.gather(*(collect(engine, lm, p, c) for p, c in zip(prompts, confs)))
+
+    steps_before = engine.steps
+    batched = [text for text, _ in run(together())]
+    assert batched == alone
+    # Shared forward passes: far fewer steps than the sum of the answers' lengths.
+    assert engine.steps - steps_before < sum(c["max_new_tokens"] for c in confs) * 0.6
+
+
+def test_stop_string_ends_the_answer_before_it(engine, lm):
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    full, _ = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 40}))
+    stop = full[10:13]
+    text, last = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 40, "stop": [stop]}))
+    assert text == full[:full.index(stop)]
+    assert last.finish_reason == "stop"
+
+
+def test_presence_and_frequency_penalties_change_the_answer(engine, lm):
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[2])
+    plain, _ = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 30}))
+    penalised, _ = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 30, "frequency_penalty": 2.0,
+                                                        "presence_penalty": 2.0}))
+    assert penalised != plain
+
+
+def test_cancelled_stream_stops_the_work(engine, lm):
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    settings = settings_for(lm, prompt_ids, {"max_new_tokens": 400, "stop": ["\x00never"]})
+
+    async def leave_after_first_piece():
+        stream = engine.stream(prompt_ids, settings)
+        async for event in stream:
+            break
+        await stream.aclose()
+
+    run(leave_after_first_piece())
+    deadline = time.monotonic() + 2
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == {"waiting": 0, "prefilling": 0, "running": 0}
+    steps = engine.steps
+    time.sleep(0.3)
+    assert engine.steps == steps, "the engine kept decoding for a client that left"
+
+
+def test_cancel_while_waiting_in_the_queue(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_queue=4))  # not started
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    events = []
+    handle = engine.submit(prompt_ids, settings_for(lm, prompt_ids, {"max_new_tokens": 5}), events.append)
+    handle.cancel()
+    engine.start()
+    time.sleep(0.2)
+    engine.shutdown()
+    assert events == [] and engine.steps == 0
+
+
+def test_full_queue_answers_busy(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_queue=2))  # not started: nothing drains
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    settings = settings_for(lm, prompt_ids, {"max_new_tokens": 5})
+    engine.submit(prompt_ids, settings, lambda e: None)
+    engine.submit(prompt_ids, settings, lambda e: None)
+    with pytest.raises(ServerBusyError, match="server busy.*max_queue=2.*retry later"):
+        engine.submit(prompt_ids, settings, lambda e: None)
+
+
+def test_failed_forward_pass_fails_its_requests_and_the_engine_keeps_serving(lm, monkeypatch):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig()).start()
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    real_forward = lm.model.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", failing_forward)
+    try:
+        with pytest.raises(EngineError, match="simulated out of memory"):
+            run(collect(engine, lm, prompt_ids, {"max_new_tokens": 10}))
+        text, last = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 10}))
+        assert last.finish_reason == "length" and last.completion_tokens == 10
+    finally:
+        engine.shutdown()
+
+
+def test_request_time_limit(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(request_timeout=0.2)).start()
+    prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+    try:
+        slow_forward = lm.model.forward
+
+        def slow(*args, **kwargs):
+            time.sleep(0.02)
+            return slow_forward(*args, **kwargs)
+
+        lm.model.forward = slow
+        _, last = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 400, "stop": ["\x00never"]}))
+        assert last.finish_reason == "time_limit" and last.completion_tokens < 400
+    finally:
+        del lm.model.forward
+        engine.shutdown()
+
+
+def test_sentencepiece_llama_streams_exactly_what_generate_decodes(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    assert supports_batching(model)
+    engine = Engine(model, tokenizer, [tokenizer.eos_token_id], EngineConfig()).start()
+    try:
+        for text in ["The quick brown fox", "café 🦄 中文"]:
+            prompt_ids = tokenizer(text)["input_ids"]
+            settings = fit_to_context(parse_gen_conf({"max_new_tokens": 40}, Limits()), len(prompt_ids), Limits())
+
+            async def go():
+                return "".join([e.text async for e in engine.stream(prompt_ids, settings)])
+
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=40, do_sample=False)
+            new = [t for t in out[0, len(prompt_ids):].tolist() if t != tokenizer.eos_token_id]
+            assert run(go()) == decode(tokenizer, new)
+    finally:
+        engine.shutdown()
