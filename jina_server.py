@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # noqa: BLE001 - e.g. the model could not be loaded: say so and exit non-zero
-        logging.getLogger("jina_llm_stream").error("the server could not start: %s", error)
+        reason = str(error) or f"{type(error).__name__} (the reason is logged above)"
+        logging.getLogger("jina_llm_stream").error("the server could not start: %s", reason)
         return 1
     return 0
 

@@ -17,7 +17,7 @@ from schemas import Generation, Prompt
 
 from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError
-from .model import encode_prompt, load
+from .model import ModelLoadError, encode_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
@@ -50,8 +50,12 @@ class TokenStreamingExecutor(Executor):
         if stream_text not in STREAM_TEXT_MODES:
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
-        loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle)
+        try:
+            loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
+        except ModelLoadError as error:
+            log.error("%s", error)  # one plain line; Jina's own report of the failure follows
+            raise
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.limits = Limits(

@@ -91,6 +91,8 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
         model_name = str(ensure_demo_model(cache_dir))
         log.warning("no --model_name given: serving the built-in DEMO model (random weights, gibberish "
                     "answers) from %s", model_name)
+    if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
+        raise ModelLoadError(f"could not load model {model_name!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -103,7 +105,8 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - any loading failure ends start-up with one clear line
-        hint = "" if allow_pickle else " (weights are loaded from safetensors only unless --allow-pickle)"
+        pickle_only = not allow_pickle and "safetensors" in str(error).lower()
+        hint = " (weights are loaded from safetensors only unless --allow-pickle)" if pickle_only else ""
         raise ModelLoadError(f"could not load model {model_name!r}: {error}{hint}") from error
     model.eval()
     eos_ids = eos_token_ids(model, tokenizer)

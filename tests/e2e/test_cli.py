@@ -1,0 +1,78 @@
+"""The CLI, the embedded demo model, config.yml (Deployment and `jina executor`), start-up failures."""
+
+import os
+import signal
+import subprocess
+import time
+
+from docarray import DocList
+
+from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_process, stream_doc
+from schemas import Prompt
+
+HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_new_tokens": 12})
+
+
+def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    env = {"JINA_LLM_STREAM_CACHE": str(tmp_path / "cache")}
+    with serve_process([PYTHON, "jina_server.py", "--port", str(port)], env=env) as (process, log):
+        assert process.poll() is None, log.read_text()
+        answer = run(post_chat(port, HELLO))[0]
+        pieces = run(stream_doc(port, HELLO))
+        assert answer.text and "".join(p.text for p in pieces) == answer.text
+        assert "DEMO model" in log.read_text()
+        assert (tmp_path / "cache" / "demo-gpt2-v1" / "model.safetensors").exists()
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - started < 30
+
+
+def test_cli_accepts_every_setting_under_its_one_name():
+    help_text = subprocess.run([PYTHON, "jina_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120).stdout
+    for name in ("model_name", "device", "dtype", "max_new_tokens_limit", "max_prompt_tokens", "max_batch_size",
+                 "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text"):
+        assert f"--{name}" in help_text
+        assert f"--{name}" in help_text and name + ":" in (ROOT / "config.yml").read_text()
+    assert "--port" in help_text and "--host" in help_text
+
+
+def test_a_model_that_cannot_be_loaded_stops_start_up_with_a_clear_error(tmp_path):
+    port = free_port()
+    missing = tmp_path / "no-such-model"
+    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--model_name", str(missing)],
+                       ready_line="could not start") as (process, log):
+        code = process.wait(timeout=120)
+        output = log.read_text()
+    assert code != 0
+    assert "could not load model" in output and str(missing) in output
+
+
+def test_config_yml_with_a_model_without_chat_template(tiny_models):
+    from jina import Deployment
+
+    from executor.model import encode_prompt
+    from transformers import AutoTokenizer
+
+    port = free_port()
+    with Deployment(uses=str(ROOT / "config.yml"), port=port, uses_with={"model_name": str(tiny_models["plain"])}):
+        answer = run(post_chat(port, HELLO))[0]
+        pieces = run(stream_doc(port, HELLO))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["plain"])
+    assert tokenizer.chat_template is None
+    assert answer.prompt_tokens == len(encode_prompt(tokenizer, HELLO.message))  # the fallback template
+    assert answer.text and "".join(p.text for p in pieces) == answer.text
+
+
+def test_jina_executor_cli_with_config_yml(tiny_models):
+    port = free_port()
+    uses_with = '{"model_name": "%s"}' % tiny_models["plain"]
+    command = [os.path.join(os.path.dirname(PYTHON), "jina"), "executor", "--uses", "config.yml", "--port", str(port),
+               "--uses-with", uses_with]
+    with serve_process(command, ready_line="start server bound to") as (process, log):
+        assert process.poll() is None, log.read_text()
+        answers = run(post_chat(port, DocList[Prompt]([HELLO, HELLO])))
+        pieces = run(stream_doc(port, HELLO))
+    assert len(answers) == 2 and answers[0].text == answers[1].text == "".join(p.text for p in pieces)
