@@ -25,10 +25,22 @@ def decode(tokenizer, ids) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def byte_fallback_ids(tokenizer) -> frozenset:
-    """Ids of SentencePiece byte-fallback pieces: their text depends on the byte pieces next to them."""
+def _token_kinds(tokenizer) -> tuple:
+    """(byte-fallback ids, special ids). A byte piece's text depends on the byte pieces next to it, and
+    special tokens are skipped by the decode, so they do not separate two byte pieces."""
     pattern = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-    return frozenset(i for piece, i in tokenizer.get_vocab().items() if pattern.fullmatch(piece))
+    byte_ids = frozenset(i for piece, i in tokenizer.get_vocab().items() if pattern.fullmatch(piece))
+    return byte_ids, frozenset(tokenizer.all_special_ids)
+
+
+def ends_in_byte_piece(tokenizer, ids) -> bool:
+    byte_ids, special_ids = _token_kinds(tokenizer)
+    if not byte_ids:
+        return False
+    for token in reversed(ids):
+        if token not in special_ids:
+            return token in byte_ids
+    return False
 
 
 def decode_delta(tokenizer, ids, prefix_offset: int, read_offset: int, final: bool = False):
@@ -37,7 +49,7 @@ def decode_delta(tokenizer, ids, prefix_offset: int, read_offset: int, final: bo
     ``ids[prefix_offset:read_offset]`` is the window whose text was already emitted. When nothing can be
     emitted yet the offsets are returned unchanged, so the next call retries with one more token.
     """
-    if not final and ids and ids[-1] in byte_fallback_ids(tokenizer):
+    if not final and ends_in_byte_piece(tokenizer, ids):
         return "", prefix_offset, read_offset
     prefix_text = decode(tokenizer, ids[prefix_offset:read_offset])
     new_text = decode(tokenizer, ids[prefix_offset:])
