@@ -31,7 +31,7 @@ log = logging.getLogger("jina_llm_stream.engine")
 class EngineConfig:
     max_batch_size: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 512
+    prefill_chunk: int = 256
     request_timeout: float = 300.0
 
 
@@ -68,6 +68,9 @@ class _Sequence:
     generated: list = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    label: str = ""
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -124,12 +127,13 @@ class Engine:
         if self._thread:
             self._thread.join(timeout=30)
 
-    def submit(self, prompt_ids, settings: SamplingSettings, emit) -> RequestHandle:
-        """Queue a request; ``emit`` is called from the engine thread with each TokenEvent or an exception."""
+    def submit(self, prompt_ids, settings: SamplingSettings, emit, label: str = "") -> RequestHandle:
+        """Queue a request; ``emit`` is called from the engine thread with each TokenEvent or an exception.
+        ``label`` (e.g. the endpoint) goes into the request's log line."""
         sequence = _Sequence(
             request_id=next(self._ids), prompt_ids=list(prompt_ids), settings=settings, emit=emit,
             detok=IncrementalDetokenizer(self.tokenizer, settings.stop),
-            deadline=time.monotonic() + self.config.request_timeout,
+            deadline=time.monotonic() + self.config.request_timeout, label=label,
         )
         with self._lock:
             if len(self._waiting) >= self.config.max_queue:
@@ -141,7 +145,7 @@ class Engine:
             self._lock.notify_all()
         return RequestHandle(self, sequence)
 
-    async def stream(self, prompt_ids, settings: SamplingSettings):
+    async def stream(self, prompt_ids, settings: SamplingSettings, label: str = ""):
         """Async iterator of TokenEvents; closing it (or cancelling its task) cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -152,7 +156,7 @@ class Engine:
             except RuntimeError:  # the caller's loop is gone: nobody is listening any more
                 handle.cancel()
 
-        handle = self.submit(prompt_ids, settings, emit)
+        handle = self.submit(prompt_ids, settings, emit, label)
         try:
             while True:
                 event = await queue.get()
@@ -174,7 +178,11 @@ class Engine:
             self._lock.notify_all()
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            self._serve_forever()
+        self._fail_everything(EngineError("the server is shutting down"))
+
+    def _serve_forever(self) -> None:
         while True:
             with self._lock:
                 while self._running and not (self._waiting or self._prefilling or self._rows):
@@ -187,7 +195,6 @@ class Engine:
                 self._prefill_some()
             if self._rows:
                 self._decode_guarded()
-        self._fail_everything(EngineError("the server is shutting down"))
 
     def _admit(self) -> None:
         with self._lock:
@@ -223,7 +230,7 @@ class Engine:
             kept = deque()
             for sequence in self._waiting:
                 if sequence.cancelled:
-                    sequence.finished = True
+                    self._retire_cancelled(sequence)
                 else:
                     kept.append(sequence)
             self._waiting = kept
@@ -233,7 +240,7 @@ class Engine:
 
     def _retire_if_done(self, sequence: _Sequence, now: float) -> bool:
         if sequence.cancelled:
-            sequence.finished = True
+            self._retire_cancelled(sequence)
             return True
         if now > sequence.deadline:
             self._finish(sequence, "time_limit")
@@ -376,6 +383,8 @@ class Engine:
             self._finish(sequence, "stop")
             return False
         sequence.generated.append(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.monotonic()
         if sequence.ids_buffer is not None:
             sequence.ids_buffer[0, len(sequence.prompt_ids) + len(sequence.generated) - 1] = token
         text = sequence.detok.push(token)
@@ -391,12 +400,26 @@ class Engine:
 
     def _finish(self, sequence: _Sequence, reason: str, text: str = "") -> None:
         text += sequence.detok.flush()
-        sequence.finished = True
+        self._log_outcome(sequence, reason)
         self._emit(sequence, TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated)))
 
     def _finish_with_error(self, sequence: _Sequence, error: BaseException) -> None:
-        sequence.finished = True
+        self._log_outcome(sequence, f"error:{type(error).__name__}")
         self._emit(sequence, error)
+
+    def _retire_cancelled(self, sequence: _Sequence) -> None:
+        self._log_outcome(sequence, "cancelled")
+
+    def _log_outcome(self, sequence: _Sequence, outcome: str) -> None:
+        """One line per request; never the prompt text."""
+        sequence.finished = True
+        now = time.monotonic()
+        ttft = (sequence.first_token_at - sequence.submitted_at) * 1000 if sequence.first_token_at else float("nan")
+        decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
+        rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
+        log.info("request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f finish=%s",
+                 sequence.request_id, sequence.label or "-", len(sequence.prompt_ids), len(sequence.generated),
+                 ttft, rate, outcome)
 
     def _emit(self, sequence: _Sequence, event) -> None:
         try:

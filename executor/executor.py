@@ -41,7 +41,7 @@ class TokenStreamingExecutor(Executor):
         max_prompt_chars: int = 200_000,
         max_batch_size: int = 16,
         max_queue: int = 64,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 256,
         request_timeout: float = 300.0,
         stream_text: str = "delta",
         **kwargs,
@@ -84,7 +84,7 @@ class TokenStreamingExecutor(Executor):
         with self._error_boundary("/stream"):
             prompt_ids, settings = self._prepare(doc)
             so_far = ""
-            async for event in self.engine.stream(prompt_ids, settings):
+            async for event in self.engine.stream(prompt_ids, settings, label="/stream"):
                 so_far += event.text
                 text = so_far if self.stream_text == "cumulative" else event.text
                 if event.text or event.finish_reason:
@@ -92,7 +92,7 @@ class TokenStreamingExecutor(Executor):
 
     async def _answer(self, prompt_ids, settings) -> Generation:
         pieces, last = [], None
-        async for event in self.engine.stream(prompt_ids, settings):
+        async for event in self.engine.stream(prompt_ids, settings, label="/chat"):
             pieces.append(event.text)
             last = event
         return _generation("".join(pieces), last)
