@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import hypothesis  # noqa: F401 - imported first: loading it late (in the summary hook) crashed CPython 3.11.7
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,3 +17,10 @@ def tiny_models(tmp_path_factory):
     from helpers import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory):
+    from helpers import build_slow_model
+
+    return build_slow_model(tmp_path_factory.mktemp("slow"))

@@ -28,6 +28,12 @@ def sentencepiece_tokenizer(vocab_size: int = 600):
                                    clean_up_tokenization_spaces=False)
 
 
+def build_slow_model(root: Path) -> Path:
+    """Big enough (about 25M parameters) that a long answer takes seconds: for cancellation and load tests."""
+    return build_gpt2(root / "slow", build_tokenizer(), n_layer=8, n_embd=512, n_head=8, n_positions=2048,
+                      initializer_range=0.2)
+
+
 def build_tiny_models(root: Path) -> dict:
     """Paths of the tiny models the tests serve."""
     return {

@@ -221,3 +221,25 @@ def test_sentencepiece_llama_streams_exactly_what_generate_decodes(tmp_path):
             assert run(go()) == decode(tokenizer, new)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_with_device_map_auto_batched_answers_match_generate(tiny_models):
+    lm = load(str(tiny_models["chat"]), device="auto")
+    assert lm.model.device.type == "cuda"
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig()).start()
+    try:
+        prompts = [encode_prompt(lm.tokenizer, m) for m in PROMPTS]
+
+        async def together():
+            return await asyncio.gather(*(collect(engine, lm, p, {"max_new_tokens": 20}) for p in prompts))
+
+        for (text, _), prompt_ids in zip(run(together()), prompts):
+            out = lm.model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=20, do_sample=False,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+            new = [t for t in out[0, len(prompt_ids):].tolist() if t not in lm.eos_token_ids]
+            assert text == decode(lm.tokenizer, new)
+        seeded = {"max_new_tokens": 20, "do_sample": True, "seed": 3}
+        assert run(collect(engine, lm, prompts[0], seeded))[0] == run(collect(engine, lm, prompts[0], seeded))[0]
+    finally:
+        engine.shutdown()
