@@ -108,19 +108,19 @@ def raw_decode_rate(model, cache, token, new_tokens: int) -> float:
     cache = copy.deepcopy(cache)
     started = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, cache=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     return new_tokens / (time.perf_counter() - started)
 
 
 def transformers_continuous_batching(path: Path, tokenizer, batch: int, new_tokens: int):
-    """transformers' own continuous batching (generate_batch, paged attention), the alternative we weighed."""
+    """transformers' own continuous batching (generate_batch), the alternative we weighed."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from executor.model import encode_prompt
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="paged|sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
         inputs = [encode_prompt(tokenizer, m) for m in prompts(batch)]
         config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
@@ -253,7 +253,7 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
     rows = [
         ("raw decode loop with KV cache, batch 1 (reference)", f"{ref['raw_tps']:.1f} tok/s", "1.00x", ""),
         (f"model.generate, static batch {batch} (reference)", f"{ref['static_tps']:.1f} tok/s", "1.00x", ""),
-        (f"transformers continuous batching (generate_batch, paged sdpa), {batch} requests (alternative)",
+        (f"transformers continuous batching (generate_batch), {batch} requests (alternative)",
          f"{ref['hf_cb_tps']:.1f} tok/s" if ref["hf_cb_tps"] else "failed",
          f"{ref['hf_cb_tps'] / ref['static_tps']:.2f}x static batch" if ref["hf_cb_tps"] else "", ""),
         ("/stream, 1 client, decode rate", f"{srv['stream1_tps']:.1f} tok/s",

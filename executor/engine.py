@@ -222,7 +222,7 @@ class Engine:
         if len(sequence.processors):
             sequence.ids_buffer = torch.tensor([sequence.prompt_ids + [0] * sequence.max_new_tokens],
                                                dtype=torch.long, device=self.device)
-        sequence.cache = DynamicCache()
+        sequence.cache = DynamicCache(config=self.model.config)
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()

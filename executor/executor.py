@@ -16,7 +16,7 @@ from jina import Executor, requests
 from schemas import Generation, Prompt
 
 from . import jina_compat
-from .engine import Engine, EngineConfig, EngineError
+from .engine import Engine, EngineConfig, EngineError, supports_batching
 from .model import ModelLoadError, encode_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
@@ -64,6 +64,10 @@ class TokenStreamingExecutor(Executor):
             max_prompt_chars=max_prompt_chars,
             context_length=loaded.context_length or 1 << 30,
         )
+        if max_batch_size > 1 and not supports_batching(loaded.model):
+            log.warning("%s has KV cache layers that cannot be batched by left padding (e.g. sliding window): "
+                        "serving one request at a time", self.model_name)
+            max_batch_size = 1
         self.engine = Engine(
             loaded.model, loaded.tokenizer, loaded.eos_token_ids,
             EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
