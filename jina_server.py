@@ -2,6 +2,8 @@
 
     python jina_server.py                        # the built-in demo model on port 12345 (gRPC)
     python jina_server.py --model_name gpt2      # any hub name or local folder
+    python jina_server.py --protocol grpc http --port 12345 12346 --replicas 2 --monitoring --port-monitoring 9090
+    python jina_server.py export kubernetes k8s/ --image my-registry/jina-llm-stream:1.0
 
 Every Executor argument is a flag of the same name (``--max_batch_size`` or ``--max-batch-size``), so
 CLI flags, ``config.yml`` ``with:`` keys and ``TokenStreamingExecutor(...)`` arguments never disagree.
@@ -38,11 +40,25 @@ def executor_settings():
     return [(p.name, p.default) for p in parameters if p.name not in ("self", "kwargs")]
 
 
+PROTOCOLS = ("grpc", "http", "websocket")
+DEFAULT_IMAGE = "jina-llm-stream:latest"
+
+
 def build_parser(settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve a Hugging Face causal LM over Jina (/chat and /stream).")
-    parser.add_argument("--port", type=int, default=12345, help="port of the gateway (default 12345)")
+    parser = argparse.ArgumentParser(
+        description="Serve a Hugging Face causal LM over Jina (/chat and /stream).",
+        epilog="python jina_server.py export {kubernetes DIR | docker-compose FILE} [flags]: write manifests for "
+               "the same settings instead of serving.")
+    parser.add_argument("--port", type=int, nargs="+", default=[12345],
+                        help="one port per protocol, in the same order (default 12345)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--protocol", default="grpc", choices=["grpc"], help="wire protocol (default grpc)")
+    parser.add_argument("--protocol", nargs="+", default=["grpc"], choices=PROTOCOLS,
+                        help="any of grpc http websocket (default grpc)")
+    parser.add_argument("--replicas", type=int, default=1, help="copies of the model behind Jina's load balancing")
+    parser.add_argument("--monitoring", action="store_true", help="serve Prometheus metrics")
+    parser.add_argument("--port-monitoring", "--port_monitoring", dest="port_monitoring", type=int, default=None,
+                        help="port of the metrics endpoint (with --monitoring)")
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image for export (default {DEFAULT_IMAGE})")
     for name, default in settings:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         if isinstance(default, bool):
@@ -59,21 +75,38 @@ def _stop_like_ctrl_c(*_):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    settings = executor_settings()
-    args = build_parser(settings).parse_args(argv)
-    uses_with = {name: getattr(args, name) for name, _ in settings}
+def deployment_kwargs(args, settings, uses) -> dict:
+    if len(args.port) != len(args.protocol):
+        raise SystemExit(f"--port needs one port per protocol: {len(args.protocol)} protocol(s) "
+                         f"({' '.join(args.protocol)}) but {len(args.port)} port(s) ({' '.join(map(str, args.port))})")
+    kwargs = dict(uses=uses, uses_with={name: getattr(args, name) for name, _ in settings},
+                  port=args.port if len(args.port) > 1 else args.port[0],
+                  protocol=args.protocol if len(args.protocol) > 1 else args.protocol[0],
+                  host=args.host, replicas=args.replicas)
+    if args.monitoring:
+        kwargs.update(monitoring=True, port_monitoring=args.port_monitoring)
+    return kwargs
 
-    from jina import Deployment
+
+def serve(args, settings) -> int:
+    from jina import Deployment, Flow
 
     from executor import TokenStreamingExecutor
 
-    deployment = Deployment(uses=TokenStreamingExecutor, uses_with=uses_with, port=args.port,
-                            protocol=args.protocol, host=args.host)
+    kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
+    if "websocket" in args.protocol:
+        # Jina's Deployments refuse websocket; a one-Executor Flow serves it through Jina's full gateway.
+        gateway = {k: kwargs.pop(k) for k in ("port", "protocol", "host")}
+        if args.monitoring:
+            gateway.update(monitoring=True, port_monitoring=kwargs.pop("port_monitoring"))
+            kwargs.pop("monitoring")
+        server = Flow(**gateway).add(name="llm", **kwargs)
+    else:
+        server = Deployment(**kwargs)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     try:
-        with deployment:
-            deployment.block()
+        with server:
+            server.block()
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # noqa: BLE001 - e.g. the model could not be loaded: say so and exit non-zero
@@ -81,6 +114,41 @@ def main(argv=None) -> int:
         logging.getLogger("jina_llm_stream").error("the server could not start: %s", reason)
         return 1
     return 0
+
+
+def export(kind: str, target: str, args, settings) -> int:
+    """Kubernetes or docker-compose manifests from Jina's own exporters, offline."""
+    import os
+
+    from jina import Flow
+
+    # Without these, Jina resolves its gateway image and `uses` through its hub over the network.
+    os.environ.setdefault("JINA_GATEWAY_IMAGE", "jinaai/jina:3.34.0-py311-standard")
+    kwargs = deployment_kwargs(args, settings, f"docker://{args.image}")
+    kwargs["uses_with"] = {k: v for k, v in kwargs["uses_with"].items() if v is not None}
+    # A Flow, not a Deployment: its gateway carries the client-facing ports and protocols.
+    gateway = {k: kwargs.pop(k) for k in ("port", "protocol")}
+    kwargs.pop("host")
+    if kwargs.pop("monitoring", False):
+        gateway["monitoring"] = kwargs["monitoring"] = True
+    flow = Flow(**gateway).add(name="llm", **kwargs)
+    if kind == "kubernetes":
+        flow.to_kubernetes_yaml(target, k8s_namespace="jina-llm-stream")
+    else:
+        flow.to_docker_compose_yaml(target)
+    print(f"wrote {kind} manifests to {target}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = executor_settings()
+    parser = build_parser(settings)
+    if argv[:1] == ["export"]:
+        if len(argv) < 3 or argv[1] not in ("kubernetes", "docker-compose"):
+            parser.error("usage: jina_server.py export {kubernetes DIR | docker-compose FILE} [flags]")
+        return export(argv[1], argv[2], parser.parse_args(argv[3:]), settings)
+    return serve(parser.parse_args(argv), settings)
 
 
 if __name__ == "__main__":

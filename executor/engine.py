@@ -71,6 +71,7 @@ class _Sequence:
     label: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -112,6 +113,7 @@ class Engine:
         # transformers 5 renamed the cache argument; remote-code models may still use the old name.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self.steps = 0  # decode steps run, for tests and metrics
+        self.metrics = None  # optional observer: first_token(s), next_token(s), finished(label, outcome, p, n)
 
     # ---- public API -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -383,8 +385,7 @@ class Engine:
             self._finish(sequence, "stop")
             return False
         sequence.generated.append(token)
-        if sequence.first_token_at is None:
-            sequence.first_token_at = time.monotonic()
+        self._timestamp(sequence)
         if sequence.ids_buffer is not None:
             sequence.ids_buffer[0, len(sequence.prompt_ids) + len(sequence.generated) - 1] = token
         text = sequence.detok.push(token)
@@ -397,6 +398,17 @@ class Engine:
         if text:
             self._emit(sequence, TokenEvent(text, None, len(sequence.prompt_ids), len(sequence.generated)))
         return True
+
+    def _timestamp(self, sequence: _Sequence) -> None:
+        now = time.monotonic()
+        if self.metrics:
+            if sequence.first_token_at is None:
+                self.metrics.first_token(now - sequence.submitted_at)
+            else:
+                self.metrics.next_token(now - sequence.last_token_at)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+        sequence.last_token_at = now
 
     def _finish(self, sequence: _Sequence, reason: str, text: str = "") -> None:
         text += sequence.detok.flush()
@@ -420,6 +432,8 @@ class Engine:
         log.info("request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f finish=%s",
                  sequence.request_id, sequence.label or "-", len(sequence.prompt_ids), len(sequence.generated),
                  ttft, rate, outcome)
+        if self.metrics:
+            self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated))
 
     def _emit(self, sequence: _Sequence, event) -> None:
         try:

@@ -8,6 +8,7 @@ decides what a client sees when something goes wrong.
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import Optional
 
 from docarray import DocList
@@ -17,6 +18,7 @@ from schemas import Generation, Prompt
 
 from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError, supports_batching
+from .metrics import EngineMetrics
 from .model import ModelLoadError, encode_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
@@ -72,7 +74,28 @@ class TokenStreamingExecutor(Executor):
             loaded.model, loaded.tokenizer, loaded.eos_token_ids,
             EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                          request_timeout=request_timeout),
-        ).start()
+        )
+        registry = getattr(self.runtime_args, "metrics_registry", None)
+        if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
+            self.engine.metrics = EngineMetrics(registry, self.engine.load)
+        self.engine.start()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One real generation before Jina reports this Executor ready, so readiness means able to answer."""
+        done = threading.Event()
+        outcome = []
+        prompt_ids = encode_prompt(self.tokenizer, [{"role": "user", "content": "warm-up"}])
+        settings = fit_to_context(parse_gen_conf({"max_new_tokens": 2}, self.limits), len(prompt_ids), self.limits)
+
+        def on_event(event):
+            if isinstance(event, BaseException) or event.finish_reason:
+                outcome.append(event)
+                done.set()
+
+        self.engine.submit(prompt_ids, settings, on_event, label="warm-up")
+        if not done.wait(timeout=600) or isinstance(outcome[0], BaseException):
+            raise RuntimeError(f"warm-up generation failed: {outcome[0] if outcome else 'timed out'}")
 
     @requests(on="/chat")
     async def chat(self, docs: DocList[Prompt], **kwargs) -> DocList[Generation]:

@@ -1,32 +1,57 @@
-"""One fix inside Jina's worker, at the depth where the problem is.
+"""Fixes inside Jina's worker (3.33/3.34), at the depth where each problem is. Installed when ``executor``
+is imported, i.e. in the worker process before it builds its gRPC handlers and its HTTP app.
 
-Jina (3.33/3.34) turns an exception raised by a batch endpoint into an error status inside the response,
-which the gateway forwards and the client raises. An exception raised by a *streaming* endpoint instead
-ends the gRPC call with an error; the gateway takes that as a broken connection and replays the whole
-stream against the worker (the client sees the tokens several times, then a quiet end). This patch makes
-the worker's ``stream_doc`` answer a failed stream the way batch endpoints answer: one response carrying
-the error status, after whatever was already sent. No retry happens and the Jina client raises
-``BadServer`` with the message. Installed when ``executor`` is imported, i.e. in the worker process before
-its gRPC server registers the handler.
+1. Errors of streaming endpoints. Jina turns an exception of a batch endpoint into an error status inside
+   the response, which the gateway forwards and the client raises. An exception of a *streaming* endpoint
+   instead ends the gRPC call; the gateway takes that for a broken connection and replays the whole
+   stream (duplicated tokens, then a quiet end). Here the worker's ``stream_doc`` answers a failed stream
+   like a batch endpoint: one response carrying the error status. No replay; the client raises.
+2. ``stream_doc`` on a batch endpoint (``/chat``). Jina routes an endpoint to ``post`` or to ``stream_doc``,
+   never both; a batch endpoint reached by ``stream_doc`` now runs on that one document and streams back its
+   results, so clients that read every answer with ``stream_doc`` work (gRPC here, HTTP in 3.).
+3. HTTP (Deployments with ``protocol=http`` serve the worker's own FastAPI app behind a load balancer).
+   Errors become real HTTP errors with a JSON body naming the field (400 bad request, 503 busy, 500 other)
+   instead of a bare 500 or a cut event stream; an error in the middle of a stream is an ``event: error``;
+   batch endpoints also answer ``GET`` with an event stream, as streaming endpoints do.
+4. Shutdown with HTTP. The load balancer that fronts an HTTP Deployment serves with aiohttp's
+   ``_run_app``, which never returns, so every stop waited 60 s for a timeout. It now runs a stoppable
+   site and closes it when Jina asks it to shut down.
 """
 
+import json
 import logging
 
+from jina.proto import jina_pb2
+from jina.serve.runtimes.worker import http_fastapi_app
 from jina.serve.runtimes.worker.request_handling import WorkerRequestHandler
-from jina.types.request.data import SingleDocumentRequest
+from jina.types.request.data import DataRequest, SingleDocumentRequest
 
 log = logging.getLogger("jina_llm_stream.jina_compat")
 
+HTTP_STATUS_BY_ERROR = {"RequestError": 400, "ServerBusyError": 503}
+
 
 def install() -> None:
-    original = WorkerRequestHandler.stream_doc
-    if getattr(original, "_reports_errors_in_band", False):
+    if getattr(WorkerRequestHandler.stream_doc, "_jina_llm_stream", False):
         return
+    _patch_stream_doc()
+    _patch_http_app()
+    _patch_load_balancer_shutdown()
+
+
+# ---- gRPC: stream_doc -------------------------------------------------------------------------------------
+def _patch_stream_doc() -> None:
+    original = WorkerRequestHandler.stream_doc
 
     async def stream_doc(self, request, context):
+        endpoint = self._executor.requests.get(request.header.exec_endpoint)
         try:
-            async for response in original(self, request, context):
-                yield response
+            if endpoint is not None and not getattr(endpoint.fn, "__is_generator__", False):
+                async for response in _stream_batch_endpoint(self, endpoint, request, context):
+                    yield response
+            else:
+                async for response in original(self, request, context):
+                    yield response
         except Exception as error:  # noqa: BLE001 - every failure must reach the client as an error
             response = SingleDocumentRequest()
             response.header.request_id = request.header.request_id
@@ -34,5 +59,157 @@ def install() -> None:
             response.add_exception(error, getattr(self, "_executor", None))
             yield response
 
-    stream_doc._reports_errors_in_band = True
+    stream_doc._jina_llm_stream = True
     WorkerRequestHandler.stream_doc = stream_doc
+
+
+async def _stream_batch_endpoint(handler, endpoint, request, context):
+    """Run a batch endpoint on the one document of a stream_doc request; stream back its results."""
+    data_request = DataRequest()
+    data_request.header.exec_endpoint = request.header.exec_endpoint
+    data_request.header.request_id = request.header.request_id
+    docs_type = endpoint.request_schema  # DocList[Prompt] for a batch endpoint
+    data_request.data.docs = docs_type([docs_type.doc_type.from_protobuf(request.document)])
+    result = await handler.process_data([data_request], context)
+    if result.header.status.code == jina_pb2.StatusProto.ERROR:
+        response = SingleDocumentRequest()
+        response.header.CopyFrom(result.header)
+        yield response
+        return
+    for doc in result.docs:
+        response = SingleDocumentRequest()
+        response.header.request_id = request.header.request_id
+        response.document_cls = doc.__class__
+        response.data.doc = doc
+        yield response
+
+
+# ---- HTTP: the worker's FastAPI app ----------------------------------------------------------------------
+class ServiceError(Exception):
+    """An error answer for an HTTP client: status code and a JSON body."""
+
+    def __init__(self, status_code: int, name: str, message: str):
+        self.status_code = status_code
+        field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
+        self.body = {"error": {"type": name, "message": message, "field": field}}
+        super().__init__(message)
+
+
+def _error_from_status(status) -> ServiceError:
+    name = status.exception.name or "Error"
+    message = status.exception.args[0] if status.exception.args else status.description
+    return ServiceError(HTTP_STATUS_BY_ERROR.get(name, 500), name, message)
+
+
+def _error_from_exception(error: Exception) -> ServiceError:
+    name = type(error).__name__
+    return ServiceError(HTTP_STATUS_BY_ERROR.get(name, 500), name, str(error))
+
+
+def _patch_http_app() -> None:
+    original_get_app = http_fastapi_app.get_fastapi_app
+
+    def get_fastapi_app(request_models_map, caller, **kwargs):
+        app = original_get_app(request_models_map=request_models_map, caller=_checked(caller), **kwargs)
+        app.add_exception_handler(ServiceError, _service_error_response)
+        for endpoint, models in request_models_map.items():
+            if endpoint != "_jina_dry_run_" and not models["is_generator"]:
+                _add_event_stream_route(app, endpoint, models["input"]["model"], caller)
+        return app
+
+    http_fastapi_app.get_fastapi_app = get_fastapi_app
+    http_fastapi_app._gen_dict_documents = _events_or_error
+
+
+def _checked(caller):
+    """Raise ServiceError for a failed batch request, or for a stream that fails before its first piece
+    (so the answer is an HTTP error status, not an event stream that stops)."""
+
+    async def call(request):
+        result = await caller(request)
+        if isinstance(result, DataRequest):
+            if result.header.status.code == jina_pb2.StatusProto.ERROR:
+                raise _error_from_status(result.header.status)
+            return result
+        try:
+            first = await result.__anext__()
+        except StopAsyncIteration:
+            return _chain(None, result)
+        except Exception as error:  # noqa: BLE001 - the request failed before any piece: an HTTP error
+            raise _error_from_exception(error) from error
+        return _chain(first, result)
+
+    return call
+
+
+async def _chain(first, rest):
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+async def _events_or_error(generator):
+    """Jina's document -> server-sent-event conversion, plus an ``error`` event when the stream fails."""
+    try:
+        async for document in generator:
+            yield {"event": "update", "data": document.dict()}
+    except Exception as error:  # noqa: BLE001 - report it in the stream, then end it
+        yield {"event": "error", "data": json.dumps(_error_from_exception(error).body)}
+    yield {"event": "end"}
+
+
+def _service_error_response(request, error: ServiceError):
+    from fastapi.responses import JSONResponse, Response
+
+    if request.method == "GET":  # a stream route (Jina's load balancer does not pass the Accept header on)
+        # Jina's own HTTP client ignores the status and error events of a stream; an update whose text is
+        # null makes it raise (a validation error) instead of ending quietly as if the answer were empty.
+        body = (f"event: error\r\ndata: {json.dumps(error.body)}\r\n\r\n"
+                f"event: update\r\ndata: {json.dumps({'text': None, **error.body})}\r\n\r\n")
+        return Response(body, status_code=error.status_code, media_type="text/event-stream")
+    return JSONResponse(error.body, status_code=error.status_code)
+
+
+def _add_event_stream_route(app, endpoint: str, input_model, caller) -> None:
+    """``GET endpoint`` with one document as JSON body: the batch endpoint's results as server-sent events."""
+    from docarray import DocList
+    from fastapi import Request
+
+    from jina.serve.networking.sse import EventSourceResponse
+
+    checked = _checked(caller)
+
+    @app.api_route(path=f'/{endpoint.strip("/")}', methods=["GET"], summary=f"Endpoint {endpoint} as a stream")
+    async def event_stream(request: Request = None, body: input_model = None):
+        data_request = DataRequest()
+        data_request.header.exec_endpoint = endpoint
+        data_request.document_array_cls = DocList[input_model]
+        data_request.direct_docs = DocList[input_model]([body])
+        result = await checked(data_request)
+
+        async def documents():
+            for doc in result.docs:
+                yield doc
+
+        return EventSourceResponse(_events_or_error(documents()))
+
+
+# ---- HTTP: stoppable load balancer ---------------------------------------------------------------------
+def _patch_load_balancer_shutdown() -> None:
+    import asyncio
+
+    from aiohttp import web
+    from jina.serve.runtimes.servers.load_balancer import LoadBalancingServer
+
+    async def run_server(self):
+        runner = web.AppRunner(self.app)
+        await runner.setup()
+        await web.TCPSite(runner, host=self.host, port=self.port).start()
+        try:
+            while not self._server_exit:
+                await asyncio.sleep(0.1)
+        finally:
+            await runner.cleanup()
+
+    LoadBalancingServer.run_server = run_server

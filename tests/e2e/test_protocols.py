@@ -1,0 +1,168 @@
+"""gRPC and HTTP on one server (the CLI), with replicas and metrics: the Jina Client over each protocol,
+plain HTTP, errors on every protocol, Prometheus metrics, two replicas at once, fast shutdown."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from docarray import DocList
+from jina import Client
+
+from conftest import PYTHON, free_port, run, serve_process
+from schemas import Generation, Prompt
+
+GOOD = {"message": [{"role": "user", "content": "Hello, how are you? 😀"}], "gen_conf": {"max_new_tokens": 24}}
+BAD = {"message": [{"role": "user", "content": "hi"}], "gen_conf": {"temperature": 9}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", "grpc", "http",
+            "--port", str(grpc_port), str(http_port), "--replicas", "2", "--max_batch_size", "1",
+            "--monitoring", "--port-monitoring", str(metrics_port)]
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        yield {"grpc": grpc_port, "http": http_port, "metrics": metrics_port, "process": process, "log": log}
+
+
+def jina_client(server, protocol, asyncio_=True):
+    return Client(host=f"{protocol}://127.0.0.1:{server[protocol]}", asyncio=asyncio_)
+
+
+async def jina_stream(server, protocol, body, on="/stream"):
+    client = jina_client(server, protocol)
+    return [g async for g in client.stream_doc(on=on, inputs=Prompt(**body), return_type=Generation)]
+
+
+def jina_post(server, protocol, body):
+    return jina_client(server, protocol, asyncio_=False).post("/chat", inputs=Prompt(**body),
+                                                               return_type=DocList[Generation])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_jina_client_over_each_protocol(server, protocol):
+    whole = jina_post(server, protocol, GOOD)[0]
+    pieces = run(jina_stream(server, protocol, GOOD))
+    assert whole.text and "".join(p.text for p in pieces) == whole.text
+    assert pieces[-1].finish_reason == whole.finish_reason
+
+
+def sse_events(response):
+    events, kind = [], None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            kind = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            events.append((kind, json.loads(line.split(":", 1)[1])))
+        elif line == "" and kind == "end":
+            events.append(("end", None))
+    return events
+
+
+def test_plain_http_post_and_server_sent_events(server):
+    base = f"http://127.0.0.1:{server['http']}"
+    answer = httpx.post(f"{base}/chat", json={"data": [GOOD, GOOD]}, timeout=30)
+    assert answer.status_code == 200
+    texts = [doc["text"] for doc in answer.json()["data"]]
+    assert len(texts) == 2 and texts[0] == texts[1]
+    with httpx.stream("GET", f"{base}/stream", json=GOOD, timeout=30) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    updates = [data for kind, data in events if kind == "update"]
+    assert "".join(u["text"] for u in updates) == texts[0]
+    assert updates[-1]["finish_reason"] in ("length", "stop")
+
+
+def test_plain_http_errors_name_the_field(server):
+    base = f"http://127.0.0.1:{server['http']}"
+    answer = httpx.post(f"{base}/chat", json={"data": [BAD]}, timeout=30)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["field"] == "gen_conf.temperature"
+    assert "0.0 <= temperature <= 2.0" in answer.json()["error"]["message"]
+    with httpx.stream("GET", f"{base}/stream", json=BAD, timeout=30) as response:
+        assert response.status_code == 400
+        events = sse_events(response)
+    assert events[0][0] == "error" and events[0][1]["error"]["field"] == "gen_conf.temperature"
+    busy_or_bad = httpx.post(f"{base}/chat", json={"data": [{"message": [], "gen_conf": {}}]}, timeout=30)
+    assert busy_or_bad.status_code == 400 and busy_or_bad.json()["error"]["field"] == "message"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_jina_client_raises_on_bad_requests_over_each_protocol(server, protocol):
+    with pytest.raises(Exception) as on_post:
+        jina_post(server, protocol, BAD)
+    assert "gen_conf.temperature" in str(on_post.value)
+    received = []
+
+    async def consume():
+        async for doc in jina_client(server, protocol).stream_doc(on="/stream", inputs=Prompt(**BAD),
+                                                                  return_type=Generation):
+            received.append(doc)
+
+    with pytest.raises(Exception) as on_stream:
+        run(asyncio.wait_for(consume(), 30))
+    assert not isinstance(on_stream.value, asyncio.TimeoutError), "the client hung instead of raising"
+    if protocol == "grpc":
+        assert "gen_conf.temperature" in str(on_stream.value)
+    assert all(doc.text is None or doc.text == "" for doc in received)
+
+
+def test_two_replicas_answer_at_once(server):
+    """max_batch_size=1 per replica: two long answers overlap in time only if two replicas serve them."""
+    long = {"message": [{"role": "user", "content": "Tell me a long story."}],
+            "gen_conf": {"max_new_tokens": 400, "min_new_tokens": 400}}
+
+    async def timed():
+        client = jina_client(server, "grpc")
+        times = []
+        async for _ in client.stream_doc(on="/stream", inputs=Prompt(**long), return_type=Generation):
+            times.append(time.monotonic())
+        return times[0], times[-1]
+
+    async def both():
+        return await asyncio.gather(timed(), timed())
+
+    (start_a, end_a), (start_b, end_b) = run(both())
+    assert start_b < end_a and start_a < end_b, "the second answer waited for the first: one replica served both"
+
+
+def test_prometheus_metrics(server):
+    jina_post(server, "grpc", GOOD)
+    run(jina_stream(server, "grpc", GOOD))
+    deadline, text = time.monotonic() + 20, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{server['metrics']}/", timeout=10).text
+        if "jina_llm_stream_generated_tokens_total" in text:
+            break
+        time.sleep(0.5)
+    for name in ("jina_llm_stream_time_to_first_token_seconds_bucket", "jina_llm_stream_inter_token_latency_seconds",
+                 "jina_llm_stream_generated_tokens_total", "jina_llm_stream_prompt_tokens_total",
+                 "jina_llm_stream_requests_total", "jina_llm_stream_queue_depth", "jina_llm_stream_batch_size"):
+        assert name in text, name
+    generated = [line for line in text.splitlines() if line.startswith("jina_llm_stream_generated_tokens_total")]
+    assert float(generated[0].split()[-1]) > 0
+    assert 'outcome="length"' in text or 'outcome="stop"' in text
+
+
+def test_health_and_one_log_line_per_request_without_prompt_text(server):
+    assert Client(host=f"grpc://127.0.0.1:{server['grpc']}").is_flow_ready()
+    assert httpx.get(f"http://127.0.0.1:{server['http']}/", timeout=10).status_code == 200
+    secret = {"message": [{"role": "user", "content": "my secret passphrase is swordfish"}],
+              "gen_conf": {"max_new_tokens": 3}}
+    jina_post(server, "grpc", secret)
+    log = server["log"].read_text(errors="replace")
+    assert "swordfish" not in log
+    assert "endpoint=/chat prompt_tokens=" in log and "ttft_ms=" in log and "tokens_per_s=" in log
+
+
+def test_sigterm_stops_an_http_server_within_seconds(server):
+    process = server["process"]
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+    assert time.monotonic() - started < 15
