@@ -94,6 +94,10 @@ def serve(args, settings) -> int:
     from executor import TokenStreamingExecutor
 
     kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
+    if "websocket" in args.protocol and "http" in args.protocol:
+        raise SystemExit("--protocol websocket cannot be combined with http in one server: Jina serves websocket "
+                         "only through its full gateway, whose HTTP answers would lose this server's error "
+                         "handling. Run two servers (e.g. grpc+http on one, websocket on another).")
     if "websocket" in args.protocol:
         # Jina's Deployments refuse websocket; a one-Executor Flow serves it through Jina's full gateway.
         gateway = {k: kwargs.pop(k) for k in ("port", "protocol", "host")}

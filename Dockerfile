@@ -1,0 +1,29 @@
+# docker build -t jina-llm-stream .                          (CPU torch)
+# docker build --build-arg TORCH_VARIANT=cu128 -t jina-llm-stream:cuda .
+# docker run -p 12345:12345 -v models:/models jina-llm-stream --model_name gpt2
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/models/huggingface \
+    JINA_LLM_STREAM_CACHE=/models/jina-llm-stream
+
+RUN useradd --create-home --uid 1000 app && mkdir -p /models && chown app /models
+WORKDIR /app
+COPY requirements.txt .
+RUN python -m pip install --upgrade 'pip==26.3' \
+ && python -m pip install --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
+COPY jina_server.py config.yml ./
+COPY executor/ executor/
+COPY schemas/ schemas/
+
+USER app
+VOLUME /models
+EXPOSE 12345
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD jina ping flow grpc://127.0.0.1:12345 || exit 1
+ENTRYPOINT ["python", "jina_server.py"]
