@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -429,8 +430,8 @@ class Engine:
         ttft = (sequence.first_token_at - sequence.submitted_at) * 1000 if sequence.first_token_at else float("nan")
         decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
         rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
-        log.info("request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f finish=%s",
-                 sequence.request_id, sequence.label or "-", len(sequence.prompt_ids), len(sequence.generated),
+        log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
+                 "finish=%s", os.getpid(), sequence.request_id, sequence.label or "-", len(sequence.prompt_ids), len(sequence.generated),
                  ttft, rate, outcome)
         if self.metrics:
             self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated))
