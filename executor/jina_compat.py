@@ -16,6 +16,10 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
 4. Shutdown with HTTP. The load balancer that fronts an HTTP Deployment serves with aiohttp's
    ``_run_app``, which never returns, so every stop waited 60 s for a timeout. It now runs a stoppable
    site and closes it when Jina asks it to shut down.
+5. Replicas. The gateway connects to every replica while they are still loading the model; gRPC's
+   reconnect backoff then grows to minutes, and in the meantime every request goes to the replica that
+   happened to be ready first. Capping the backoff at one second makes the gateway use all replicas as
+   soon as they are up. The gateway process is forked from the one that imported this package.
 """
 
 import json
@@ -37,6 +41,7 @@ def install() -> None:
     _patch_stream_doc()
     _patch_http_app()
     _patch_load_balancer_shutdown()
+    _patch_grpc_reconnect_backoff()
 
 
 # ---- gRPC: stream_doc -------------------------------------------------------------------------------------
@@ -213,3 +218,15 @@ def _patch_load_balancer_shutdown() -> None:
             await runner.cleanup()
 
     LoadBalancingServer.run_server = run_server
+
+
+# ---- replicas: reconnect quickly to a replica that was still starting -----------------------------------
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def _patch_grpc_reconnect_backoff() -> None:
+    from jina.serve import helper
+
+    original = helper.get_default_grpc_options
+    helper.get_default_grpc_options = lambda: original() + RECONNECT_OPTIONS

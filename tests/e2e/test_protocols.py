@@ -4,6 +4,7 @@ plain HTTP, errors on every protocol, Prometheus metrics, health, logs, fast shu
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 
@@ -110,6 +111,28 @@ def test_jina_client_raises_on_bad_requests_over_each_protocol(server, protocol)
     if protocol == "grpc":
         assert "gen_conf.temperature" in str(on_stream.value)
     assert all(doc.text is None or doc.text == "" for doc in received)
+
+
+def test_two_replicas_answer_at_once(server):
+    """max_batch_size=1 per replica: long answers overlap in time only if two replicas serve them."""
+    long = {"message": [{"role": "user", "content": "Tell me a long story."}],
+            "gen_conf": {"max_new_tokens": 400, "min_new_tokens": 400}}
+
+    async def timed():
+        client = jina_client(server, "grpc")
+        times = []
+        async for _ in client.stream_doc(on="/stream", inputs=Prompt(**long), return_type=Generation):
+            times.append(time.monotonic())
+        return times[0], times[-1]
+
+    async def several():
+        return await asyncio.gather(*(timed() for _ in range(4)))
+
+    spans = sorted(run(several()))
+    assert any(start_b < end_a for (_, end_a), (start_b, _) in zip(spans, spans[1:])), f"no overlap: {spans}"
+    pids = set(re.findall(r"pid=(\d+) request=\d+ endpoint=/stream prompt_tokens=\d+ new_tokens=400 ",
+                          server["log"].read_text(errors="replace")))
+    assert len(pids) == 2, f"the answers came from {len(pids)} replica process(es)"
 
 
 def test_prometheus_metrics(server):
