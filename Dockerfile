@@ -1,22 +1,30 @@
-# docker build -t jina-llm-stream .                          (CPU torch)
-# docker build --build-arg TORCH_VARIANT=cu128 -t jina-llm-stream:cuda .
+# docker build -t jina-llm-stream .                                          (CPU torch)
+# docker build --build-arg TORCH_VARIANT=cu128 -t jina-llm-stream:cuda .     (CUDA torch)
 # docker run -p 12345:12345 -v models:/models jina-llm-stream --model_name gpt2
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VARIANT=cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+# Optional, for builds behind a proxy or offline mirrors: a folder of wheels and a CA bundle (mounted).
+ARG LOCAL_WHEELS=
+ARG EXTRA_CA_CERT=
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     JINA_LLM_STREAM_CACHE=/models/jina-llm-stream
 
-RUN useradd --create-home --uid 1000 app && mkdir -p /models && chown app /models
+# A venv works the same on python:*-slim and on a distribution Python that forbids system-wide pip.
+RUN python3 -m venv /opt/venv \
+ && useradd --create-home --uid 1000 app \
+ && mkdir -p /models && chown app /models
 WORKDIR /app
 COPY requirements.txt .
-RUN python -m pip install --upgrade 'pip==26.3' \
- && python -m pip install --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
+RUN python -m pip install ${EXTRA_CA_CERT:+--cert "$EXTRA_CA_CERT"} --upgrade 'pip==26.3' \
+ && python -m pip install ${EXTRA_CA_CERT:+--cert "$EXTRA_CA_CERT"} ${LOCAL_WHEELS:+--find-links "$LOCAL_WHEELS"} \
+      --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
 COPY jina_server.py config.yml ./
 COPY executor/ executor/
 COPY schemas/ schemas/

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 12345
 ARGS ?=
 
-.PHONY: install serve test unit e2e bench clean
+.PHONY: install serve test unit e2e bench clean container-smoke
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+container-smoke: install
+	PYTHON=$(PY) bash tests/container/smoke.sh
