@@ -102,7 +102,12 @@ class TokenStreamingExecutor(Executor):
         """Whole answers, one per prompt, in order; prompts of one call share the running batch."""
         with self._error_boundary("/chat"):
             prepared = [self._prepare(doc) for doc in docs]  # every prompt is checked before any work starts
-            answers = await asyncio.gather(*(self._answer(prompt_ids, settings) for prompt_ids, settings in prepared))
+            tasks = [asyncio.ensure_future(self._answer(prompt_ids, settings)) for prompt_ids, settings in prepared]
+            try:
+                answers = await asyncio.gather(*tasks)
+            finally:  # one failed (or the call was cancelled): the others' work is dropped too
+                for task in tasks:
+                    task.cancel()
         return DocList[Generation](answers)
 
     @requests(on="/stream")
