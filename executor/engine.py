@@ -232,9 +232,7 @@ class Engine:
         with self._lock:
             kept = deque()
             for sequence in self._waiting:
-                if sequence.cancelled:
-                    self._retire_cancelled(sequence)
-                else:
+                if not self._retire_if_done(sequence, now):
                     kept.append(sequence)
             self._waiting = kept
         self._prefilling = [s for s in self._prefilling if not self._retire_if_done(s, now)]
