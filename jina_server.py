@@ -29,6 +29,7 @@ HELP = {
     "prefill_chunk": "prompt tokens prefilled per scheduler round (bounds the stall a long prompt causes)",
     "request_timeout": "seconds a request may run before it ends with finish_reason=time_limit",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",
+    "log_prompts": "log each request's messages and gen_conf (off: prompts are never logged)",
 }
 
 

@@ -19,7 +19,7 @@ from schemas import Generation, Prompt
 from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError, supports_batching
 from .metrics import EngineMetrics
-from .model import ModelLoadError, encode_prompt, load
+from .model import ModelLoadError, PromptTooLong, encode_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
@@ -46,12 +46,16 @@ class TokenStreamingExecutor(Executor):
         prefill_chunk: int = 256,
         request_timeout: float = 300.0,
         stream_text: str = "delta",
+        log_prompts: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if stream_text not in STREAM_TEXT_MODES:
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
+        self.log_prompts = log_prompts
+        # What a chat template may add around the content (role markers, system preambles) is bounded too.
+        self.max_rendered_chars = 2 * max_prompt_chars + 65_536
         try:
             loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                           allow_pickle=allow_pickle)
@@ -133,8 +137,12 @@ class TokenStreamingExecutor(Executor):
         """Validate and tokenize one prompt; raises RequestError naming the field."""
         messages = validate_messages(doc.message, self.limits)
         settings = parse_gen_conf(doc.gen_conf, self.limits)
+        if self.log_prompts:
+            log.info("prompt messages=%r gen_conf=%r", messages, doc.gen_conf)
         try:
-            prompt_ids = encode_prompt(self.tokenizer, messages)
+            prompt_ids = encode_prompt(self.tokenizer, messages, max_chars=self.max_rendered_chars)
+        except PromptTooLong as error:
+            raise RequestError("message", f"<{len(messages)} messages>", str(error)) from None
         except Exception as error:  # noqa: BLE001 - a template that refuses these messages (e.g. role order)
             raise RequestError("message", f"<{len(messages)} messages>", f"the chat template refused them: {error}")
         return prompt_ids, fit_to_context(settings, len(prompt_ids), self.limits)

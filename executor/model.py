@@ -140,9 +140,17 @@ def render_prompt(tokenizer, messages: list) -> str:
                                          tokenize=False)
 
 
-def encode_prompt(tokenizer, messages: list) -> list:
+class PromptTooLong(ValueError):
+    """The chat template's output is larger than the server allows."""
+
+
+def encode_prompt(tokenizer, messages: list, max_chars: int | None = None) -> list:
+    """Token ids of the rendered chat; ``max_chars`` bounds what the template may produce."""
+    text = render_prompt(tokenizer, messages)
+    if max_chars is not None and len(text) > max_chars:
+        raise PromptTooLong(f"the chat template produced {len(text)} characters; at most {max_chars} are allowed")
     # The template already holds any BOS it wants, as in apply_chat_template(tokenize=True).
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ---- the demo model -----------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_n
 def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
     port = free_port()
     env = {"JINA_LLM_STREAM_CACHE": str(tmp_path / "cache")}
-    with serve_process([PYTHON, "jina_server.py", "--port", str(port)], env=env) as (process, log):
+    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts"], env=env) as (process, log):
         assert process.poll() is None, log.read_text()
         answer = run(post_chat(port, HELLO))[0]
         pieces = run(stream_doc(port, HELLO))
         assert answer.text and "".join(p.text for p in pieces) == answer.text
         assert "DEMO model" in log.read_text()
+        assert "prompt messages=[{'role': 'user', 'content': 'Hello!'}]" in log.read_text()  # --log-prompts
         assert (tmp_path / "cache" / "demo-gpt2-v1" / "model.safetensors").exists()
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)

@@ -243,3 +243,34 @@ def test_on_cuda_with_device_map_auto_batched_answers_match_generate(tiny_models
         assert run(collect(engine, lm, prompts[0], seeded))[0] == run(collect(engine, lm, prompts[0], seeded))[0]
     finally:
         engine.shutdown()
+
+
+def test_a_model_without_eos_runs_to_max_new_tokens(lm):
+    engine = Engine(lm.model, lm.tokenizer, [], EngineConfig()).start()  # a tokenizer without EOS
+    try:
+        prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+        text, last = run(collect(engine, lm, prompt_ids, {"max_new_tokens": 25}))
+        assert last.finish_reason == "length" and last.completion_tokens == 25
+    finally:
+        engine.shutdown()
+
+
+def test_chat_template_output_is_bounded(lm):
+    from executor.model import PromptTooLong
+
+    class Tokenizer:  # the real tokenizer with a template that multiplies its input
+        chat_template = "{% for m in messages %}{% for i in range(1000) %}{{ m['content'] }}{% endfor %}{% endfor %}"
+
+        def __getattr__(self, name):
+            return getattr(lm.tokenizer, name)
+
+        def apply_chat_template(self, *args, **kwargs):
+            return lm.tokenizer.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, *args, **kwargs):
+            return lm.tokenizer(*args, **kwargs)
+
+    messages = [{"role": "user", "content": "x" * 100}]
+    with pytest.raises(PromptTooLong, match="produced 100000 characters; at most 50000"):
+        encode_prompt(Tokenizer(), messages, max_chars=50_000)
+    assert len(encode_prompt(Tokenizer(), messages, max_chars=200_000)) > 0
