@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 12345
 ARGS ?=
 
-.PHONY: install serve test unit e2e bench clean container-smoke
+.PHONY: install serve test unit e2e bench soak clean container-smoke
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,6 @@ clean:
 
 container-smoke: install
 	PYTHON=$(PY) bash tests/container/smoke.sh
+
+soak: install
+	$(PY) bench/soak.py --clients 32 --seconds 60

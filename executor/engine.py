@@ -160,6 +160,13 @@ class Engine:
                 handle.cancel()
 
         handle = self.submit(prompt_ids, settings, emit, label)
+        # A consumer cancelled while this generator waits at `yield` (e.g. the server sending a piece to a
+        # client that just left) never resumes it; the `finally` below would then wait for garbage
+        # collection. Cancelling when the consuming task ends does not wait.
+        task = asyncio.current_task()
+        stop_with_task = lambda _task: handle.cancel()  # noqa: E731
+        if task is not None:
+            task.add_done_callback(stop_with_task)
         try:
             while True:
                 event = await queue.get()
@@ -170,6 +177,8 @@ class Engine:
                     return
         finally:
             handle.cancel()
+            if task is not None:
+                task.remove_done_callback(stop_with_task)
 
     def load(self) -> dict:
         """Queue depth and batch size right now."""
