@@ -5,14 +5,16 @@
 
 Each client loops until the time is up, choosing at random: a whole answer (/chat), a stream (/stream),
 a stream abandoned after its first piece (the connection is cancelled), or a bad request (which must be
-refused). Pass means: 0 failed valid requests, 0 accepted bad requests, the executor's CPU idle within
-1 s after the last abandoned stream, and executor RSS growth under 10% from warm-up to the end.
+refused). Pass means: 0 failed valid requests, 0 accepted bad requests, no abandoned stream generated to
+its end, the executor's CPU idle within 1 s after the last abandoned stream, and executor RSS growth under
+10% from warm-up to the end.
 """
 
 import argparse
 import asyncio
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+ABANDONED_TOKENS = 400
 BAD_REQUESTS = [
     ([{"role": "user", "content": "hi"}], {"temperature": 9}),
     ([{"role": "user", "content": "hi"}], {"max_new_tokens": 10**6}),
@@ -71,7 +74,7 @@ async def abandoned_stream(port, i):
     request.header.exec_endpoint = "/stream"
     request.document_cls = Prompt
     request.data.doc = Prompt(message=[{"role": "user", "content": f"Soak {i}: a long answer please."}],
-                              gen_conf={"max_new_tokens": 400, "min_new_tokens": 400})
+                              gen_conf={"max_new_tokens": ABANDONED_TOKENS, "min_new_tokens": ABANDONED_TOKENS})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = jina_pb2_grpc.JinaSingleDocumentRequestRPCStub(channel).stream_doc(request)
         async for _ in call:
@@ -191,9 +194,15 @@ def main() -> int:
     bad_accepted = results["bad", False]
     total = sum(n for _, n in _pairs(results))
     growth = rss_end / rss_start - 1
+    # Abandoned streams ask for exactly ABANDONED_TOKENS tokens: any that got them all was never cancelled.
+    log_text = log_path.read_text(errors="replace")
+    leaked = len(re.findall(rf"new_tokens={ABANDONED_TOKENS} \S+ \S+ finish=length", log_text))
+    cancelled = log_text.count("finish=cancelled")
     checks = [
         ("failed valid requests", valid_failed, valid_failed == 0),
         ("accepted bad requests", bad_accepted, bad_accepted == 0),
+        ("abandoned streams that ran to the end instead of being cancelled", f"{leaked} ({cancelled} cancelled)",
+         leaked == 0),
         ("executor CPU in the 1 s after the last abandoned stream (1 s window)", f"{idle_cpu:.2f} s",
          idle_cpu < 0.1),
         ("executor RSS growth (after warm-up -> end)", f"{rss_start >> 20} -> {rss_end >> 20} MiB ({growth:+.1%})",

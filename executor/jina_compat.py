@@ -20,6 +20,10 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    reconnect backoff then grows to minutes, and in the meantime every request goes to the replica that
    happened to be ready first. Capping the backoff at one second makes the gateway use all replicas as
    soon as they are up. The gateway process is forked from the one that imported this package.
+6. Cancellation through the gateway. When a client cancels a stream, gRPC cancels the gateway's handler
+   task, but the gateway's call to the worker sits inside nested async generators suspended at ``yield``;
+   it was only cancelled when those generators were garbage collected, so some abandoned answers ran to
+   the end. The worker call is now cancelled as soon as the task that reads it ends.
 """
 
 import json
@@ -42,6 +46,7 @@ def install() -> None:
     _patch_http_app()
     _patch_load_balancer_shutdown()
     _patch_grpc_reconnect_backoff()
+    _patch_gateway_stream_cancellation()
 
 
 # ---- gRPC: stream_doc -------------------------------------------------------------------------------------
@@ -230,3 +235,31 @@ def _patch_grpc_reconnect_backoff() -> None:
 
     original = helper.get_default_grpc_options
     helper.get_default_grpc_options = lambda: original() + RECONNECT_OPTIONS
+
+
+# ---- gateway: cancel the worker call when the client's call ends ---------------------------------------
+def _patch_gateway_stream_cancellation() -> None:
+    import asyncio
+
+    from jina.serve.networking.connection_stub import _ConnectionStubs
+
+    async def send_single_doc_request(self, request, metadata, compression, timeout=None):
+        if not self._initialized:
+            await self._init_stubs()
+        if not self.stream_doc_stub:
+            raise ValueError("Can not send SingleDocumentRequest. gRPC endpoint not available.")
+        self._record_request_bytes_metric(request.nbytes)
+        call = self.stream_doc_stub.stream_doc(request, compression=compression, timeout=timeout,
+                                               metadata=metadata)
+        task = asyncio.current_task()
+        cancel_call = lambda _task: call.cancel()  # noqa: E731
+        task.add_done_callback(cancel_call)
+        try:
+            with self._get_metric_timer():
+                async for response in call:
+                    self._record_received_bytes_metric(response.nbytes)
+                    yield response, None
+        finally:
+            task.remove_done_callback(cancel_call)
+
+    _ConnectionStubs.send_single_doc_request = send_single_doc_request
