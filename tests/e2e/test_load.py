@@ -93,3 +93,28 @@ def test_full_queue_answers_server_busy_and_recovers(slow_server):
     assert [pieces[-1].completion_tokens for pieces in done] == [tokens] * 3
     again = run(stream_doc(port, Prompt(message=[{"role": "user", "content": "hi"}], gen_conf={"max_new_tokens": 3})))
     assert again[-1].finish_reason is not None
+
+
+def test_abandoned_streams_are_all_cancelled(slow_server):
+    """Clients that cancel their gRPC call after the first piece, one after another: every answer must be
+    cancelled, none may run to its end (Jina's gateway used to cancel its worker call only when garbage
+    collection reached it)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from soak import abandoned_stream
+
+    port, _, log = slow_server
+    before = log.read_text(errors="replace").count("finish=cancelled")
+
+    async def abandon_all():
+        for i in range(20):
+            await abandoned_stream(port, i)
+
+    run(abandon_all())
+    deadline = time.monotonic() + 10
+    while log.read_text(errors="replace").count("finish=cancelled") - before < 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = log.read_text(errors="replace")
+    assert text.count("finish=cancelled") - before == 20
+    assert not re.search(r"new_tokens=900 \S+ \S+ finish=length", text), "an abandoned answer ran to its end"
