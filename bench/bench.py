@@ -15,9 +15,7 @@ import asyncio
 import copy
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
+from server_process import executor_process, free_port, start_server, stop_server  # noqa: E402
 
 CHUNK = 256  # the server's default prefill_chunk
 CACHE = Path(os.environ.get("JINA_LLM_STREAM_CACHE", Path.home() / ".cache" / "jina-llm-stream"))
@@ -135,33 +133,6 @@ def transformers_continuous_batching(path: Path, tokenizer, batch: int, new_toke
 
 
 # ---- the server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(path: Path, port: int, batch: int, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "jina_server.py"), "--model_name", str(path), "--port", str(port),
-               "--max_batch_size", str(batch), "--max_queue", "256"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while "ready to serve" not in log_path.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start; see {log_path}")
-        time.sleep(0.5)
-    return process
-
-
-def executor_process(server: subprocess.Popen) -> psutil.Process:
-    """The child that holds the model: the one with the largest RSS."""
-    children = psutil.Process(server.pid).children(recursive=True)
-    return max(children, key=lambda p: p.memory_info().rss)
-
-
 async def one_stream(client, message, new_tokens):
     from schemas import Generation, Prompt
 
@@ -290,15 +261,12 @@ def main() -> int:
     path = build_bench_model()
     ref = references(path, args.new_tokens, args.clients)
     port, log_path = free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
-    server = start_server(path, port, args.clients, log_path)
+    server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(args.clients),
+                           "--max_queue", "256"], log_path)
     try:
         srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, server))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
     from transformers import AutoTokenizer
 

@@ -15,8 +15,6 @@ import asyncio
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -25,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
+from server_process import cpu_seconds, executor_process, free_port, start_server, stop_server  # noqa: E402
 
 ABANDONED_TOKENS = 900  # far more than a model makes between the first piece and the cancel
 BAD_REQUESTS = [
@@ -127,30 +125,6 @@ async def client_loop(port, deadline, results, last_abandon):
         results[kind, ok] += 1
 
 
-def executor_process(server) -> psutil.Process:
-    return max(psutil.Process(server.pid).children(recursive=True), key=lambda p: p.memory_info().rss)
-
-
-def cpu_seconds(process, window) -> float:
-    before = sum(process.cpu_times()[:2])
-    time.sleep(window)
-    return sum(process.cpu_times()[:2]) - before
-
-
-def start_server(args, port, log_path):
-    command = [sys.executable, str(ROOT / "jina_server.py"), "--port", str(port), "--max_queue", "256"]
-    if args.model_name:
-        command += ["--model_name", args.model_name]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    deadline = time.monotonic() + 300
-    while "ready to serve" not in log_path.read_text(errors="replace"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start; see {log_path}")
-        time.sleep(0.25)
-    return server
-
-
 async def soak(args, port, server):
     results = Counter()
     results["errors"] = []
@@ -175,21 +149,14 @@ def main() -> int:
     parser.add_argument("--model_name", default=None, help="default: the embedded demo model")
     args = parser.parse_args()
     random.seed(0)
-    from socket import socket
-
-    with socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"jina-llm-stream-soak-{os.getpid()}.log"
-    server = start_server(args, port, log_path)
+    flags = ["--port", str(port), "--max_queue", "256"] + (["--model_name", args.model_name] if args.model_name else [])
+    server = start_server(flags, log_path)
     try:
         results, wall, rss_start, rss_end, idle_cpu = asyncio.run(soak(args, port, server))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
     valid_failed = sum(n for (kind, ok), n in _pairs(results) if kind != "bad" and not ok)
     bad_accepted = results["bad", False]
     total = sum(n for _, n in _pairs(results))

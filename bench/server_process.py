@@ -1,0 +1,56 @@
+"""A real server in a process group of its own, for the benchmark and the soak test (loopback only)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(flags: list, log_path: Path, timeout: float = 300) -> subprocess.Popen:
+    """Run ``jina_server.py FLAGS`` and wait until it is ready to serve."""
+    command = [sys.executable, str(ROOT / "jina_server.py"), *flags]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while "ready to serve" not in log_path.read_text(errors="replace"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_server(server)
+            raise SystemExit(f"the server did not start; see {log_path}")
+        time.sleep(0.25)
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the whole group, SIGKILL if it is not gone in 30 s."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def executor_process(server: subprocess.Popen) -> psutil.Process:
+    """The child that holds the model: the one with the largest RSS."""
+    return max(psutil.Process(server.pid).children(recursive=True), key=lambda p: p.memory_info().rss)
+
+
+def cpu_seconds(process: psutil.Process, window: float) -> float:
+    """CPU time (user + system) the process used during the next ``window`` seconds."""
+    before = sum(process.cpu_times()[:2])
+    time.sleep(window)
+    return sum(process.cpu_times()[:2]) - before
