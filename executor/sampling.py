@@ -107,7 +107,7 @@ def _check_number(name: str, value, kind, low, high):
     too_low = value <= low if name in EXCLUSIVE_LOW else value < low
     if too_low or (high is not None and value > high):
         if name in ("num_beams", "num_return_sequences"):
-            raise RequestError(field, value, f"only 1 is supported (one answer per prompt, no beam search)")
+            raise RequestError(field, value, "only 1 is supported (one answer per prompt, no beam search)")
         raise RequestError(field, value, f"allowed range is {_range_text(name, low, high)}")
     return kind(value)
 

@@ -10,8 +10,8 @@ import time
 import psutil
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, grpc_client, run, serve_process, stream_doc
-from schemas import Generation, Prompt
+from conftest import PYTHON, ROOT, free_port, run, serve_process, stream_doc
+from schemas import Prompt
 
 LONG = 1800
 
