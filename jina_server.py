@@ -98,10 +98,6 @@ def serve(args, settings) -> int:
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
     # it can miss when Ctrl-C reaches the whole process group at once. Local readiness pings need far less.
     kwargs["timeout_ctrl"] = 5
-    if "websocket" in args.protocol and "http" in args.protocol:
-        raise SystemExit("--protocol websocket cannot be combined with http in one server: Jina serves websocket "
-                         "only through its full gateway, whose HTTP answers would lose this server's error "
-                         "handling. Run two servers (e.g. grpc+http on one, websocket on another).")
     if "websocket" in args.protocol:
         # Jina's Deployments refuse websocket; a one-Executor Flow serves it through Jina's full gateway.
         gateway = {k: kwargs.pop(k) for k in ("port", "protocol", "host")} | {"timeout_ctrl": 5}

@@ -24,6 +24,10 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    task, but the gateway's call to the worker sits inside nested async generators suspended at ``yield``;
    it was only cancelled when those generators were garbage collected, so some abandoned answers ran to
    the end. The worker call is now cancelled as soon as the task that reads it ends.
+7. HTTP through Jina's full gateway (a Flow, used when WebSocket is served next to HTTP). Its app answers
+   a failed ``/chat`` with a bare 500 and cuts a failed ``/stream``; it now answers as in 3 (the same
+   status codes, JSON body and events), and batch endpoints answer ``GET`` with an event stream here too.
+   It also rebuilt ``Prompt.message`` wrongly, losing every message's content (see _use_wire_classes).
 """
 
 import json
@@ -47,6 +51,7 @@ def install() -> None:
     _patch_load_balancer_shutdown()
     _patch_grpc_reconnect_backoff()
     _patch_gateway_stream_cancellation()
+    _patch_gateway_http_app()
 
 
 # ---- gRPC: stream_doc -------------------------------------------------------------------------------------
@@ -203,6 +208,78 @@ def _add_event_stream_route(app, endpoint: str, input_model, caller) -> None:
                 yield doc
 
         return EventSourceResponse(_events_or_error(documents()))
+
+
+# ---- HTTP through the Flow gateway: the same answers as the worker's app ------------------------------
+def _patch_gateway_http_app() -> None:
+    from jina.serve.runtimes.gateway import http_fastapi_app_docarrayv2 as gateway_app
+
+    original_get_app = gateway_app.get_fastapi_app
+
+    def get_fastapi_app(streamer, **kwargs):
+        _use_wire_classes(streamer._endpoints_models_map)
+        app = original_get_app(streamer=_ErrorRaisingStreamer(streamer), **kwargs)
+        app.add_exception_handler(ServiceError, _service_error_response)
+        for endpoint, models in streamer._endpoints_models_map.items():
+            if endpoint != "_jina_dry_run_":
+                path = f'/{endpoint.strip("/")}'
+                app.router.routes = [route for route in app.router.routes
+                                     if not (getattr(route, "path", None) == path and "GET" in route.methods)]
+                _add_gateway_event_stream_route(app, endpoint, models["input"], streamer)
+        return app
+
+    gateway_app.get_fastapi_app = get_fastapi_app
+
+
+def _use_wire_classes(models_map) -> None:
+    """The gateway rebuilds each endpoint's document classes from their JSON schemas, and rebuilds
+    ``message: list[dict]`` as a list of empty documents: every message arrived at the worker without its
+    role and content. The gateway process has the wire classes themselves: use them."""
+    from schemas import Generation, Prompt
+
+    wire_classes = {"Prompt": Prompt, "Generation": Generation}
+    for models in models_map.values():
+        for key in ("input", "output"):
+            models[key] = wire_classes.get(getattr(models[key], "__name__", None), models[key])
+
+
+class _ErrorRaisingStreamer:
+    """The gateway's streamer, except that a failed batch answer raises ServiceError (-> 400/503/500)."""
+
+    def __init__(self, streamer):
+        self._streamer = streamer
+
+    def __getattr__(self, name):
+        return getattr(self._streamer, name)
+
+    async def stream_docs(self, *args, **kwargs):
+        async for response in self._streamer.stream_docs(*args, **kwargs):
+            if response.header.status.code == jina_pb2.StatusProto.ERROR:
+                raise _error_from_status(response.header.status)
+            yield response
+
+
+def _add_gateway_event_stream_route(app, endpoint: str, input_model, streamer) -> None:
+    from fastapi import Request
+
+    from jina.serve.networking.sse import EventSourceResponse
+
+    async def documents(body):
+        async for document, error in streamer.stream_doc(doc=body, exec_endpoint=endpoint):
+            if error:
+                message = error.args[0] if error.args else str(error)
+                raise ServiceError(HTTP_STATUS_BY_ERROR.get(error.name, 500), error.name or "Error", message)
+            yield document
+
+    @app.api_route(path=f'/{endpoint.strip("/")}', methods=["GET"], summary=f"Endpoint {endpoint} as a stream")
+    async def event_stream(request: Request, body: input_model = None):
+        body = body or input_model.parse_obj(dict(request.query_params))
+        pieces = documents(body)
+        try:
+            first = await pieces.__anext__()
+        except StopAsyncIteration:
+            first = None
+        return EventSourceResponse(_events_or_error(_chain(first, pieces)))
 
 
 # ---- HTTP: stoppable load balancer ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -113,26 +114,44 @@ def test_jina_client_raises_on_bad_requests_over_each_protocol(server, protocol)
     assert all(doc.text is None or doc.text == "" for doc in received)
 
 
-def test_two_replicas_answer_at_once(server):
-    """max_batch_size=1 per replica: long answers overlap in time only if two replicas serve them."""
-    long = {"message": [{"role": "user", "content": "Tell me a long story."}],
-            "gen_conf": {"max_new_tokens": 400, "min_new_tokens": 400}}
+STREAM_DONE = re.compile(r"^(\S+ \S+) INFO jina_llm_stream.engine: pid=(\d+) request=\d+ endpoint=/stream "
+                         r"prompt_tokens=\d+ new_tokens=(\d+) ttft_ms=(\d+) tokens_per_s=([\d.]+) finish=length$", re.M)
 
-    async def timed():
-        client = jina_client(server, "grpc")
-        times = []
-        async for _ in client.stream_doc(on="/stream", inputs=Prompt(**long), return_type=Generation):
-            times.append(time.monotonic())
-        return times[0], times[-1]
+
+def served_spans(log_text, new_tokens):
+    """(start, end, pid) of each finished /stream answer, in server time: the line is written at the end,
+    and says how long the answer took (TTFT plus the decode of the other tokens)."""
+    spans = []
+    for stamp, pid, tokens, ttft_ms, rate in STREAM_DONE.findall(log_text):
+        if int(tokens) == new_tokens:
+            end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            spans.append((end - float(ttft_ms) / 1000 - (int(tokens) - 1) / float(rate), end, pid))
+    return sorted(spans)
+
+
+def test_two_replicas_answer_at_once(server):
+    """max_batch_size=1 per replica: two answers are generated at the same time only by two replicas.
+    Overlap is judged from the replicas' own log lines: client-side arrival times can overlap even when one
+    replica answered both, because a client reads a fast stream later than the server wrote it."""
+    tokens = 400
+    long = {"message": [{"role": "user", "content": "Tell me a long story."}],
+            "gen_conf": {"max_new_tokens": tokens, "min_new_tokens": tokens}}
 
     async def several():
-        return await asyncio.gather(*(timed() for _ in range(4)))
+        return await asyncio.gather(*(jina_stream(server, "grpc", long) for _ in range(4)))
 
-    spans = sorted(run(several()))
-    assert any(start_b < end_a for (_, end_a), (start_b, _) in zip(spans, spans[1:])), f"no overlap: {spans}"
-    pids = set(re.findall(r"pid=(\d+) request=\d+ endpoint=/stream prompt_tokens=\d+ new_tokens=400 ",
-                          server["log"].read_text(errors="replace")))
-    assert len(pids) == 2, f"the answers came from {len(pids)} replica process(es)"
+    before = len(served_spans(server["log"].read_text(errors="replace"), tokens))
+    answers = run(several())
+    assert [pieces[-1].completion_tokens for pieces in answers] == [tokens] * 4
+    deadline, spans = time.monotonic() + 10, []
+    while len(spans) < 4 and time.monotonic() < deadline:
+        spans = served_spans(server["log"].read_text(errors="replace"), tokens)[before:]
+        time.sleep(0.1)
+    assert len(spans) == 4, f"expected 4 logged answers: {spans}"
+    assert len({pid for _, _, pid in spans}) == 2, f"the answers came from one replica: {spans}"
+    assert any(start_b < end_a and pid_a != pid_b
+               for i, (_, end_a, pid_a) in enumerate(spans) for start_b, _, pid_b in spans[i + 1:]), \
+        f"no two answers were generated at once: {spans}"
 
 
 def test_prometheus_metrics(server):

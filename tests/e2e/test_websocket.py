@@ -1,28 +1,38 @@
 """WebSocket: Jina serves it through a Flow's gateway and does not stream over it, so /chat only.
 
+The server here serves WebSocket, gRPC and HTTP at once (a Flow's gateway, not a Deployment's): the
+gRPC and HTTP tests of test_protocols run again against it.
+
 The server's error answer is checked with a raw WebSocket client speaking Jina's bytes subprotocol, which
 sends its end-of-input marker only after the answer came: Jina's own client sends both from separate
 tasks and, once under load, ended without raising (README: known limits)."""
 
 import asyncio
-import subprocess
 
 import pytest
 from docarray import DocList
 from jina import Client
 
-from conftest import PYTHON, ROOT, free_port, run, serve_process
+from conftest import PYTHON, free_port, run, serve_process
 from schemas import Generation, Prompt
+from test_protocols import (  # noqa: F401 - collected again here, against this module's `server`
+    test_jina_client_over_each_protocol, test_jina_client_raises_on_bad_requests_over_each_protocol,
+    test_plain_http_errors_name_the_field, test_plain_http_post_and_server_sent_events)
 
 
 @pytest.fixture(scope="module")
-def websocket_port(tiny_models):
-    port, grpc_port = free_port(), free_port()
-    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", "websocket", "grpc",
-            "--port", str(port), str(grpc_port)]
+def server(tiny_models):
+    ports = {"websocket": free_port(), "grpc": free_port(), "http": free_port()}
+    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", *ports,
+            "--port", *map(str, ports.values())]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
-        yield port
+        yield {**ports, "process": process, "log": log}
+
+
+@pytest.fixture(scope="module")
+def websocket_port(server):
+    return server["websocket"]
 
 
 async def post(port, gen_conf):
@@ -66,9 +76,3 @@ def test_bad_request_over_websocket_is_an_error_naming_the_field(websocket_port)
     assert "gen_conf.temperature" in status.exception.args[0]
     good = run(raw_websocket_chat(websocket_port, {"max_new_tokens": 3}))
     assert good.code == jina_pb2.StatusProto.SUCCESS
-
-
-def test_websocket_with_http_is_refused_clearly():
-    result = subprocess.run([PYTHON, "jina_server.py", "--protocol", "websocket", "http", "--port", "1", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "cannot be combined with http" in result.stderr
