@@ -12,6 +12,7 @@ CLI flags, ``config.yml`` ``with:`` keys and ``TokenStreamingExecutor(...)`` arg
 import argparse
 import inspect
 import logging
+import os
 import signal
 import sys
 
@@ -59,6 +60,10 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--monitoring", action="store_true", help="serve Prometheus metrics")
     parser.add_argument("--port-monitoring", "--port_monitoring", dest="port_monitoring", type=int, default=None,
                         help="port of the metrics endpoint (with --monitoring)")
+    parser.add_argument("--ssl-certfile", "--ssl_certfile", dest="ssl_certfile", default=None,
+                        help="TLS certificate (PEM) for gRPC, HTTP and WebSocket; needs --ssl-keyfile")
+    parser.add_argument("--ssl-keyfile", "--ssl_keyfile", dest="ssl_keyfile", default=None,
+                        help="TLS private key (PEM) matching --ssl-certfile")
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image for export (default {DEFAULT_IMAGE})")
     for name, default in settings:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -76,6 +81,18 @@ def _stop_like_ctrl_c(*_):
     raise KeyboardInterrupt
 
 
+def tls_kwargs(args) -> dict:
+    """Both files or neither, and readable now: a typo must stop the start, not serve in plain text."""
+    given = {name: getattr(args, name) for name in ("ssl_certfile", "ssl_keyfile") if getattr(args, name)}
+    if len(given) == 1:
+        raise SystemExit("TLS needs both --ssl-certfile and --ssl-keyfile; only "
+                         f"--{next(iter(given)).replace('_', '-')} was given")
+    for name, path in given.items():
+        if not os.access(path, os.R_OK):
+            raise SystemExit(f"--{name.replace('_', '-')}={path}: no such readable file")
+    return given
+
+
 def deployment_kwargs(args, settings, uses) -> dict:
     if len(args.port) != len(args.protocol):
         raise SystemExit(f"--port needs one port per protocol: {len(args.protocol)} protocol(s) "
@@ -86,7 +103,7 @@ def deployment_kwargs(args, settings, uses) -> dict:
                   host=args.host, replicas=args.replicas)
     if args.monitoring:
         kwargs.update(monitoring=True, port_monitoring=args.port_monitoring)
-    return kwargs
+    return kwargs | tls_kwargs(args)
 
 
 def serve(args, settings) -> int:
@@ -98,13 +115,17 @@ def serve(args, settings) -> int:
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
     # it can miss when Ctrl-C reaches the whole process group at once. Local readiness pings need far less.
     kwargs["timeout_ctrl"] = 5
-    if "websocket" in args.protocol:
-        # Jina's Deployments refuse websocket; a one-Executor Flow serves it through Jina's full gateway.
+    if "websocket" in args.protocol or "ssl_certfile" in kwargs:
+        # Jina's Deployments refuse websocket, and give TLS to the Executor behind their gateway as well
+        # (which the gateway then cannot reach): a one-Executor Flow puts both on its gateway only.
         gateway = {k: kwargs.pop(k) for k in ("port", "protocol", "host")} | {"timeout_ctrl": 5}
+        tls = {k: kwargs.pop(k) for k in ("ssl_certfile", "ssl_keyfile") if k in kwargs}
         if args.monitoring:
             gateway.update(monitoring=True, port_monitoring=kwargs.pop("port_monitoring"))
             kwargs.pop("monitoring")
-        server = Flow(**gateway).add(name="llm", **kwargs)
+        # TLS through config_gateway: Flow(...) arguments also reach the Executor, which would then speak
+        # TLS to the gateway as well.
+        server = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
     else:
         server = Deployment(**kwargs)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
@@ -132,10 +153,11 @@ def export(kind: str, target: str, args, settings) -> int:
     kwargs["uses_with"] = {k: v for k, v in kwargs["uses_with"].items() if v is not None}
     # A Flow, not a Deployment: its gateway carries the client-facing ports and protocols.
     gateway = {k: kwargs.pop(k) for k in ("port", "protocol")}
+    tls = {k: kwargs.pop(k) for k in ("ssl_certfile", "ssl_keyfile") if k in kwargs}
     kwargs.pop("host")
     if kwargs.pop("monitoring", False):
         gateway["monitoring"] = kwargs["monitoring"] = True
-    flow = Flow(**gateway).add(name="llm", **kwargs)
+    flow = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
     if kind == "kubernetes":
         flow.to_kubernetes_yaml(target, k8s_namespace="jina-llm-stream")
     else:
