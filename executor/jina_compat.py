@@ -23,7 +23,9 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
 6. Cancellation through the gateway. When a client cancels a stream, gRPC cancels the gateway's handler
    task, but the gateway's call to the worker sits inside nested async generators suspended at ``yield``;
    it was only cancelled when those generators were garbage collected, so some abandoned answers ran to
-   the end. The worker call is now cancelled as soon as the task that reads it ends.
+   the end. The worker call is now cancelled as soon as the task that reads it ends. And a stream whose
+   Executor dies after the first piece is an error for the client: Jina retried it on another replica,
+   which sent the whole answer again after the pieces the client already had.
 7. HTTP through Jina's full gateway (a Flow, used when WebSocket is served next to HTTP). Its app answers
    a failed ``/chat`` with a bare 500 and cuts a failed ``/stream``; it now answers as in 3 (the same
    status codes, JSON body and events), and batch endpoints answer ``GET`` with an event stream here too.
@@ -315,8 +317,14 @@ def _patch_grpc_reconnect_backoff() -> None:
 
 
 # ---- gateway: cancel the worker call when the client's call ends ---------------------------------------
+class StreamInterrupted(RuntimeError):
+    """A stream broke after its first piece: an error for the client, never a retry from the start."""
+
+
 def _patch_gateway_stream_cancellation() -> None:
     import asyncio
+
+    import grpc
 
     from jina.serve.networking.connection_stub import _ConnectionStubs
 
@@ -331,11 +339,18 @@ def _patch_gateway_stream_cancellation() -> None:
         task = asyncio.current_task()
         cancel_call = lambda _task: call.cancel()  # noqa: E731
         task.add_done_callback(cancel_call)
+        answered = False
         try:
             with self._get_metric_timer():
                 async for response in call:
                     self._record_received_bytes_metric(response.nbytes)
+                    answered = True
                     yield response, None
+        except grpc.aio.AioRpcError as error:
+            if answered:  # Jina would retry on another replica: the client would get the answer twice over
+                raise StreamInterrupted(f"the answer was cut off: its Executor stopped ({error.code().name}: "
+                                        f"{error.details()}); send the request again") from error
+            raise
         finally:
             task.remove_done_callback(cancel_call)
 
