@@ -64,6 +64,11 @@ def build_parser(settings) -> argparse.ArgumentParser:
                         help="TLS certificate (PEM) for gRPC, HTTP and WebSocket; needs --ssl-keyfile")
     parser.add_argument("--ssl-keyfile", "--ssl_keyfile", dest="ssl_keyfile", default=None,
                         help="TLS private key (PEM) matching --ssl-certfile")
+    parser.add_argument("--openai-port", "--openai_port", dest="openai_port", type=int, default=None,
+                        help="also serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                             "/v1/models) on this port; needs grpc among --protocol")
+    parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("JINA_LLM_STREAM_API_KEY"),
+                        help="bearer token the OpenAI API requires (default: $JINA_LLM_STREAM_API_KEY; none)")
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image for export (default {DEFAULT_IMAGE})")
     for name, default in settings:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -106,6 +111,22 @@ def deployment_kwargs(args, settings, uses) -> dict:
     return kwargs | tls_kwargs(args)
 
 
+def openai_front_end(args):
+    """The OpenAI API server for --openai-port (not started yet), or None."""
+    if args.openai_port is None:
+        return None
+    if "grpc" not in args.protocol:
+        raise SystemExit("--openai-port reaches the model through the server's gRPC port: add grpc to --protocol "
+                         f"(e.g. --protocol {' '.join(args.protocol)} grpc)")
+    from executor.openai_api import OpenAIServer, Settings
+
+    grpc_port = args.port[args.protocol.index("grpc")]
+    settings = Settings(model_id=args.model_name or "demo", backend=f"127.0.0.1:{grpc_port}",
+                        api_key=args.api_key, tls_certificate=args.ssl_certfile)
+    return OpenAIServer(settings, host=args.host, port=args.openai_port, ssl_certfile=args.ssl_certfile,
+                        ssl_keyfile=args.ssl_keyfile)
+
+
 def serve(args, settings) -> int:
     from jina import Deployment, Flow
 
@@ -128,10 +149,17 @@ def serve(args, settings) -> int:
         server = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
     else:
         server = Deployment(**kwargs)
+    openai_server = openai_front_end(args)  # checked before the model loads
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     try:
         with server:
-            server.block()
+            if openai_server:
+                openai_server.start()
+            try:
+                server.block()
+            finally:
+                if openai_server:
+                    openai_server.stop()
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # noqa: BLE001 - e.g. the model could not be loaded: say so and exit non-zero

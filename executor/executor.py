@@ -19,7 +19,7 @@ from schemas import Generation, Prompt
 from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError, supports_batching
 from .metrics import EngineMetrics
-from .model import ModelLoadError, PromptTooLong, encode_prompt, load
+from .model import ModelLoadError, PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
@@ -139,12 +139,20 @@ class TokenStreamingExecutor(Executor):
         settings = parse_gen_conf(doc.gen_conf, self.limits)
         if self.log_prompts:
             log.info("prompt messages=%r gen_conf=%r", messages, doc.gen_conf)
+        if settings.raw_prompt:
+            if len(messages) != 1:
+                raise RequestError("message", f"<{len(messages)} messages>", "exactly one message when "
+                                   "gen_conf.raw_prompt is true: its content is the prompt, sent without the chat template")
+            return self._fit(encode_raw_prompt(self.tokenizer, messages[0]["content"]), settings)
         try:
             prompt_ids = encode_prompt(self.tokenizer, messages, max_chars=self.max_rendered_chars)
         except PromptTooLong as error:
             raise RequestError("message", f"<{len(messages)} messages>", str(error)) from None
         except Exception as error:  # noqa: BLE001 - a template that refuses these messages (e.g. role order)
             raise RequestError("message", f"<{len(messages)} messages>", f"the chat template refused them: {error}")
+        return self._fit(prompt_ids, settings)
+
+    def _fit(self, prompt_ids: list, settings):
         return prompt_ids, fit_to_context(settings, len(prompt_ids), self.limits)
 
     @contextlib.contextmanager

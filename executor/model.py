@@ -153,6 +153,12 @@ def encode_prompt(tokenizer, messages: list, max_chars: int | None = None) -> li
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_raw_prompt(tokenizer, text: str) -> list:
+    """Token ids of a plain-text prompt (OpenAI's /v1/completions): no template, the tokenizer's own
+    special tokens (e.g. BOS) added as ``tokenizer(text)`` does."""
+    return tokenizer(text)["input_ids"]
+
+
 # ---- the demo model -----------------------------------------------------------------------------------
 def build_tokenizer(vocab_size: int = 1024, chat_template: str | None = DEMO_CHAT_TEMPLATE):
     """A byte-level BPE tokenizer (GPT-2 style) trained on the embedded corpus; deterministic."""

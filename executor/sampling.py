@@ -64,6 +64,7 @@ class SamplingSettings:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple = ()
+    raw_prompt: bool = False  # the one message's content is the prompt itself, without the chat template
 
 
 # field -> (type, low, high, settings attribute). ``low``/``high`` are inclusive unless noted in
@@ -86,7 +87,8 @@ _NUMERIC_FIELDS = {
     "num_return_sequences": (int, 1, 1, None),
 }
 EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
-ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, "do_sample", "stop"]))
+BOOLEAN_FIELDS = ("do_sample", "raw_prompt")
+ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop"]))
 
 
 def _range_text(name, low, high) -> str:
@@ -142,10 +144,10 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
                                "give either max_tokens or max_new_tokens (they mean the same), not both")
     values = {}
     for name, raw in gen_conf.items():
-        if name == "do_sample":
+        if name in BOOLEAN_FIELDS:
             if not isinstance(raw, bool):
-                raise RequestError("gen_conf.do_sample", raw, "true or false")
-            values["do_sample"] = raw
+                raise RequestError(f"gen_conf.{name}", raw, "true or false")
+            values[name] = raw
         elif name == "stop":
             values["stop"] = _check_stop(raw)
         else:
@@ -222,6 +224,9 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+
+
 def to_generation_config(settings: SamplingSettings, base: GenerationConfig) -> GenerationConfig:
     """The model's own generation defaults, overridden by what the client set."""
     config = copy.deepcopy(base)
@@ -231,9 +236,14 @@ def to_generation_config(settings: SamplingSettings, base: GenerationConfig) -> 
                      "typical_p", "repetition_penalty", "no_repeat_ngram_size")
         if getattr(settings, name) is not None
     }
+    if settings.temperature == 0.0:
+        overrides["do_sample"] = False  # temperature 0 means greedy, as in OpenAI's API
+    if not overrides.get("do_sample", config.do_sample):
+        # Greedy ignores these; leaving them set makes transformers warn on every request.
+        for name in SAMPLING_ONLY:
+            overrides.pop(name, None)
+            setattr(config, name, None)
     config.update(**overrides)
-    if config.do_sample and config.temperature == 0.0:
-        config.do_sample = False  # temperature 0 means greedy, as in OpenAI's API
     config.num_beams = 1
     config.num_return_sequences = 1
     return config

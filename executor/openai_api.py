@@ -1,0 +1,423 @@
+"""OpenAI-compatible HTTP API (``--openai-port``) in front of the Jina server.
+
+It translates OpenAI requests into the same ``Prompt`` documents Jina clients send and reads the answer
+from the server's own gRPC port with ``stream_doc`` on ``/stream``, so validation, limits, batching and
+cancellation are the Executor's, unchanged. Why not a Jina custom gateway: a Flow takes one gateway, and
+a custom one would replace Jina's (gRPC, HTTP, WebSocket) instead of serving beside it.
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from schemas import Generation, Prompt
+
+log = logging.getLogger("jina_llm_stream.openai")
+
+# OpenAI parameter -> gen_conf key. Validation (ranges, types) happens in the Executor.
+SAMPLING_PARAMETERS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                       "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
+                       "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+                       "min_tokens": "min_new_tokens"}  # min_tokens: vLLM's extension
+# Accepted and without effect here.
+IGNORED_PARAMETERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
+                      "stream", "n", "model", "messages", "prompt"}
+# Accepted only at their "off" value: anything else would change the answer's meaning, so it is refused.
+OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+              "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+              "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+              "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "modalities": (None, ["text"]),
+              "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
+FINISH_REASONS = {"stop": "stop", "length": "length", "time_limit": "length"}
+STATUS_BY_ERROR = {"RequestError": 400, "ServerBusyError": 503}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Settings:
+    model_id: str
+    backend: str  # host:port of the server's gRPC protocol
+    api_key: str | None = None
+    tls_certificate: str | None = None  # set when the gRPC port serves TLS
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+# ---- requests -> Prompt ----------------------------------------------------------------------------------
+def gen_conf_from(body: dict) -> tuple[dict, dict]:
+    """(gen_conf, gen_conf key -> the OpenAI name the client used) from an OpenAI request body."""
+    for name, value in body.items():
+        if name in OFF_VALUES:
+            if value not in OFF_VALUES[name]:
+                raise APIError(400, f"{name}={json.dumps(value)[:200]} is not supported by this server; leave it "
+                               "out", param=name, code="unsupported_parameter")
+        elif name not in SAMPLING_PARAMETERS and name not in IGNORED_PARAMETERS:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                           code="unrecognized_argument")
+    if body.get("n") not in (None, 1):
+        raise APIError(400, f"n={json.dumps(body['n'])[:50]} is not supported: this server returns one choice "
+                       "per request (n=1)", param="n", code="unsupported_parameter")
+    if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
+    gen_conf, names = {}, {}
+    for name, key in SAMPLING_PARAMETERS.items():
+        if body.get(name) is not None:
+            gen_conf[key], names[key] = body[name], name
+    temperature = body.get("temperature")
+    if temperature is None or (isinstance(temperature, (int, float)) and temperature > 0):
+        gen_conf["do_sample"] = True  # OpenAI samples unless temperature is 0 (its default is 1)
+    return gen_conf, names
+
+
+def text_of(content, field: str) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(part["text"] for part in content)
+    raise APIError(400, f"{field} must be a string or a list of text parts "
+                   '([{"type": "text", "text": "..."}]); other content is not supported', param=field)
+
+
+def chat_prompt(body: dict) -> tuple[Prompt, dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    converted = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"messages[{index}] must be an object with role and content",
+                           param=f"messages[{index}]")
+        converted.append({"role": message.get("role"),
+                          "content": text_of(message.get("content"), f"messages[{index}].content")})
+    gen_conf, names = gen_conf_from(body)
+    return Prompt(message=converted, gen_conf=gen_conf), names
+
+
+def completion_prompt(body: dict) -> tuple[Prompt, dict]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "prompt must be a non-empty string (one prompt per request; token lists are not "
+                       "supported)", param="prompt")
+    gen_conf, names = gen_conf_from(body)
+    return Prompt(message=[{"role": "user", "content": prompt}], gen_conf={**gen_conf, "raw_prompt": True}), names
+
+
+def openai_param(field: str | None, names: dict, messages_name: str) -> str | None:
+    """The Executor's field name (``gen_conf.max_new_tokens``, ``message[0].role``) in the client's terms."""
+    if not field:
+        return None
+    if field.startswith("gen_conf."):
+        key = field.split(".", 1)[1]
+        return names.get(key, key)
+    if field.startswith("message"):
+        return messages_name + field[len("message"):] if messages_name == "messages" else messages_name
+    return field
+
+
+def api_error_from_backend(name: str, message: str, names: dict, messages_name: str) -> APIError:
+    field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
+    param = openai_param(field, names, messages_name)
+    if field:
+        message = (param or "") + message[len(field):]
+        if field.startswith("gen_conf.") and param:
+            message = message.replace(field.split(".", 1)[1], param)  # "1 <= max_new_tokens" -> "1 <= max_tokens"
+    status = STATUS_BY_ERROR.get(name, 500)
+    if status == 400:
+        too_long = ((field == "message" and ("tokens" in message or "characters" in message))
+                    or (field == "gen_conf.max_new_tokens" and "context" in message))
+        return APIError(400, message, param=param, code="context_length_exceeded" if too_long else "invalid_value")
+    if status == 503:
+        return APIError(503, message, kind="server_error", code="server_busy")
+    return APIError(500, message, kind="server_error")
+
+
+# ---- the Jina server, through its gRPC port ---------------------------------------------------------------
+class Backend:
+    """``stream_doc`` on ``/stream`` over one long-lived gRPC channel (created in the serving loop)."""
+
+    def __init__(self, target: str, tls_certificate: str | None = None):
+        self.target, self.tls_certificate = target, tls_certificate
+        self._stub = None
+
+    def _get_stub(self):
+        if self._stub is None:
+            from jina.proto import jina_pb2_grpc
+
+            options = [("grpc.max_receive_message_length", -1)]
+            if self.tls_certificate:  # the server's own certificate is the trust root; it must name localhost
+                with open(self.tls_certificate, "rb") as file:
+                    credentials = grpc.ssl_channel_credentials(file.read())
+                options.append(("grpc.ssl_target_name_override", "localhost"))
+                channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(self.target, options=options)
+            self._stub = jina_pb2_grpc.JinaSingleDocumentRequestRPCStub(channel)
+        return self._stub
+
+    async def stream(self, prompt: Prompt, names: dict, messages_name: str):
+        """Yield Generation pieces; raise APIError for a refused or failed request."""
+        from jina.proto import jina_pb2
+        from jina.types.request.data import SingleDocumentRequest
+
+        request = SingleDocumentRequest()
+        request.header.exec_endpoint = "/stream"
+        request.document_cls = Prompt
+        request.data.doc = prompt
+        call = self._get_stub().stream_doc(request)
+        try:
+            async for response in call:
+                status = response.header.status
+                if status.code == jina_pb2.StatusProto.ERROR:
+                    message = status.exception.args[0] if status.exception.args else status.description
+                    raise api_error_from_backend(status.exception.name, message, names, messages_name)
+                yield Generation.from_protobuf(response.document)
+        except grpc.aio.AioRpcError as error:
+            raise APIError(503, f"the model server is unavailable ({error.code().name}: {error.details()})",
+                           kind="server_error", code="backend_unavailable") from None
+        finally:
+            call.cancel()  # a client that left, or an error: the Executor stops generating
+
+
+# ---- the HTTP app -----------------------------------------------------------------------------------------
+def build_app(settings: Settings):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    app = FastAPI(title="jina-llm-stream OpenAI-compatible API", docs_url=None, redoc_url=None)
+    backend = Backend(settings.backend, settings.tls_certificate)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status,
+                            headers={"Retry-After": "1"} if error.status == 503 else None)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    def model_card():
+        return {"id": settings.model_id, "object": "model", "created": created, "owned_by": "jina-llm-stream"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        if model_id != settings.model_id:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{settings.model_id}'",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    async def read_body(request: Request) -> dict:
+        size = int(request.headers.get("content-length") or 0)
+        if size > settings.max_body_bytes:
+            raise APIError(413, f"the request body has {size} bytes; at most {settings.max_body_bytes} are "
+                           "allowed", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            raise APIError(413, f"the request body has more than {settings.max_body_bytes} bytes",
+                           code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError as error:
+            raise APIError(400, f"the body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        if body.get("model") != settings.model_id:
+            raise APIError(404, f"The model '{body.get('model')}' does not exist; this server serves "
+                           f"'{settings.model_id}'", param="model", code="model_not_found")
+        if not isinstance(body.get("stream", False), bool):
+            raise APIError(400, "stream must be true or false", param="stream")
+        return body
+
+    async def answer(request: Request, body: dict, prompt: Prompt, names: dict, shape: "Shape"):
+        pieces = backend.stream(prompt, names, shape.messages_name)
+        try:
+            if not body.get("stream"):
+                return JSONResponse(await _until_disconnected(request, _whole(shape, pieces)))
+            # The first piece before the response starts: a refused request is an HTTP error status.
+            first = await _until_disconnected(request, _first(pieces))
+        except ClientLeft:
+            return Response(status_code=499)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        prompt, names = chat_prompt(body)
+        return await answer(request, body, prompt, names, Shape("chat", settings.model_id))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        prompt, names = completion_prompt(body)
+        return await answer(request, body, prompt, names, Shape("completion", settings.model_id))
+
+    return app
+
+
+async def _first(pieces):
+    try:
+        return await pieces.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _rest(first, pieces):
+    if first is not None:
+        yield first
+    async for piece in pieces:
+        yield piece
+
+
+class ClientLeft(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _until_disconnected(request, work):
+    """Await `work`; if the client goes away first, cancel it (and so the generation) and raise ClientLeft."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            log.info("the client left before its answer was ready; the generation was cancelled")
+            raise ClientLeft()
+    return task.result()
+
+
+# ---- responses --------------------------------------------------------------------------------------------
+class Shape:
+    """The JSON of chat completions and of (text) completions."""
+
+    def __init__(self, kind: str, model_id: str):
+        self.kind, self.model_id = kind, model_id
+        self.messages_name = "messages" if kind == "chat" else "prompt"
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def envelope(self, chunk: bool) -> dict:
+        kind = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
+        return {"id": self.id, "object": kind + (".chunk" if chunk and self.kind == "chat" else ""),
+                "created": self.created, "model": self.model_id}
+
+    def choice(self, text: str | None, finish_reason, chunk: bool) -> dict:
+        reason = FINISH_REASONS.get(finish_reason, finish_reason)
+        if self.kind == "completion":
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        if chunk:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                    "finish_reason": reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
+
+
+def _usage(last: Generation | None) -> dict:
+    prompt = (last.prompt_tokens or 0) if last else 0
+    completion = (last.completion_tokens or 0) if last else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _whole(shape: Shape, pieces) -> dict:
+    text, last = [], None
+    async for piece in pieces:
+        text.append(piece.text or "")
+        last = piece
+    return {**shape.envelope(chunk=False), "choices": [shape.choice("".join(text), last and last.finish_reason, False)],
+            "usage": _usage(last)}
+
+
+async def _sse(shape: Shape, first, pieces, include_usage: bool):
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    extra = {"usage": None} if include_usage else {}
+    last = None
+    if shape.kind == "chat":
+        opening = shape.choice(None, None, True) | {"delta": {"role": "assistant", "content": ""}}
+        yield event({**shape.envelope(True), "choices": [opening], **extra})
+    try:
+        async for piece in _rest(first, pieces):
+            last = piece
+            if piece.text:
+                yield event({**shape.envelope(True), "choices": [shape.choice(piece.text, None, True)], **extra})
+    except APIError as error:  # after the first piece: report it in the stream, then end it
+        yield event(error.body())
+        yield "data: [DONE]\n\n"
+        return
+    yield event({**shape.envelope(True), "choices": [shape.choice(None if shape.kind == "chat" else "",
+                                                                  last and last.finish_reason, True)], **extra})
+    if include_usage:
+        yield event({**shape.envelope(True), "choices": [], "usage": _usage(last)})
+    yield "data: [DONE]\n\n"
+
+
+# ---- serving it next to Jina ------------------------------------------------------------------------------
+class OpenAIServer:
+    """uvicorn in a thread of the CLI process, started once the Jina server is ready."""
+
+    def __init__(self, settings: Settings, host: str, port: int, ssl_certfile=None, ssl_keyfile=None):
+        import uvicorn
+
+        config = uvicorn.Config(build_app(settings), host=host, port=port, log_level="warning",
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(config)
+        self.port = port
+
+    def start(self, timeout: float = 30.0) -> "OpenAIServer":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="openai-api", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI API could not listen on port {self.port} (see the log above)")
+            time.sleep(0.05)
+        log.info("OpenAI-compatible API on port %d: /v1/models, /v1/chat/completions, /v1/completions", self.port)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)

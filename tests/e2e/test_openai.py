@@ -1,0 +1,173 @@
+"""The OpenAI-compatible API (--openai-port), driven by the official `openai` package against a real server.
+
+One server on the slow test model with one batch slot and a one-place queue, so that "busy" and
+"the client left" can be provoked; greedy answers are deterministic."""
+
+import re
+import shlex
+import subprocess
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import PYTHON, ROOT, free_port, serve_process
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "Hello, how are you? 😀"}]
+
+
+@pytest.fixture(scope="module")
+def api(slow_model):
+    grpc_port, openai_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(grpc_port),
+            "--openai-port", str(openai_port), "--api-key", KEY, "--max_batch_size", "1", "--max_queue", "1",
+            "--max_prompt_tokens", "64"]
+    with serve_process(args, ready_line="OpenAI-compatible API on port") as (process, log):
+        assert process.poll() is None, log.read_text()
+        yield {"url": f"http://127.0.0.1:{openai_port}", "model": str(slow_model), "log": log,
+               "client": openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key=KEY, max_retries=0)}
+
+
+def chat(api, **kwargs):
+    return api["client"].chat.completions.create(model=api["model"], **{"messages": HELLO, **kwargs})
+
+
+def test_models_list(api):
+    assert [model.id for model in api["client"].models.list()] == [api["model"]]
+    assert api["client"].models.retrieve(api["model"]).id == api["model"]
+
+
+def test_chat_stream_joins_to_the_whole_answer_with_usage(api):
+    whole = chat(api, max_tokens=24, temperature=0)
+    chunks = list(chat(api, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert whole.choices[0].message.content and text == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 24
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    same = chat(api, max_completion_tokens=24, temperature=0, user="someone")  # the other name; `user` ignored
+    assert same.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_completions_use_the_prompt_as_is(api):
+    prompt = "Once upon a time"
+    whole = api["client"].completions.create(model=api["model"], prompt=prompt, max_tokens=12, temperature=0)
+    tokenizer = AutoTokenizer.from_pretrained(api["model"])
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])  # no chat template around it
+    chunks = list(api["client"].completions.create(model=api["model"], prompt=prompt, max_tokens=12, temperature=0,
+                                                   stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text != ""
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_and_seed(api):
+    text = chat(api, max_tokens=24, temperature=0).choices[0].message.content
+    stop = text[6:9]
+    stopped = chat(api, max_tokens=24, temperature=0, stop=[stop])
+    assert stopped.choices[0].message.content == text[:text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = [chat(api, max_tokens=16, temperature=1.5, top_p=0.95, seed=seed).choices[0].message.content
+               for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]  # it samples (OpenAI's meaning of temperature), seeded
+    penalised = chat(api, max_tokens=24, temperature=0, frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalised.choices[0].message.content != text
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"temperature": 9}, "temperature", "0.0 <= temperature <= 2.0"),
+    ({"max_tokens": 0}, "max_tokens", "1 <= max_tokens"),
+    ({"n": 2}, "n", "n=1"),
+    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "one of system, user"),
+    ({"extra_body": {"beam_width": 3}}, "beam_width", "Unrecognized request argument"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(api, kwargs, param, words):
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(api, **kwargs)
+    error = raised.value.body
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_prompts_that_do_not_fit(api):
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(api, messages=[{"role": "user", "content": "word " * 200}])
+    assert raised.value.body["code"] == "context_length_exceeded" and "at most 64 tokens" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(api, max_tokens=2048)
+    assert raised.value.body["code"] == "context_length_exceeded" and raised.value.body["param"] == "max_tokens"
+    huge = httpx.post(f"{api['url']}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": api["model"], "messages": [{"role": "user", "content": "x" * 5_000_000}]})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_model_is_404(api):
+    with pytest.raises(openai.NotFoundError) as raised:
+        api["client"].chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert raised.value.body["code"] == "model_not_found"
+
+
+def test_api_key_is_required(api):
+    wrong = openai.OpenAI(base_url=f"{api['url']}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=api["model"], messages=HELLO)
+    assert httpx.get(f"{api['url']}/v1/models").status_code == 401
+
+
+def cancelled_lines(api) -> int:
+    return len(re.findall(r"endpoint=/stream .* finish=cancelled", api["log"].read_text(errors="replace")))
+
+
+def wait_for_cancelled(api, count, timeout=15):
+    deadline = time.monotonic() + timeout
+    while cancelled_lines(api) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return cancelled_lines(api)
+
+
+def test_full_queue_is_503_and_leaving_clients_stop_their_generation(api):
+    before = cancelled_lines(api)
+    long = {"model": api["model"], "messages": HELLO, "max_tokens": 1500, "min_tokens": 1500, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{api['url']}/v1/chat/completions", json={**long, "stream": True},
+                         headers=headers) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")  # generating: the one batch slot is taken
+            waiting = threading.Thread(target=wait_then_leave, args=(api, long, headers, outcome := []))
+            waiting.start()  # non-streaming, in the queue; its client gives up after 2 s
+            time.sleep(0.5)
+            with pytest.raises(openai.InternalServerError) as raised:
+                chat(api, max_tokens=4)
+            assert raised.value.status_code == 503 and raised.value.body["code"] == "server_busy"
+            waiting.join()
+            assert outcome == ["left"]
+        # leaving the stream closes its connection
+    assert wait_for_cancelled(api, before + 2) == before + 2, "a client left but its generation went on"
+    assert chat(api, max_tokens=4).choices[0].finish_reason == "length"  # serving again
+
+
+def wait_then_leave(api, body, headers, outcome):
+    """A non-streaming request whose client gives up after 2 s (it is still waiting for a batch slot)."""
+    try:
+        httpx.post(f"{api['url']}/v1/chat/completions", json=body, headers=headers, timeout=2.0)
+        outcome.append("answered")
+    except httpx.TimeoutException:
+        outcome.append("left")
+
+
+def test_the_readme_curl_example_works_as_written(api):
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\n(curl [^`]*?/v1/chat/completions[^`]*?)```", readme).group(1)
+    command = command.replace("\\\n", " ").replace("http://localhost:8000", api["url"])
+    command = command.replace('"model": "demo"', f'"model": "{api["model"]}"').replace("$JINA_LLM_STREAM_API_KEY", KEY)
+    result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and '"chat.completion"' in result.stdout, result.stdout + result.stderr
