@@ -40,12 +40,14 @@ def self_signed_certificate(folder):
 @pytest.fixture(scope="module")
 def tls_server(tiny_models, tmp_path_factory):
     cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, openai_port = free_port(), free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", "grpc", "http",
-            "--port", str(grpc_port), str(http_port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
-    with serve_process(args) as (process, log):
+            "--port", str(grpc_port), str(http_port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+            "--openai-port", str(openai_port)]
+    with serve_process(args, ready_line="OpenAI-compatible API on port") as (process, log):
         assert process.poll() is None, log.read_text()
-        yield {"grpc": grpc_port, "http": http_port, "cert": cert}
+        yield {"grpc": grpc_port, "http": http_port, "openai": openai_port, "cert": cert,
+               "model": str(tiny_models["chat"])}
 
 
 def test_https_answers_and_plain_http_does_not(tls_server):
@@ -88,3 +90,14 @@ def test_jina_client_over_grpcs(tls_server):
 def test_tls_flags_are_checked_before_start(flags, message):
     result = subprocess.run([PYTHON, "jina_server.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_openai_api_over_https(tls_server):
+    """The OpenAI port serves HTTPS too, and reaches the TLS gRPC port behind it."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"https://localhost:{tls_server['openai']}/v1", api_key="none", max_retries=0,
+                           http_client=httpx.Client(verify=str(tls_server["cert"])))
+    answer = client.chat.completions.create(model=tls_server["model"], messages=BODY["message"], max_tokens=4,
+                                            temperature=0)
+    assert answer.choices[0].message.content and answer.usage.completion_tokens == 4
