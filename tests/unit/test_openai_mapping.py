@@ -1,0 +1,61 @@
+"""OpenAI request -> Prompt, and Executor error -> OpenAI error: the pure part of executor/openai_api.py."""
+
+import pytest
+
+from executor.openai_api import APIError, api_error_from_backend, chat_prompt, completion_prompt, gen_conf_from
+
+
+def test_sampling_parameters_map_onto_gen_conf():
+    gen_conf, names = gen_conf_from({"model": "m", "max_completion_tokens": 9, "temperature": 0.5, "stop": "x",
+                                     "seed": 3, "user": "ignored", "n": 1})
+    assert gen_conf == {"max_new_tokens": 9, "temperature": 0.5, "stop": "x", "seed": 3, "do_sample": True}
+    assert names["max_new_tokens"] == "max_completion_tokens"
+
+
+@pytest.mark.parametrize("temperature, samples", [(None, True), (1, True), (0.2, True), (0, False), ("hot", False)])
+def test_temperature_has_openai_meaning(temperature, samples):
+    body = {} if temperature is None else {"temperature": temperature}
+    assert gen_conf_from(body)[0].get("do_sample", False) is samples
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"frobnicate": 1}, "frobnicate"),
+    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+])
+def test_unsupported_or_unknown_parameters_are_refused_by_name(body, param):
+    with pytest.raises(APIError) as raised:
+        gen_conf_from(body)
+    assert raised.value.status == 400 and raised.value.param == param
+
+
+def test_off_values_of_unsupported_parameters_are_accepted():
+    gen_conf_from({"logprobs": False, "tools": [], "response_format": {"type": "text"}, "logit_bias": {}})
+
+
+def test_messages_with_text_parts_and_completion_prompts():
+    prompt, _ = chat_prompt({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                      {"type": "text", "text": "b"}]}]})
+    assert prompt.message == [{"role": "user", "content": "ab"}]
+    with pytest.raises(APIError, match="text parts"):
+        chat_prompt({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    raw, _ = completion_prompt({"prompt": ["Once"], "max_tokens": 3})
+    assert raw.message == [{"role": "user", "content": "Once"}] and raw.gen_conf["raw_prompt"] is True
+    with pytest.raises(APIError) as raised:
+        completion_prompt({"prompt": [1, 2, 3]})
+    assert raised.value.param == "prompt"
+
+
+def test_executor_errors_speak_the_clients_names():
+    error = api_error_from_backend("RequestError", "gen_conf.max_new_tokens=0 is not allowed: allowed range is "
+                                   "1 <= max_new_tokens <= 2048", {"max_new_tokens": "max_tokens"}, "messages")
+    assert (error.status, error.param, error.code) == (400, "max_tokens", "invalid_value")
+    assert error.message == "max_tokens=0 is not allowed: allowed range is 1 <= max_tokens <= 2048"
+    role = api_error_from_backend("RequestError", "message[1].role='x' is not allowed: one of system", {}, "messages")
+    assert role.param == "messages[1].role"
+    too_long = api_error_from_backend("RequestError", "message=<300 tokens after the chat template> is not "
+                                      "allowed: the prompt may have at most 64 tokens; shorten it", {}, "prompt")
+    assert (too_long.param, too_long.code) == ("prompt", "context_length_exceeded")
+    busy = api_error_from_backend("ServerBusyError", "the server is busy", {}, "messages")
+    assert (busy.status, busy.code) == (503, "server_busy")
+    assert api_error_from_backend("EngineError", "boom", {}, "messages").status == 500
