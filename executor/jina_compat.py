@@ -151,15 +151,16 @@ def _checked(caller):
         try:
             first = await result.__anext__()
         except StopAsyncIteration:
-            return _chain(None, result)
+            return prepend(None, result)
         except Exception as error:  # noqa: BLE001 - the request failed before any piece: an HTTP error
             raise _error_from_exception(error) from error
-        return _chain(first, result)
+        return prepend(first, result)
 
     return call
 
 
-async def _chain(first, rest):
+async def prepend(first, rest):
+    """``rest`` with ``first`` in front of it (unless None): a stream whose first item was read already."""
     if first is not None:
         yield first
     async for item in rest:
@@ -281,7 +282,7 @@ def _add_gateway_event_stream_route(app, endpoint: str, input_model, streamer) -
             first = await pieces.__anext__()
         except StopAsyncIteration:
             first = None
-        return EventSourceResponse(_events_or_error(_chain(first, pieces)))
+        return EventSourceResponse(_events_or_error(prepend(first, pieces)))
 
 
 # ---- HTTP: stoppable load balancer ---------------------------------------------------------------------

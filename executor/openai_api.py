@@ -20,6 +20,8 @@ import grpc
 
 from schemas import Generation, Prompt
 
+from .jina_compat import prepend
+
 log = logging.getLogger("jina_llm_stream.openai")
 
 # OpenAI parameter -> gen_conf key. Validation (ranges, types) happens in the Executor.
@@ -272,19 +274,19 @@ def build_app(settings: Settings):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def complete(request: Request, kind: str, build_prompt):
         authorize(request)
         body = await read_body(request)
-        prompt, names = chat_prompt(body)
-        return await answer(request, body, prompt, names, Shape("chat", settings.model_id))
+        prompt, names = build_prompt(body)
+        return await answer(request, body, prompt, names, Shape(kind, settings.model_id))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, "chat", chat_prompt)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await read_body(request)
-        prompt, names = completion_prompt(body)
-        return await answer(request, body, prompt, names, Shape("completion", settings.model_id))
+        return await complete(request, "completion", completion_prompt)
 
     return app
 
@@ -294,13 +296,6 @@ async def _first(pieces):
         return await pieces.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _rest(first, pieces):
-    if first is not None:
-        yield first
-    async for piece in pieces:
-        yield piece
 
 
 class ClientLeft(Exception):
@@ -378,7 +373,7 @@ async def _sse(shape: Shape, first, pieces, include_usage: bool):
         opening = shape.choice(None, None, True) | {"delta": {"role": "assistant", "content": ""}}
         yield event({**shape.envelope(True), "choices": [opening], **extra})
     try:
-        async for piece in _rest(first, pieces):
+        async for piece in prepend(first, pieces):
             last = piece
             if piece.text:
                 yield event({**shape.envelope(True), "choices": [shape.choice(piece.text, None, True)], **extra})
