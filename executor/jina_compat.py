@@ -30,6 +30,9 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    a failed ``/chat`` with a bare 500 and cuts a failed ``/stream``; it now answers as in 3 (the same
    status codes, JSON body and events), and batch endpoints answer ``GET`` with an event stream here too.
    It also rebuilt ``Prompt.message`` wrongly, losing every message's content (see _use_wire_classes).
+8. Cancellation of batch calls (``/chat``) through the gateway. The gateway sends a client's request to the
+   worker from tasks of its own, which outlive the client: an answer nobody waited for any more ran to
+   its end. The worker calls started for a client's request are now cancelled when its call ends early.
 """
 
 import json
@@ -53,6 +56,7 @@ def install() -> None:
     _patch_load_balancer_shutdown()
     _patch_grpc_reconnect_backoff()
     _patch_gateway_stream_cancellation()
+    _patch_gateway_batch_cancellation()
     _patch_gateway_http_app()
 
 
@@ -211,6 +215,56 @@ def _add_event_stream_route(app, endpoint: str, input_model, caller) -> None:
                 yield doc
 
         return EventSourceResponse(_events_or_error(documents()))
+
+
+# ---- gateway: cancel the worker calls of a batch request whose client left ----------------------------
+def _patch_gateway_batch_cancellation() -> None:
+    import contextvars
+
+    from jina.serve.networking.connection_stub import _ConnectionStubs
+    from jina.serve.stream import RequestStreamer
+
+    # The worker calls made for the client call being served. Tasks copy the context they are created in,
+    # so the gateway's own tasks for this client call all see (and fill) the same set.
+    worker_calls = contextvars.ContextVar("jina_llm_stream_worker_calls", default=None)
+    original_stream, original_send = RequestStreamer.stream, _ConnectionStubs.send_requests
+
+    async def stream(self, *args, **kwargs):
+        calls = set()
+        worker_calls.set(calls)
+        finished = False
+        try:
+            async for response in original_stream(self, *args, **kwargs):
+                yield response
+            finished = True
+        finally:
+            if not finished:  # the client's call ended early (cancelled, or it left): stop the work
+                for call in calls:
+                    call.cancel()
+
+    async def send_requests(self, requests, metadata, compression, timeout=None):
+        calls = worker_calls.get()
+        if calls is None or len(requests) != 1 or type(requests[0]) is not DataRequest:
+            return await original_send(self, requests, metadata, compression, timeout)
+        if not self._initialized:
+            await self._init_stubs()
+        if not self.single_data_stub:
+            return await original_send(self, requests, metadata, compression, timeout)
+        # Jina's own single-request path, keeping hold of the call so that it can be cancelled: cancelling
+        # the task that awaits it does not cancel the call.
+        self._record_request_bytes_metric(requests[0].nbytes)
+        call = self.single_data_stub.process_single_data(requests[0], metadata=metadata, compression=compression,
+                                                         timeout=timeout)
+        calls.add(call)
+        try:
+            with self._get_metric_timer():
+                metadata, response = await call.trailing_metadata(), await call
+                self._record_received_bytes_metric(response.nbytes)
+            return response, metadata
+        finally:
+            calls.discard(call)
+
+    RequestStreamer.stream, _ConnectionStubs.send_requests = stream, send_requests
 
 
 # ---- HTTP through the Flow gateway: the same answers as the worker's app ------------------------------

@@ -47,9 +47,8 @@ def wait_for_log(log, pattern, timeout=15.0):
     raise AssertionError(f"{pattern!r} never appeared in the server log")
 
 
-def test_a_client_that_goes_away_stops_its_generation(slow_server):
-    """Jina's gateway cancels a stream whose client left; it does not cancel a /chat call (README: limits)."""
-    endpoint = "/stream"
+@pytest.mark.parametrize("endpoint", ["/stream", "/chat"])
+def test_a_client_that_goes_away_stops_its_generation(slow_server, endpoint):
     port, server, log = slow_server
     executor = executor_of(server)
     client = subprocess.Popen([PYTHON, str(ROOT / "tests" / "e2e" / "stream_client.py"), str(port), endpoint,
