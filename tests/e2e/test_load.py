@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -18,12 +19,13 @@ LONG = 1800
 
 @pytest.fixture(scope="module")
 def slow_server(slow_model):
-    port = free_port()
-    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(port), "--max_batch_size", "2",
-            "--max_queue", "1", "--max_new_tokens_limit", str(LONG)]
+    port, http_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "grpc", "http",
+            "--port", str(port), str(http_port), "--max_batch_size", "2", "--max_queue", "1",
+            "--max_new_tokens_limit", str(LONG)]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
-        yield port, process, log
+        yield port, process, log, http_port
 
 
 def executor_of(server: subprocess.Popen) -> psutil.Process:
@@ -49,7 +51,7 @@ def wait_for_log(log, pattern, timeout=15.0):
 
 @pytest.mark.parametrize("endpoint", ["/stream", "/chat"])
 def test_a_client_that_goes_away_stops_its_generation(slow_server, endpoint):
-    port, server, log = slow_server
+    port, server, log, _ = slow_server
     executor = executor_of(server)
     client = subprocess.Popen([PYTHON, str(ROOT / "tests" / "e2e" / "stream_client.py"), str(port), endpoint,
                                str(LONG)], stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -61,14 +63,31 @@ def test_a_client_that_goes_away_stops_its_generation(slow_server, endpoint):
     finally:
         os.killpg(client.pid, signal.SIGKILL)
         client.wait()
+    assert_cancelled(log, executor, endpoint)
+
+
+def assert_cancelled(log, executor, endpoint):
     found = wait_for_log(log, rf"endpoint={endpoint} prompt_tokens=\d+ new_tokens=(\d+) \S+ \S+ finish=cancelled")
     assert int(found[-1]) < LONG
     time.sleep(0.5)
     assert cpu_seconds(executor, 1.0) < 0.2, "the executor kept working after its client left"
 
 
+def test_an_http_client_that_leaves_its_event_stream_stops_its_generation(slow_server):
+    _, server, log, http_port = slow_server
+    executor = executor_of(server)
+    body = {"message": [{"role": "user", "content": "Tell me everything."}],
+            "gen_conf": {"max_new_tokens": LONG, "min_new_tokens": LONG}}
+    with httpx.stream("GET", f"http://127.0.0.1:{http_port}/stream", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert any(line.startswith("data:") for line in lines)  # the first piece: generation is under way
+        time.sleep(1.0)
+        assert cpu_seconds(executor, 0.5) > 0.25, "the executor should be busy generating now"
+    assert_cancelled(log, executor, "/stream")
+
+
 def test_full_queue_answers_server_busy_and_recovers(slow_server):
-    port, _, _ = slow_server
+    port, _, _, _ = slow_server
     tokens = 150
 
     async def scenario():
@@ -103,7 +122,7 @@ def test_abandoned_streams_are_all_cancelled(slow_server):
     sys.path.insert(0, str(ROOT / "bench"))
     from soak import abandoned_stream
 
-    port, _, log = slow_server
+    port, _, log, _ = slow_server
     before = log.read_text(errors="replace").count("finish=cancelled")
 
     async def abandon_all():
