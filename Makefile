@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 12345
 ARGS ?=
 
-.PHONY: install serve test unit e2e bench soak clean container-smoke
+.PHONY: install serve test unit e2e bench soak clean container-smoke mutants
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ e2e: install
 
 bench: install
 	$(PY) bench/bench.py
+
+mutants: install
+	$(PY) tests/mutants/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,40 @@
+"""make mutants: remove one protection at a time and check that its tests fail (a test that still passes
+without the protection proves nothing). Every file is restored after each run.
+
+    .venv/bin/python tests/mutants/run.py
+"""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MUTANTS = [
+    ("content size bound", "executor/sampling.py", "if total_chars > limits.max_prompt_chars:", "if False:", "tests/unit/test_validation.py"),
+    ("role allow-list", "executor/sampling.py", "if role not in ALLOWED_ROLES:", "if False:", "tests/unit/test_validation.py"),
+    ("beam/num_return_sequences cap", "executor/sampling.py", '"num_beams": (int, 1, 1, None),', '"num_beams": (int, 1, 64, None),', "tests/unit/test_validation.py"),
+    ("template output bound", "executor/model.py", "if max_chars is not None and len(text) > max_chars:", "if False:", "tests/unit/test_engine.py -k bounded"),
+    ("safetensors only", "executor/model.py", "use_safetensors=None if allow_pickle else True,", "use_safetensors=None,", "tests/unit/test_model_loading.py"),
+    ("max_new_tokens limit", "executor/sampling.py", "high = limits.max_new_tokens_limit", "high = None", "tests/unit/test_validation.py"),
+    ("queue bound", "executor/engine.py", "if len(self._waiting) >= self.config.max_queue:", "if False:", "tests/unit/test_engine.py -k busy"),
+    ("TLS flags", "jina_server.py", "return kwargs | tls_kwargs(args)", "return kwargs", "tests/e2e/test_tls.py -k https"),
+    ("no replay of a broken stream", "executor/jina_compat.py", "            if answered:  # Jina would retry", "            if False:  # Jina would retry", "tests/e2e/test_faults.py -k dead"),
+    ("gateway cancels the /chat call of a client that left", "executor/jina_compat.py", "                for call in calls:\n                    call.cancel()", "                pass", "tests/e2e/test_load.py -k goes_away"),
+    ("prompts kept out of the log", "executor/executor.py", "if self.log_prompts:", "if True:", "tests/e2e/test_protocols.py -k without_prompt_text"),
+    ("Flow gateway keeps Prompt.message", "executor/jina_compat.py", "        _use_wire_classes(streamer._endpoints_models_map)\n", "", "tests/e2e/test_websocket.py -k plain_http_post"),
+    ("stream cancellation on disconnect (OpenAI)", "executor/openai_api.py", "            task.cancel()\n            log.info(", "            log.info(", "tests/e2e/test_openai.py -k full_queue"),
+]
+missed = 0
+for name, path, old, new, tests in MUTANTS:
+    file = ROOT / path
+    original = file.read_text()
+    assert original.count(old) == 1, (name, original.count(old))
+    file.write_text(original.replace(old, new))
+    try:
+        result = subprocess.run(f"{sys.executable} -m pytest -q -x {tests}", shell=True, cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        file.write_text(original)
+    last = [l for l in result.stdout.splitlines() if l.strip()][-1:]
+    missed += result.returncode == 0
+    print(f"{'CAUGHT' if result.returncode else 'MISSED'}  {name}: {last}", flush=True)
+sys.exit(1 if missed else 0)
