@@ -260,6 +260,9 @@ def build_app(settings: Settings):
                            f"'{settings.model_id}'", param="model", code="model_not_found")
         if not isinstance(body.get("stream", False), bool):
             raise APIError(400, "stream must be true or false", param="stream")
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+            raise APIError(400, 'stream_options must be an object like {"include_usage": true}', param="stream_options")
         return body
 
     async def answer(request: Request, body: dict, prompt: Prompt, names: dict, shape: "Shape"):

@@ -12,6 +12,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from conftest import PYTHON, ROOT, free_port, serve_process
@@ -87,6 +89,7 @@ def test_stop_and_seed(api):
     ({"logprobs": True}, "logprobs", "not supported"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "one of system, user"),
     ({"extra_body": {"beam_width": 3}}, "beam_width", "Unrecognized request argument"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "must be an object"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(api, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as raised:
@@ -171,3 +174,52 @@ def test_the_readme_curl_example_works_as_written(api):
     command = command.replace('"model": "demo"', f'"model": "{api["model"]}"').replace("$JINA_LLM_STREAM_API_KEY", KEY)
     result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and '"chat.completion"' in result.stdout, result.stdout + result.stderr
+
+
+_json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3000), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                         st.text(max_size=6), st.lists(st.text(max_size=3), max_size=3),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_parameters = st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+                                               "seed", "n", "frequency_penalty", "presence_penalty", "logprobs",
+                                               "stream", "stream_options", "min_tokens", "user", "bogus"]),
+                              _json_values, max_size=4)
+_messages = st.one_of(_json_values, st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard", ""]),
+                           "content": st.one_of(st.text(max_size=12), st.integers(), st.none(),
+                                                st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                                                "text": st.text(max_size=5)}), max_size=2))}),
+    _json_values), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(parameters=_parameters, messages=_messages)
+def test_random_requests_get_an_answer_or_an_openai_error(api, parameters, messages):
+    """Whatever the body, the answer is a completion or an OpenAI-shaped 4xx naming the parameter; never a
+    500, never a hang, and the server keeps serving."""
+    body = {"model": api["model"], "messages": messages, "max_tokens": 3, **parameters}
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
+        body["max_tokens"] = 8  # keep the accepted ones short; the bounds are tested above
+    response = httpx.post(f"{api['url']}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60)
+    assert response.status_code in (200, 400), (response.status_code, response.text, body)
+    if response.status_code == 400:
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+        assert error["param"] is None or isinstance(error["param"], str)
+    elif body.get("stream") is True:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert response.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_openai_port_needs_grpc():
+    result = subprocess.run([PYTHON, "jina_server.py", "--protocol", "http", "--port", "1", "--openai-port", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "add grpc to --protocol" in result.stderr
+
+
+def test_non_finite_numbers_in_the_json_are_refused(api):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}' % api["model"]
+    response = httpx.post(f"{api['url']}/v1/chat/completions", content=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
