@@ -31,7 +31,7 @@ COPY schemas/ schemas/
 
 USER app
 VOLUME /models
-EXPOSE 12345
+EXPOSE 12345 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD jina ping flow grpc://127.0.0.1:12345 || exit 1
 ENTRYPOINT ["python", "jina_server.py"]

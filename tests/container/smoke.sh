@@ -7,6 +7,7 @@ PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
 BASE=localhost/jina-llm-stream-base:bookworm
 IMAGE=localhost/jina-llm-stream:smoke
 PORT=${PORT:-12399}
+OPENAI_PORT=${OPENAI_PORT:-12398}
 NAME=jina-llm-stream-smoke-$$
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -40,10 +41,10 @@ echo "built in $(( $(date +%s) - started )) s"
 cleanup() { "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "${PODMAN[@]}" run -d --name "$NAME" --network host --ulimit nofile=1024:1024 --ulimit nproc=1000:1000 \
-  "$IMAGE" --port "$PORT" >/dev/null
+  "$IMAGE" --port "$PORT" --openai-port "$OPENAI_PORT" >/dev/null
 for _ in $(seq 240); do
   logs=$("${PODMAN[@]}" logs "$NAME" 2>&1)
-  grep -q "ready to serve" <<<"$logs" && break
+  grep -q "OpenAI-compatible API on port" <<<"$logs" && break
   "${PODMAN[@]}" ps --filter "name=$NAME" --format '{{.Names}}' | grep -q "$NAME" || break
   sleep 1
 done
@@ -60,6 +61,10 @@ answers = Client(host=f"grpc://127.0.0.1:{sys.argv[1]}").post(
 assert answers[0].text, answers
 print("container answered /chat:", repr(answers[0].text))
 PY
+curl -sf "http://127.0.0.1:$OPENAI_PORT/v1/chat/completions" -H "Content-Type: application/json" \
+  -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}' \
+  | grep -q '"chat.completion"' || { echo "the container's OpenAI API did not answer"; exit 1; }
+echo "container answered /v1/chat/completions"
 logs=$("${PODMAN[@]}" logs "$NAME" 2>&1)
 grep -q "DEMO model" <<<"$logs" || { echo "the container log does not mention the demo model"; exit 1; }
 "${PODMAN[@]}" exec "$NAME" whoami | grep -qx app || { echo "the server does not run as the app user"; exit 1; }

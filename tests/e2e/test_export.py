@@ -49,3 +49,9 @@ def test_docker_compose_manifest(tmp_path):
     assert len(executors) == 2 and all(s["image"] == "registry.example/jina-llm-stream:1.2" for s in executors)
     assert uses_with_of(executors[0]["command"])["model_name"] == "gpt2"
     assert {"12345:12345", "12346:12346"} <= set(services["gateway"]["ports"])
+
+
+def test_export_refuses_the_openai_port_clearly(tmp_path):
+    result = subprocess.run([PYTHON, "jina_server.py", "export", "kubernetes", str(tmp_path / "k8s"),
+                             "--openai-port", "8000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--openai-port cannot be exported" in result.stderr
