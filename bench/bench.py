@@ -6,13 +6,14 @@ Builds a GPT-2-small-shaped model (124M parameters, random weights, a 50257-toke
 offline on synthetic text) once, then measures, in one run:
   references  raw decode loop with KV cache (batch 1), model.generate static batch of N
   the server  /stream with 1 client, N concurrent /stream clients, /chat with N prompts in one call,
-              executor RSS over many requests
+              executor RSS over many requests; the OpenAI API (--openai-port) streaming, 1 and N clients
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 """
 
 import argparse
 import asyncio
 import copy
+import json
 import os
 import random
 import statistics
@@ -167,6 +168,37 @@ async def prefill_stall(client, new_tokens: int) -> dict:
             "long_prefill_s": ended - started}
 
 
+async def openai_stream(http, url: str, model: str, message, new_tokens: int) -> dict:
+    """One streamed /v1/chat/completions: the same measures as one_stream."""
+    body = {"model": model, "messages": message, "max_tokens": new_tokens, "min_tokens": new_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    started, times, usage = time.perf_counter(), [], None
+    async with http.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: "):])
+                usage = chunk.get("usage") or usage
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    times.append(time.perf_counter())
+    return {"ttft": times[0] - started, "total": times[-1] - started, "decode": times[-1] - times[0],
+            "tokens": usage["completion_tokens"]}
+
+
+async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: int) -> dict:
+    import httpx
+
+    url = f"http://127.0.0.1:{openai_port}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=batch + 4)) as http:
+        await openai_stream(http, url, model, prompts(1)[0], 8)  # warm-up
+        single = [await openai_stream(http, url, model, prompts(1)[0], new_tokens) for _ in range(3)]
+        best = min(single, key=lambda r: r["total"])
+        started = time.perf_counter()
+        many = await asyncio.gather(*(openai_stream(http, url, model, m, new_tokens) for m in prompts(batch)))
+        wall = time.perf_counter() - started
+    return {"openai1_tps": (best["tokens"] - 1) / best["decode"], "openai1_ttft": best["ttft"],
+            "openaiN_tps": sum(r["tokens"] for r in many) / wall}
+
+
 async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: int, server) -> dict:
     from docarray import DocList
     from jina import Client
@@ -242,6 +274,12 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
          f"{(srv['stall_max'] - srv['gap_typical']) * 1000:.0f} ms",
          f"{(srv['stall_max'] - srv['gap_typical']) / ref['chunk_s']:.2f}x one {CHUNK}-token chunk "
          f"({ref['chunk_s'] * 1000:.0f} ms)", "about one chunk, not the whole prompt (~3.5 chunks)"),
+        ("OpenAI API, streamed chat completion, 1 client, decode rate", f"{srv['openai1_tps']:.1f} tok/s",
+         f"{srv['openai1_tps'] / ref['raw_tps']:.2f}x raw loop", ""),
+        ("OpenAI API, 1 client, TTFT", f"{srv['openai1_ttft'] * 1000:.0f} ms",
+         f"raw prefill {ref['prefill_s'] * 1000:.0f} ms + {(srv['openai1_ttft'] - ref['prefill_s']) * 1000:.0f} ms", ""),
+        (f"OpenAI API, {batch} concurrent streams, aggregate", f"{srv['openaiN_tps']:.1f} tok/s",
+         f"{srv['openaiN_tps'] / ref['static_tps']:.2f}x static batch", ""),
         (f"executor RSS over {srv['rss_requests']} requests",
          f"{srv['rss_before'] / mb:.0f} -> {srv['rss_after'] / mb:.0f} MiB", f"{rss_growth * 100:+.1f}%", "< 10%"),
     ]
@@ -260,11 +298,14 @@ def main() -> int:
     args = parser.parse_args()
     path = build_bench_model()
     ref = references(path, args.new_tokens, args.clients)
-    port, log_path = free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
+    port, openai_port = free_port(), free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
     server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(args.clients),
-                           "--max_queue", "256"], log_path)
+                           "--max_queue", "256", "--openai-port", str(openai_port)], log_path,
+                          ready_line="OpenAI-compatible API on port")
     try:
         srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, server))
+        srv |= asyncio.run(openai_measures(openai_port, str(path), args.new_tokens, args.clients))
     finally:
         stop_server(server)
     # Last, in this process: its manager thread must not share the CPU with the server's measures.

@@ -19,13 +19,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(flags: list, log_path: Path, timeout: float = 300) -> subprocess.Popen:
+def start_server(flags: list, log_path: Path, timeout: float = 300, ready_line: str = "ready to serve") -> subprocess.Popen:
     """Run ``jina_server.py FLAGS`` and wait until it is ready to serve."""
     command = [sys.executable, str(ROOT / "jina_server.py"), *flags]
     server = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     deadline = time.monotonic() + timeout
-    while "ready to serve" not in log_path.read_text(errors="replace"):
+    while ready_line not in log_path.read_text(errors="replace"):
         if server.poll() is not None or time.monotonic() > deadline:
             stop_server(server)
             raise SystemExit(f"the server did not start; see {log_path}")
