@@ -202,96 +202,99 @@ class Backend:
 # ---- the HTTP app -----------------------------------------------------------------------------------------
 def build_app(settings: Settings):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     app = FastAPI(title="jina-llm-stream OpenAI-compatible API", docs_url=None, redoc_url=None)
     backend = Backend(settings.backend, settings.tls_certificate)
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def api_error(_request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status,
-                            headers={"Retry-After": "1"} if error.status == 503 else None)
-
-    def authorize(request: Request) -> None:
-        if settings.api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-
-    def model_card():
-        return {"id": settings.model_id, "object": "model", "created": created, "owned_by": "jina-llm-stream"}
+    card = {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "jina-llm-stream"}
+    app.add_exception_handler(APIError, _error_response)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        authorize(settings, request)
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
-        authorize(request)
-        if model_id != settings.model_id:
-            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{settings.model_id}'",
-                           param="model", code="model_not_found")
-        return model_card()
+        authorize(settings, request)
+        check_model(settings, model_id)
+        return card
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
-    async def read_body(request: Request) -> dict:
-        size = int(request.headers.get("content-length") or 0)
-        if size > settings.max_body_bytes:
-            raise APIError(413, f"the request body has {size} bytes; at most {settings.max_body_bytes} are "
-                           "allowed", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            raise APIError(413, f"the request body has more than {settings.max_body_bytes} bytes",
-                           code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except ValueError as error:
-            raise APIError(400, f"the body is not valid JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        if body.get("model") != settings.model_id:
-            raise APIError(404, f"The model '{body.get('model')}' does not exist; this server serves "
-                           f"'{settings.model_id}'", param="model", code="model_not_found")
-        if not isinstance(body.get("stream", False), bool):
-            raise APIError(400, "stream must be true or false", param="stream")
-        options = body.get("stream_options")
-        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
-            raise APIError(400, 'stream_options must be an object like {"include_usage": true}', param="stream_options")
-        return body
-
-    async def answer(request: Request, body: dict, prompt: Prompt, names: dict, shape: "Shape"):
-        pieces = backend.stream(prompt, names, shape.messages_name)
-        try:
-            if not body.get("stream"):
-                return JSONResponse(await _until_disconnected(request, _whole(shape, pieces)))
-            # The first piece before the response starts: a refused request is an HTTP error status.
-            first = await _until_disconnected(request, _first(pieces))
-        except ClientLeft:
-            return Response(status_code=499)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
-
-    async def complete(request: Request, kind: str, build_prompt):
-        authorize(request)
-        body = await read_body(request)
-        prompt, names = build_prompt(body)
-        return await answer(request, body, prompt, names, Shape(kind, settings.model_id))
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, "chat", chat_prompt)
+        return await complete(settings, backend, request, "chat", chat_prompt)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, "completion", completion_prompt)
+        return await complete(settings, backend, request, "completion", completion_prompt)
 
     return app
+
+
+def _error_response(_request, error: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status,
+                        headers={"Retry-After": "1"} if error.status == 503 else None)
+
+
+def authorize(settings: Settings, request) -> None:
+    if settings.api_key:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+
+def check_model(settings: Settings, name) -> None:
+    if name != settings.model_id:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_id}'",
+                       param="model", code="model_not_found")
+
+
+async def read_body(settings: Settings, request) -> dict:
+    """The JSON object of a completion request: bounded in size, for this model, `stream` fields checked."""
+    size = int(request.headers.get("content-length") or 0)
+    raw = await request.body() if size <= settings.max_body_bytes else b""
+    if size > settings.max_body_bytes or len(raw) > settings.max_body_bytes:
+        raise APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
+                       code="request_too_large")
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise APIError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    check_model(settings, body.get("model"))
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "stream must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, 'stream_options must be an object like {"include_usage": true}', param="stream_options")
+    return body
+
+
+async def complete(settings: Settings, backend: Backend, request, kind: str, build_prompt):
+    """One chat or text completion, whole or streamed; the client leaving cancels it."""
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    authorize(settings, request)
+    body = await read_body(settings, request)
+    prompt, names = build_prompt(body)
+    shape = Shape(kind, settings.model_id)
+    pieces = backend.stream(prompt, names, shape.messages_name)
+    try:
+        if not body.get("stream"):
+            return JSONResponse(await _until_disconnected(request, _whole(shape, pieces)))
+        # The first piece before the response starts: a refused request is an HTTP error status.
+        first = await _until_disconnected(request, _first(pieces))
+    except ClientLeft:
+        return Response(status_code=499)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
 
 
 async def _first(pieces):
