@@ -79,8 +79,9 @@ def test_an_http_client_that_leaves_its_event_stream_stops_its_generation(slow_s
     body = {"message": [{"role": "user", "content": "Tell me everything."}],
             "gen_conf": {"max_new_tokens": LONG, "min_new_tokens": LONG}}
     with httpx.stream("GET", f"http://127.0.0.1:{http_port}/stream", json=body, timeout=30) as response:
-        lines = response.iter_lines()
-        assert any(line.startswith("data:") for line in lines)  # the first piece: generation is under way
+        lines = response.iter_lines()  # kept: a dropped iterator closes the response
+        while not next(lines).startswith("data:"):  # the first piece: generation is under way
+            pass
         time.sleep(1.0)
         assert cpu_seconds(executor, 0.5) > 0.25, "the executor should be busy generating now"
     assert_cancelled(log, executor, "/stream")
