@@ -15,7 +15,9 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    batch endpoints also answer ``GET`` with an event stream, as streaming endpoints do.
 4. Shutdown with HTTP. The load balancer that fronts an HTTP Deployment serves with aiohttp's
    ``_run_app``, which never returns, so every stop waited 60 s for a timeout. It now runs a stoppable
-   site and closes it when Jina asks it to shut down.
+   site and closes it when Jina asks it to shut down, with aiohttp's handler cancellation on: without
+   it, a client that left kept the balancer's request to the worker open until the answer was complete.
+   The worker's and the gateway's HTTP apps cancel a POST whose client left (_CancelOnDisconnect).
 5. Replicas. The gateway connects to every replica while they are still loading the model; gRPC's
    reconnect backoff then grows to minutes, and in the meantime every request goes to the replica that
    happened to be ready first. Capping the backoff at one second makes the gateway use all replicas as
@@ -136,10 +138,49 @@ def _patch_http_app() -> None:
         for endpoint, models in request_models_map.items():
             if endpoint != "_jina_dry_run_" and not models["is_generator"]:
                 _add_event_stream_route(app, endpoint, models["input"]["model"], caller)
+        app.add_middleware(_CancelOnDisconnect)
         return app
 
     http_fastapi_app.get_fastapi_app = get_fastapi_app
     http_fastapi_app._gen_dict_documents = _events_or_error
+
+
+class _CancelOnDisconnect:
+    """ASGI middleware: a POST whose client disconnects before its answer is cancelled (and with it the
+    generation). Starlette notices a disconnect only while it streams a response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        import asyncio
+
+        body_read = asyncio.Event()
+
+        async def receive_body():
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async def until_disconnect():
+            await body_read.wait()  # from then on the app reads nothing more: the next message is the end
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        answer = asyncio.ensure_future(self.app(scope, receive_body, send))
+        watcher = asyncio.ensure_future(until_disconnect())
+        try:
+            await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not answer.done():
+                answer.cancel()
+                log.info("an HTTP client left before its answer; the request was cancelled")
+        if not answer.cancelled():
+            answer.result()
 
 
 def _checked(caller):
@@ -283,6 +324,7 @@ def _patch_gateway_http_app() -> None:
                 app.router.routes = [route for route in app.router.routes
                                      if not (getattr(route, "path", None) == path and "GET" in route.methods)]
                 _add_gateway_event_stream_route(app, endpoint, models["input"], streamer)
+        app.add_middleware(_CancelOnDisconnect)
         return app
 
     gateway_app.get_fastapi_app = get_fastapi_app
@@ -347,7 +389,7 @@ def _patch_load_balancer_shutdown() -> None:
     from jina.serve.runtimes.servers.load_balancer import LoadBalancingServer
 
     async def run_server(self):
-        runner = web.AppRunner(self.app)
+        runner = web.AppRunner(self.app, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, host=self.host, port=self.port).start()
         try:

@@ -87,6 +87,30 @@ def test_an_http_client_that_leaves_its_event_stream_stops_its_generation(slow_s
     assert_cancelled(log, executor, "/stream")
 
 
+@pytest.fixture(scope="module")
+def slow_flow_server(slow_model):
+    """HTTP through a Flow's gateway (what --protocol websocket http serves), not a Deployment's balancer."""
+    ws_port, http_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "websocket", "http",
+            "--port", str(ws_port), str(http_port), "--max_new_tokens_limit", str(LONG)]
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        yield process, log, http_port
+
+
+@pytest.mark.parametrize("kind", ["deployment", "flow"])
+def test_an_http_client_that_leaves_before_its_chat_answer_stops_its_generation(request, kind):
+    if kind == "deployment":
+        _, server, log, http_port = request.getfixturevalue("slow_server")
+    else:
+        server, log, http_port = request.getfixturevalue("slow_flow_server")
+    body = {"message": [{"role": "user", "content": "Tell me everything."}],
+            "gen_conf": {"max_new_tokens": LONG, "min_new_tokens": LONG}}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up while the answer is generated
+        httpx.post(f"http://127.0.0.1:{http_port}/chat", json={"data": [body]}, timeout=2.0)
+    assert_cancelled(log, executor_of(server), "/chat")
+
+
 def test_full_queue_answers_server_busy_and_recovers(slow_server):
     port, _, _, _ = slow_server
     tokens = 150

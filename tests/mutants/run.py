@@ -19,6 +19,8 @@ MUTANTS = [
     ("TLS flags", "jina_server.py", "return kwargs | tls_kwargs(args)", "return kwargs", "tests/e2e/test_tls.py -k https"),
     ("no replay of a broken stream", "executor/jina_compat.py", "            if answered:  # Jina would retry", "            if False:  # Jina would retry", "tests/e2e/test_faults.py -k dead"),
     ("gateway cancels the /chat call of a client that left", "executor/jina_compat.py", "                for call in calls:\n                    call.cancel()", "                pass", "tests/e2e/test_load.py -k goes_away"),
+    ("HTTP balancer passes a client's leaving on", "executor/jina_compat.py", "web.AppRunner(self.app, handler_cancellation=True)", "web.AppRunner(self.app)", "tests/e2e/test_load.py -k before_its_chat"),
+    ("HTTP POST cancelled when its client left", "executor/jina_compat.py", "                answer.cancel()\n", "", "tests/e2e/test_load.py -k before_its_chat"),
     ("prompts kept out of the log", "executor/executor.py", "if self.log_prompts:", "if True:", "tests/e2e/test_protocols.py -k without_prompt_text"),
     ("Flow gateway keeps Prompt.message", "executor/jina_compat.py", "        _use_wire_classes(streamer._endpoints_models_map)\n", "", "tests/e2e/test_websocket.py -k plain_http_post"),
     ("stream cancellation on disconnect (OpenAI)", "executor/openai_api.py", "            task.cancel()\n            log.info(", "            log.info(", "tests/e2e/test_openai.py -k full_queue"),
