@@ -17,7 +17,7 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    ``_run_app``, which never returns, so every stop waited 60 s for a timeout. It now runs a stoppable
    site and closes it when Jina asks it to shut down, with aiohttp's handler cancellation on: without
    it, a client that left kept the balancer's request to the worker open until the answer was complete.
-   The worker's and the gateway's HTTP apps cancel a POST whose client left (_CancelOnDisconnect).
+   The worker's and the gateway's HTTP apps cancel a POST whose client left (CancelOnDisconnect).
 5. Replicas. The gateway connects to every replica while they are still loading the model; gRPC's
    reconnect backoff then grows to minutes, and in the meantime every request goes to the replica that
    happened to be ready first. Capping the backoff at one second makes the gateway use all replicas as
@@ -138,14 +138,14 @@ def _patch_http_app() -> None:
         for endpoint, models in request_models_map.items():
             if endpoint != "_jina_dry_run_" and not models["is_generator"]:
                 _add_event_stream_route(app, endpoint, models["input"]["model"], caller)
-        app.add_middleware(_CancelOnDisconnect)
+        app.add_middleware(CancelOnDisconnect)
         return app
 
     http_fastapi_app.get_fastapi_app = get_fastapi_app
     http_fastapi_app._gen_dict_documents = _events_or_error
 
 
-class _CancelOnDisconnect:
+class CancelOnDisconnect:
     """ASGI middleware: a POST whose client disconnects before its answer is cancelled (and with it the
     generation). Starlette notices a disconnect only while it streams a response."""
 
@@ -324,7 +324,7 @@ def _patch_gateway_http_app() -> None:
                 app.router.routes = [route for route in app.router.routes
                                      if not (getattr(route, "path", None) == path and "GET" in route.methods)]
                 _add_gateway_event_stream_route(app, endpoint, models["input"], streamer)
-        app.add_middleware(_CancelOnDisconnect)
+        app.add_middleware(CancelOnDisconnect)
         return app
 
     gateway_app.get_fastapi_app = get_fastapi_app

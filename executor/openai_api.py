@@ -8,7 +8,6 @@ a custom one would replace Jina's (gRPC, HTTP, WebSocket) instead of serving bes
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
-import asyncio
 import hmac
 import json
 import logging
@@ -20,7 +19,7 @@ import grpc
 
 from schemas import Generation, Prompt
 
-from .jina_compat import prepend
+from .jina_compat import CancelOnDisconnect, prepend
 
 log = logging.getLogger("jina_llm_stream.openai")
 
@@ -207,6 +206,7 @@ def build_app(settings: Settings):
     backend = Backend(settings.backend, settings.tls_certificate)
     card = {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "jina-llm-stream"}
     app.add_exception_handler(APIError, _error_response)
+    app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its generation, streamed or not
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -279,20 +279,16 @@ async def read_body(settings: Settings, request) -> dict:
 
 async def complete(settings: Settings, backend: Backend, request, kind: str, build_prompt):
     """One chat or text completion, whole or streamed; the client leaving cancels it."""
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     authorize(settings, request)
     body = await read_body(settings, request)
     prompt, names = build_prompt(body)
     shape = Shape(kind, settings.model_id)
     pieces = backend.stream(prompt, names, shape.messages_name)
-    try:
-        if not body.get("stream"):
-            return JSONResponse(await _until_disconnected(request, _whole(shape, pieces)))
-        # The first piece before the response starts: a refused request is an HTTP error status.
-        first = await _until_disconnected(request, _first(pieces))
-    except ClientLeft:
-        return Response(status_code=499)
+    if not body.get("stream"):
+        return JSONResponse(await _whole(shape, pieces))
+    first = await _first(pieces)  # before the response starts: a refused request is an HTTP error status
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
 
@@ -302,30 +298,6 @@ async def _first(pieces):
         return await pieces.__anext__()
     except StopAsyncIteration:
         return None
-
-
-class ClientLeft(Exception):
-    """The HTTP client disconnected before its answer was ready."""
-
-
-async def _until_disconnected(request, work):
-    """Await `work`; if the client goes away first, cancel it (and so the generation) and raise ClientLeft."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            log.info("the client left before its answer was ready; the generation was cancelled")
-            raise ClientLeft()
-    return task.result()
 
 
 # ---- responses --------------------------------------------------------------------------------------------
