@@ -174,9 +174,9 @@ def export(kind: str, target: str, args, settings) -> int:
     from jina import Flow
 
     if args.openai_port is not None:
-        raise SystemExit("--openai-port cannot be exported: the OpenAI API runs in the CLI process, and the manifests "
-                         "run Jina's gateway instead. Run `python jina_server.py --openai-port N --protocol grpc` "
-                         "(e.g. as a second container) next to them, or serve the image itself with --openai-port.")
+        raise SystemExit("--openai-port cannot be exported: the OpenAI API runs in the CLI process, which the manifests "
+                         "replace with Jina's gateway. Run the image itself with --openai-port instead "
+                         "(docker run -p 8000:8000 IMAGE --openai-port 8000; README: Container).")
 
     # Without these, Jina resolves its gateway image and `uses` through its hub over the network.
     os.environ.setdefault("JINA_GATEWAY_IMAGE", "jinaai/jina:3.34.0-py311-standard")
