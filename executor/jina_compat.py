@@ -37,6 +37,7 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    its end. The worker calls started for a client's request are now cancelled when its call ends early.
 """
 
+import asyncio
 import json
 import logging
 
@@ -155,8 +156,6 @@ class CancelOnDisconnect:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        import asyncio
-
         body_read = asyncio.Event()
 
         async def receive_body():
@@ -383,8 +382,6 @@ def _add_gateway_event_stream_route(app, endpoint: str, input_model, streamer) -
 
 # ---- HTTP: stoppable load balancer ---------------------------------------------------------------------
 def _patch_load_balancer_shutdown() -> None:
-    import asyncio
-
     from aiohttp import web
     from jina.serve.runtimes.servers.load_balancer import LoadBalancingServer
 
@@ -419,8 +416,6 @@ class StreamInterrupted(RuntimeError):
 
 
 def _patch_gateway_stream_cancellation() -> None:
-    import asyncio
-
     import grpc
 
     from jina.serve.networking.connection_stub import _ConnectionStubs
