@@ -112,22 +112,24 @@ async def _stream_batch_endpoint(handler, endpoint, request, context):
 class ServiceError(Exception):
     """An error answer for an HTTP client: status code and a JSON body."""
 
-    def __init__(self, status_code: int, name: str, message: str):
-        self.status_code = status_code
-        field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
-        self.body = {"error": {"type": name, "message": message, "field": field}}
+    def __init__(self, name: str, message: str):
+        self.status_code, self.name, self.message = HTTP_STATUS_BY_ERROR.get(name, 500), name, message
+        # RequestError messages read "field=value is not allowed: ..." (executor/sampling.py)
+        self.field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
+        self.body = {"error": {"type": name, "message": message, "field": self.field}}
         super().__init__(message)
 
 
-def _error_from_status(status) -> ServiceError:
+def error_from_status(status) -> ServiceError:
+    """The error a Jina response status carries (an Executor's exception), as an HTTP-ready error."""
     name = status.exception.name or "Error"
     message = status.exception.args[0] if status.exception.args else status.description
-    return ServiceError(HTTP_STATUS_BY_ERROR.get(name, 500), name, message)
+    return ServiceError(name, message)
 
 
 def _error_from_exception(error: Exception) -> ServiceError:
     name = type(error).__name__
-    return ServiceError(HTTP_STATUS_BY_ERROR.get(name, 500), name, str(error))
+    return ServiceError(name, str(error))
 
 
 def _patch_http_app() -> None:
@@ -190,17 +192,23 @@ def _checked(caller):
         result = await caller(request)
         if isinstance(result, DataRequest):
             if result.header.status.code == jina_pb2.StatusProto.ERROR:
-                raise _error_from_status(result.header.status)
+                raise error_from_status(result.header.status)
             return result
         try:
-            first = await result.__anext__()
-        except StopAsyncIteration:
-            return prepend(None, result)
+            first = await first_of(result)
         except Exception as error:  # noqa: BLE001 - the request failed before any piece: an HTTP error
             raise _error_from_exception(error) from error
         return prepend(first, result)
 
     return call
+
+
+async def first_of(stream):
+    """The first item of an async stream, or None when it is empty; the stream goes on from the second."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 async def prepend(first, rest):
@@ -353,7 +361,7 @@ class _ErrorRaisingStreamer:
     async def stream_docs(self, *args, **kwargs):
         async for response in self._streamer.stream_docs(*args, **kwargs):
             if response.header.status.code == jina_pb2.StatusProto.ERROR:
-                raise _error_from_status(response.header.status)
+                raise error_from_status(response.header.status)
             yield response
 
 
@@ -366,17 +374,14 @@ def _add_gateway_event_stream_route(app, endpoint: str, input_model, streamer) -
         async for document, error in streamer.stream_doc(doc=body, exec_endpoint=endpoint):
             if error:
                 message = error.args[0] if error.args else str(error)
-                raise ServiceError(HTTP_STATUS_BY_ERROR.get(error.name, 500), error.name or "Error", message)
+                raise ServiceError(error.name or "Error", message)
             yield document
 
     @app.api_route(path=f'/{endpoint.strip("/")}', methods=["GET"], summary=f"Endpoint {endpoint} as a stream")
     async def event_stream(request: Request, body: input_model = None):
         body = body or input_model.parse_obj(dict(request.query_params))
         pieces = documents(body)
-        try:
-            first = await pieces.__anext__()
-        except StopAsyncIteration:
-            first = None
+        first = await first_of(pieces)
         return EventSourceResponse(_events_or_error(prepend(first, pieces)))
 
 

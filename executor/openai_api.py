@@ -19,7 +19,7 @@ import grpc
 
 from schemas import Generation, Prompt
 
-from .jina_compat import CancelOnDisconnect, prepend
+from .jina_compat import CancelOnDisconnect, ServiceError, error_from_status, first_of, prepend
 
 log = logging.getLogger("jina_llm_stream.openai")
 
@@ -38,7 +38,6 @@ OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bi
               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "modalities": (None, ["text"]),
               "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
 FINISH_REASONS = {"stop": "stop", "length": "length", "time_limit": "length"}
-STATUS_BY_ERROR = {"RequestError": 400, "ServerBusyError": 503}
 
 
 class APIError(Exception):
@@ -135,13 +134,14 @@ def openai_param(field: str | None, names: dict, messages_name: str) -> str | No
 
 
 def api_error_from_backend(name: str, message: str, names: dict, messages_name: str) -> APIError:
-    field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
+    """The Executor's error (its exception's name and message) as an OpenAI error in the client's terms."""
+    error = ServiceError(name, message)
+    field, status = error.field, error.status_code
     param = openai_param(field, names, messages_name)
     if field:
         message = (param or "") + message[len(field):]
         if field.startswith("gen_conf.") and param:
             message = message.replace(field.split(".", 1)[1], param)  # "1 <= max_new_tokens" -> "1 <= max_tokens"
-    status = STATUS_BY_ERROR.get(name, 500)
     if status == 400:
         too_long = ((field == "message" and ("tokens" in message or "characters" in message))
                     or (field == "gen_conf.max_new_tokens" and "context" in message))
@@ -188,8 +188,8 @@ class Backend:
             async for response in call:
                 status = response.header.status
                 if status.code == jina_pb2.StatusProto.ERROR:
-                    message = status.exception.args[0] if status.exception.args else status.description
-                    raise api_error_from_backend(status.exception.name, message, names, messages_name)
+                    error = error_from_status(status)
+                    raise api_error_from_backend(error.name, error.message, names, messages_name)
                 yield Generation.from_protobuf(response.document)
         except grpc.aio.AioRpcError as error:
             raise APIError(503, f"the model server is unavailable ({error.code().name}: {error.details()})",
@@ -288,16 +288,9 @@ async def complete(settings: Settings, backend: Backend, request, kind: str, bui
     pieces = backend.stream(prompt, names, shape.messages_name)
     if not body.get("stream"):
         return JSONResponse(await _whole(shape, pieces))
-    first = await _first(pieces)  # before the response starts: a refused request is an HTTP error status
+    first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
-
-
-async def _first(pieces):
-    try:
-        return await pieces.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 # ---- responses --------------------------------------------------------------------------------------------
