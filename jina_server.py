@@ -26,7 +26,10 @@ HELP = {
     "max_prompt_tokens": "largest prompt, in tokens after the chat template",
     "max_prompt_chars": "largest total message content, in characters (checked before tokenizing)",
     "max_batch_size": "requests decoded together in one forward pass",
-    "max_queue": "requests allowed to wait for a batch slot; more get a 'server busy' error",
+    "max_queue": "prompts allowed to wait for a batch slot, over all calls; a call that would pass it gets a "
+                 "'server busy' error",
+    "max_prompts_per_call": "largest number of prompts in one /chat request (bigger calls are refused: send "
+                            "them in smaller requests)",
     "prefill_chunk": "prompt tokens prefilled per scheduler round (bounds the stall a long prompt causes)",
     "request_timeout": "seconds a request may run before it ends with finish_reason=time_limit",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",

@@ -1,8 +1,10 @@
 """The generation engine: token ids and settings in, text deltas out. No Jina in here.
 
-One scheduler thread owns the model. Requests wait in a bounded queue, are prefilled in chunks (so a
-long prompt delays the running answers by one chunk at most), then join a running batch that shares
-one forward pass per decode step (continuous batching). Each row keeps its own sampling settings,
+One scheduler thread owns the model. A call (one request, or the many prompts of a ``/chat`` request)
+is admitted whole into a bounded queue; ``scheduler.WaitingCalls`` decides which waiting prompt takes
+the next free row, and may have a row preempted (recomputed later) so that no call waits for another to
+finish. Prompts are prefilled in chunks (so a long prompt delays the running answers by one chunk at
+most), then join a running batch that shares one forward pass per decode step (continuous batching). Each row keeps its own sampling settings,
 logits processors, random generator, stop conditions and detokenizer. The batch's KV cache is a
 left-padded transformers ``DynamicCache``: a joining row is padded to the batch's width, a leaving row
 is dropped with an index select. Cancelled requests are dropped before the next step.
@@ -15,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .detok import IncrementalDetokenizer
 from .sampling import SamplingSettings, ServerBusyError, build_logits_processors, to_generation_config
+from .scheduler import Call, WaitingCalls
 
 log = logging.getLogger("jina_llm_stream.engine")
 
@@ -31,7 +34,7 @@ log = logging.getLogger("jina_llm_stream.engine")
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 16
-    max_queue: int = 64
+    max_queue: int = 4096  # prompts waiting for a row, over all calls
     prefill_chunk: int = 256
     request_timeout: float = 300.0
 
@@ -55,7 +58,7 @@ class _Sequence:
     """One request inside the engine."""
 
     request_id: int
-    prompt_ids: list
+    prompt_ids: array  # int32: thousands of prompts may wait at once
     settings: SamplingSettings
     emit: object
     detok: IncrementalDetokenizer
@@ -67,6 +70,10 @@ class _Sequence:
     cache: object = None
     prefilled: int = 0
     generated: list = field(default_factory=list)
+    call: Call | None = None
+    prepared: bool = False
+    active: bool = False  # holds a row (prefilling or running)
+    preemptions: int = 0
     cancelled: bool = False
     finished: bool = False
     label: str = ""
@@ -78,17 +85,20 @@ class _Sequence:
     def max_new_tokens(self) -> int:
         return self.settings.max_new_tokens
 
+    def context_ids(self) -> list:
+        """The tokens whose KV cache the row needs before its next step: the prompt, and after a
+        preemption also the answer so far except its last token (the next step's input)."""
+        return list(self.prompt_ids) + self.generated[:-1]
+
 
 class RequestHandle:
-    """What ``submit`` returns: lets the caller cancel its request from any thread."""
+    """What ``submit_call`` returns: lets the caller cancel its requests from any thread."""
 
-    def __init__(self, engine: "Engine", sequence: _Sequence):
-        self._engine, self._sequence = engine, sequence
+    def __init__(self, engine: "Engine", call: Call):
+        self._engine, self._call = engine, call
 
     def cancel(self) -> None:
-        if not self._sequence.finished:
-            self._sequence.cancelled = True
-            self._engine._wake()
+        self._engine._cancel(self._call.sequences)
 
 
 class Engine:
@@ -99,7 +109,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(model.parameters()).device
         self._ids = itertools.count(1)
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting = WaitingCalls(config.max_queue)
         self._prefilling: list[_Sequence] = []
         self._rows: list[_Sequence] = []  # rows of the running batch, in cache order
         self._cache = None
@@ -114,6 +124,7 @@ class Engine:
         # transformers 5 renamed the cache argument; remote-code models may still use the old name.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self.steps = 0  # decode steps run, for tests and metrics
+        self.preemptions = 0
         self.metrics = None  # optional observer: first_token(s), next_token(s), finished(label, outcome, p, n)
 
     # ---- public API -------------------------------------------------------------------------------
@@ -131,22 +142,67 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, prompt_ids, settings: SamplingSettings, emit, label: str = "") -> RequestHandle:
-        """Queue a request; ``emit`` is called from the engine thread with each TokenEvent or an exception.
-        ``label`` (e.g. the endpoint) goes into the request's log line."""
-        sequence = _Sequence(
-            request_id=next(self._ids), prompt_ids=list(prompt_ids), settings=settings, emit=emit,
-            detok=IncrementalDetokenizer(self.tokenizer, settings.stop),
-            deadline=time.monotonic() + self.config.request_timeout, label=label,
-        )
+        """Queue one request; ``emit`` is called from the engine thread with each TokenEvent or an
+        exception. ``label`` (e.g. the endpoint) goes into the request's log line."""
+        return self.submit_call([(prompt_ids, settings, emit)], label)
+
+    def submit_call(self, requests, label: str = "") -> RequestHandle:
+        """Queue the (prompt_ids, settings, emit) requests of one call, all or none: ServerBusyError when
+        they would pass ``max_queue`` waiting prompts."""
+        deadline = time.monotonic() + self.config.request_timeout
+        sequences = [
+            _Sequence(request_id=next(self._ids), prompt_ids=array("i", prompt_ids), settings=settings, emit=emit,
+                      detok=IncrementalDetokenizer(self.tokenizer, settings.stop), deadline=deadline, label=label)
+            for prompt_ids, settings, emit in requests
+        ]
+        call = Call(sequences)
+        for sequence in sequences:
+            sequence.call = call
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue:
+            if not self._waiting.fits(len(sequences)):
                 raise ServerBusyError(
-                    f"server busy: {len(self._waiting)} requests are already waiting "
-                    f"(max_queue={self.config.max_queue}); retry later"
+                    f"server busy: {len(self._waiting)} prompts are already waiting and this call brings "
+                    f"{len(sequences)} (max_queue={self.config.max_queue}); retry later"
                 )
-            self._waiting.append(sequence)
+            self._waiting.add(call)
             self._lock.notify_all()
-        return RequestHandle(self, sequence)
+        return RequestHandle(self, call)
+
+    async def complete(self, requests, label: str = "") -> list:
+        """Whole answers to the (prompt_ids, settings) requests of one call, in order: a list of
+        (text, last TokenEvent). The first failure fails the call and cancels the rest; so does
+        cancelling the awaiting task. Events are gathered on the engine thread, so the caller's loop
+        wakes once per answer, not once per token."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        pieces = [[] for _ in requests]
+        finals = [None] * len(requests)
+        remaining = [len(requests)]
+
+        def settle(error=None):
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(None)
+
+        def collector(index):
+            def emit(event):
+                if isinstance(event, BaseException):
+                    loop.call_soon_threadsafe(settle, event)
+                    return
+                pieces[index].append(event.text)
+                if event.finish_reason:
+                    finals[index] = event
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        loop.call_soon_threadsafe(settle)
+            return emit
+
+        handle = self.submit_call([(ids, settings, collector(i)) for i, (ids, settings) in enumerate(requests)],
+                                  label)
+        try:
+            await done
+        finally:
+            handle.cancel()  # no-op for finished requests; the rest of a failed or abandoned call stop here
+        return [("".join(texts), final) for texts, final in zip(pieces, finals)]
 
     async def stream(self, prompt_ids, settings: SamplingSettings, label: str = ""):
         """Async iterator of TokenEvents; closing it (or cancelling its task) cancels the request."""
@@ -184,6 +240,17 @@ class Engine:
         """Queue depth and batch size right now."""
         return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._rows)}
 
+    def _cancel(self, sequences) -> None:
+        """Cancel from any thread: waiting sequences leave the queue now (a cancelled call leaves nothing
+        behind), active ones are dropped by the engine before its next step."""
+        with self._lock:
+            for sequence in sequences:
+                if not sequence.finished:
+                    sequence.cancelled = True
+            for sequence in self._waiting.remove_waiting(lambda s: s.cancelled):
+                self._retire_cancelled(sequence)
+            self._lock.notify_all()
+
     # ---- scheduler loop ---------------------------------------------------------------------------
     def _wake(self) -> None:
         with self._lock:
@@ -210,14 +277,43 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            while self._waiting and len(self._rows) + len(self._prefilling) < self.config.max_batch_size:
-                sequence = self._waiting.popleft()
-                try:
-                    self._prepare(sequence)
-                except Exception as error:  # noqa: BLE001 - a bad setting must fail this request only
-                    self._finish_with_error(sequence, error)
-                    continue
+            while True:
+                if len(self._rows) + len(self._prefilling) >= self.config.max_batch_size:
+                    if not self._preempt_for_a_call_without_rows():
+                        return
+                sequence = self._waiting.pop_next()
+                if sequence is None:
+                    return
+                sequence.active = True
+                if not sequence.prepared:
+                    try:
+                        self._prepare(sequence)
+                    except Exception as error:  # noqa: BLE001 - a bad setting must fail this request only
+                        self._finish_with_error(sequence, error)
+                        continue
                 self._prefilling.append(sequence)
+
+    def _preempt_for_a_call_without_rows(self) -> bool:
+        """Every row is taken and a call has none: the call with the most rows gives one up. Its cheapest
+        sequence to redo (fewest tokens computed) waits again at the front of its call and is recomputed
+        when it gets a row back; its answer so far, sampler state and detokenizer are kept."""
+        call = self._waiting.call_to_preempt()
+        if call is None:
+            return False
+        prefilling = [s for s in self._prefilling if s.call is call]
+        if prefilling:
+            victim = min(prefilling, key=lambda s: s.prefilled)
+            self._prefilling.remove(victim)
+        else:
+            index = min((i for i, s in enumerate(self._rows) if s.call is call),
+                        key=lambda i: len(self._rows[i].prompt_ids) + len(self._rows[i].generated))
+            victim = self._rows[index]
+            self._remove_rows([index])
+        victim.cache, victim.prefilled, victim.active = None, 0, False
+        victim.preemptions += 1
+        self.preemptions += 1
+        self._waiting.requeue(victim)
+        return True
 
     def _prepare(self, sequence: _Sequence) -> None:
         config = to_generation_config(sequence.settings, self.model.generation_config)
@@ -232,18 +328,14 @@ class Engine:
             else:
                 sequence.generator.seed()
         if len(sequence.processors):
-            sequence.ids_buffer = torch.tensor([sequence.prompt_ids + [0] * sequence.max_new_tokens],
+            sequence.ids_buffer = torch.tensor([list(sequence.prompt_ids) + [0] * sequence.max_new_tokens],
                                                dtype=torch.long, device=self.device)
-        sequence.cache = DynamicCache(config=self.model.config)
+        sequence.prepared = True
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
         with self._lock:
-            kept = deque()
-            for sequence in self._waiting:
-                if not self._retire_if_done(sequence, now):
-                    kept.append(sequence)
-            self._waiting = kept
+            self._waiting.remove_waiting(lambda sequence: self._retire_if_done(sequence, now))
         self._prefilling = [s for s in self._prefilling if not self._retire_if_done(s, now)]
         leaving = [index for index, s in enumerate(self._rows) if self._retire_if_done(s, now)]
         self._remove_rows(leaving)
@@ -264,10 +356,13 @@ class Engine:
         for sequence in list(self._prefilling):
             if budget <= 0:
                 break
+            context = sequence.context_ids()
             start = sequence.prefilled
-            end = min(len(sequence.prompt_ids), start + budget)
+            end = min(len(context), start + budget)
             try:
-                logits = self._forward_prefill(sequence, start, end)
+                if sequence.cache is None:
+                    sequence.cache = DynamicCache(config=self.model.config)
+                logits = self._forward_prefill(sequence, context[start:end], start)
             except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail this request, keep serving
                 log.exception("prefill failed for request %s", sequence.request_id)
                 self._prefilling.remove(sequence)
@@ -275,14 +370,19 @@ class Engine:
                 continue
             budget -= end - start
             sequence.prefilled = end
-            if end == len(sequence.prompt_ids):
-                self._prefilling.remove(sequence)
-                token = self._choose_tokens([sequence], logits[:, -1, :])[0]
-                if self._accept_token(sequence, token):
-                    self._join_batch(sequence, token)
+            if end < len(context):
+                continue
+            self._prefilling.remove(sequence)
+            if sequence.generated:  # resumed after a preemption: its next input token is known already
+                self._join_batch(sequence, sequence.generated[-1])
+                continue
+            token = self._choose_tokens([sequence], logits[:, -1, :])[0]
+            if self._accept_token(sequence, token):
+                self._join_batch(sequence, token)
 
-    def _forward_prefill(self, sequence: _Sequence, start: int, end: int) -> torch.Tensor:
-        input_ids = torch.tensor([sequence.prompt_ids[start:end]], dtype=torch.long, device=self.device)
+    def _forward_prefill(self, sequence: _Sequence, token_ids: list, start: int) -> torch.Tensor:
+        end = start + len(token_ids)
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
@@ -295,9 +395,9 @@ class Engine:
         return self.model(**kwargs).logits
 
     # ---- the running batch --------------------------------------------------------------------------
-    def _join_batch(self, sequence: _Sequence, first_token: int) -> None:
-        length = len(sequence.prompt_ids)
-        token = torch.tensor([[first_token]], dtype=torch.long, device=self.device)
+    def _join_batch(self, sequence: _Sequence, next_token: int) -> None:
+        length = sequence.prefilled
+        token = torch.tensor([[next_token]], dtype=torch.long, device=self.device)
         position = torch.tensor([length], dtype=torch.long, device=self.device)
         own_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
         if not self._rows:
@@ -433,13 +533,17 @@ class Engine:
     def _log_outcome(self, sequence: _Sequence, outcome: str) -> None:
         """One line per request; never the prompt text."""
         sequence.finished = True
+        if sequence.active:
+            sequence.active = False
+            with self._lock:
+                self._waiting.leave_engine(sequence)
         now = time.monotonic()
         ttft = (sequence.first_token_at - sequence.submitted_at) * 1000 if sequence.first_token_at else float("nan")
         decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
         rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
         log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
-                 "finish=%s", os.getpid(), sequence.request_id, sequence.label or "-", len(sequence.prompt_ids), len(sequence.generated),
-                 ttft, rate, outcome)
+                 "preempted=%d finish=%s", os.getpid(), sequence.request_id, sequence.label or "-",
+                 len(sequence.prompt_ids), len(sequence.generated), ttft, rate, sequence.preemptions, outcome)
         if self.metrics:
             self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated))
 
@@ -452,8 +556,7 @@ class Engine:
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
-            pending = list(self._waiting) + self._prefilling + self._rows
-            self._waiting.clear()
+            pending = self._waiting.remove_waiting(lambda sequence: True) + self._prefilling + self._rows
         self._prefilling, self._rows = [], []
         for sequence in pending:
             if not sequence.finished:

@@ -1,11 +1,12 @@
 """The Jina adapter: documents in, engine requests out, engine events back to documents.
 
-``/chat`` (batch: ``Client.post``) and ``/stream`` (``Client.stream_doc``) share ``_events``: one path
-from a ``Prompt`` to the engine, so they cannot drift apart. ``_error_boundary`` is the one place that
+``/chat`` (batch: ``Client.post``) and ``/stream`` (``Client.stream_doc``) share ``_prepare`` (one path
+from a ``Prompt`` to token ids and settings) and the engine's call queue, so they cannot drift apart. ``_error_boundary`` is the one place that
 decides what a client sees when something goes wrong.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -42,7 +43,8 @@ class TokenStreamingExecutor(Executor):
         max_prompt_tokens: int = 4096,
         max_prompt_chars: int = 200_000,
         max_batch_size: int = 16,
-        max_queue: int = 64,
+        max_queue: int = 4096,
+        max_prompts_per_call: int = 2048,
         prefill_chunk: int = 256,
         request_timeout: float = 300.0,
         stream_text: str = "delta",
@@ -54,6 +56,10 @@ class TokenStreamingExecutor(Executor):
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
         self.log_prompts = log_prompts
+        if max_prompts_per_call > max_queue:
+            log.info("max_prompts_per_call=%d is lowered to max_queue=%d: a larger call could never be queued",
+                     max_prompts_per_call, max_queue)
+        self.max_prompts_per_call = min(max_prompts_per_call, max_queue)
         # What a chat template may add around the content (role markers, system preambles) is bounded too.
         self.max_rendered_chars = 2 * max_prompt_chars + 65_536
         try:
@@ -82,6 +88,7 @@ class TokenStreamingExecutor(Executor):
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
             self.engine.metrics = EngineMetrics(registry, self.engine.load)
+        self._call_preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.engine.start()
         self._warm_up()
 
@@ -103,16 +110,20 @@ class TokenStreamingExecutor(Executor):
 
     @requests(on="/chat")
     async def chat(self, docs: DocList[Prompt], **kwargs) -> DocList[Generation]:
-        """Whole answers, one per prompt, in order; prompts of one call share the running batch."""
+        """Whole answers, one per prompt, in order. The call is queued as a unit and its prompts enter the
+        running batch as rows free up (executor/scheduler.py says who goes first)."""
         with self._error_boundary("/chat"):
-            prepared = [self._prepare(doc) for doc in docs]  # every prompt is checked before any work starts
-            tasks = [asyncio.ensure_future(self._answer(prompt_ids, settings)) for prompt_ids, settings in prepared]
-            try:
-                answers = await asyncio.gather(*tasks)
-            finally:  # one failed (or the call was cancelled): the others' work is dropped too
-                for task in tasks:
-                    task.cancel()
-        return DocList[Generation](answers)
+            if len(docs) > self.max_prompts_per_call:
+                raise RequestError("prompts", len(docs), f"at most max_prompts_per_call={self.max_prompts_per_call} "
+                                   "prompts in one call; send them in smaller requests (Jina Client: "
+                                   f"post(..., request_size={min(100, self.max_prompts_per_call)}))")
+            # Every prompt is checked before any work starts. A thousand chat templates take a while: off the
+            # event loop that serves the other clients, on one thread, so that calls reach the engine's queue
+            # in the order they arrived (a client's job split into requests then finishes in its order).
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._call_preparer, lambda: [self._prepare(doc) for doc in docs])
+            answers = await self.engine.complete(prepared, label="/chat")
+        return DocList[Generation]([_generation(text, last) for text, last in answers])
 
     @requests(on="/stream")
     async def stream(self, doc: Prompt, **kwargs) -> Generation:
@@ -125,13 +136,6 @@ class TokenStreamingExecutor(Executor):
                 text = so_far if self.stream_text == "cumulative" else event.text
                 if event.text or event.finish_reason:
                     yield _generation(text, event)
-
-    async def _answer(self, prompt_ids, settings) -> Generation:
-        pieces, last = [], None
-        async for event in self.engine.stream(prompt_ids, settings, label="/chat"):
-            pieces.append(event.text)
-            last = event
-        return _generation("".join(pieces), last)
 
     def _prepare(self, doc: Prompt):
         """Validate and tokenize one prompt; raises RequestError naming the field."""
@@ -169,6 +173,7 @@ class TokenStreamingExecutor(Executor):
             raise EngineError(f"internal error while generating: {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
+        self._call_preparer.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         super().close()
 

@@ -274,3 +274,93 @@ def test_chat_template_output_is_bounded(lm):
     with pytest.raises(PromptTooLong, match="produced 100000 characters; at most 50000"):
         encode_prompt(Tokenizer(), messages, max_chars=50_000)
     assert len(encode_prompt(Tokenizer(), messages, max_chars=200_000)) > 0
+
+
+# ---- calls: many prompts queued as a unit, fed as rows free up -------------------------------------------
+def call_prompts(lm, count):
+    return [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"Question {i}: tell me about item {i}."}])
+            for i in range(count)]
+
+
+def test_a_call_larger_than_the_free_queue_is_refused_whole_and_leaves_nothing_behind(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_queue=10))  # not started
+    prompts = call_prompts(lm, 11)
+    requests = [(p, settings_for(lm, p, {"max_new_tokens": 5}), lambda e: None) for p in prompts]
+    with pytest.raises(ServerBusyError, match=r"0 prompts are already waiting and this call brings 11 \(max_queue=10\)"):
+        engine.submit_call(requests)
+    assert engine.load()["waiting"] == 0
+    engine.submit_call(requests[:10])  # a call that fits on an idle server is never refused
+    assert engine.load()["waiting"] == 10
+
+
+def test_a_cancelled_call_leaves_the_queue_at_once(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_queue=10))  # not started
+    prompts = call_prompts(lm, 10)
+    handle = engine.submit_call([(p, settings_for(lm, p, {"max_new_tokens": 5}), lambda e: None) for p in prompts])
+    handle.cancel()
+    assert engine.load()["waiting"] == 0  # no scheduler round needed: the next caller finds the room free
+    engine.submit_call([(p, settings_for(lm, p, {"max_new_tokens": 5}), lambda e: None) for p in prompts])
+
+
+def test_complete_returns_every_answer_in_order_equal_to_asking_alone(engine, lm):
+    prompts = call_prompts(lm, 40)
+    gen_conf = {"max_new_tokens": 10}
+    alone = [run(collect(engine, lm, p, gen_conf))[0] for p in prompts[:6]]
+    answers = run(engine.complete([(p, settings_for(lm, p, gen_conf)) for p in prompts], label="test"))
+    assert len(answers) == 40 and [text for text, _ in answers[:6]] == alone
+    assert all(last.finish_reason in ("stop", "length") for _, last in answers)
+    assert engine.load() == {"waiting": 0, "prefilling": 0, "running": 0}
+
+
+def test_a_stream_preempts_a_batch_call_and_both_answers_stay_exact(lm):
+    """A call fills every row; a stream that arrives takes one at once (a batch row is preempted and
+    recomputed later) and ends long before the call; greedy answers are unchanged by the preemption."""
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_batch_size=4, prefill_chunk=64)).start()
+    try:
+        prompts = call_prompts(lm, 24)
+        gen_conf = {"max_new_tokens": 40, "min_new_tokens": 40}
+        alone = [run(collect(engine, lm, p, gen_conf))[0] for p in prompts]
+        stream_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
+        stream_alone = run(collect(engine, lm, stream_ids, gen_conf))[0]
+
+        async def scenario():
+            job = asyncio.ensure_future(engine.complete([(p, settings_for(lm, p, gen_conf)) for p in prompts]))
+            while engine.load()["running"] < 4:
+                await asyncio.sleep(0.001)
+            steps_at_arrival = engine.steps
+            events = [e async for e in engine.stream(stream_ids, settings_for(lm, stream_ids, gen_conf))]
+            stream_steps, job_done_then = engine.steps - steps_at_arrival, job.done()
+            return await job, events, stream_steps, job_done_then
+
+        answers, events, stream_steps, job_done_then = run(scenario())
+        assert not job_done_then, "the stream should not have waited for the batch call"
+        assert stream_steps <= 40 + 3, f"the stream took {stream_steps} decode steps for 40 tokens"
+        assert engine.preemptions >= 1
+        assert "".join(e.text for e in events) == stream_alone
+        assert [text for text, _ in answers] == alone
+    finally:
+        engine.shutdown()
+
+
+def test_preempted_sampling_row_keeps_its_seeded_answer(lm):
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(max_batch_size=2)).start()
+    try:
+        prompts = call_prompts(lm, 2)
+        sampled = {"max_new_tokens": 40, "min_new_tokens": 40, "do_sample": True, "temperature": 0.9, "seed": 7}
+        alone = [run(collect(engine, lm, p, sampled))[0] for p in prompts]
+        stream_ids = encode_prompt(lm.tokenizer, PROMPTS[2])
+
+        async def scenario():
+            job = asyncio.ensure_future(engine.complete([(p, settings_for(lm, p, sampled)) for p in prompts]))
+            while engine.steps == 0 or engine.load()["running"] < 2:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.02)  # some tokens into the answers
+            [e async for e in engine.stream(stream_ids, settings_for(lm, stream_ids, {"max_new_tokens": 5}))]
+            return await job
+
+        before = engine.preemptions
+        answers = run(scenario())
+        assert engine.preemptions > before
+        assert [text for text, _ in answers] == alone
+    finally:
+        engine.shutdown()
