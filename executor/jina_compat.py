@@ -180,6 +180,7 @@ class CancelOnDisconnect:
             if not answer.done():
                 answer.cancel()
                 log.info("an HTTP client left before its answer; the request was cancelled")
+                await asyncio.wait({answer})  # its clean-up (e.g. cancelling the model's work) runs now
         if not answer.cancelled():
             answer.result()
 

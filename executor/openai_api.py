@@ -8,6 +8,7 @@ a custom one would replace Jina's (gRPC, HTTP, WebSocket) instead of serving bes
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
+import asyncio
 import hmac
 import json
 import logging
@@ -110,15 +111,21 @@ def chat_prompt(body: dict) -> tuple[Prompt, dict]:
     return Prompt(message=converted, gen_conf=gen_conf), names
 
 
-def completion_prompt(body: dict) -> tuple[Prompt, dict]:
+def completion_prompts(body: dict) -> tuple[list[Prompt], dict]:
+    """One Prompt per string of ``prompt`` (a string, or a list of strings as OpenAI and vLLM accept)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "prompt must be a non-empty string (one prompt per request; token lists are not "
-                       "supported)", param="prompt")
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+        raise APIError(400, "prompt must be a non-empty string or a list of non-empty strings (token lists are "
+                       "not supported)", param="prompt")
     gen_conf, names = gen_conf_from(body)
-    return Prompt(message=[{"role": "user", "content": prompt}], gen_conf={**gen_conf, "raw_prompt": True}), names
+    return [Prompt(message=[{"role": "user", "content": text}], gen_conf={**gen_conf, "raw_prompt": True})
+            for text in texts], names
+
+
+def _one(prompt_and_names: tuple) -> tuple[list[Prompt], dict]:
+    prompt, names = prompt_and_names
+    return [prompt], names
 
 
 def openai_param(field: str | None, names: dict, messages_name: str) -> str | None:
@@ -130,6 +137,8 @@ def openai_param(field: str | None, names: dict, messages_name: str) -> str | No
         return names.get(key, key)
     if field.startswith("message"):
         return messages_name + field[len("message"):] if messages_name == "messages" else messages_name
+    if field == "prompts":  # the number of prompts in one call
+        return messages_name
     return field
 
 
@@ -153,11 +162,12 @@ def api_error_from_backend(name: str, message: str, names: dict, messages_name: 
 
 # ---- the Jina server, through its gRPC port ---------------------------------------------------------------
 class Backend:
-    """``stream_doc`` on ``/stream`` over one long-lived gRPC channel (created in the serving loop)."""
+    """``stream_doc`` on ``/stream`` and whole answers from ``/chat``, over one long-lived gRPC channel
+    (created in the serving loop)."""
 
     def __init__(self, target: str, tls_certificate: str | None = None):
         self.target, self.tls_certificate = target, tls_certificate
-        self._stub = None
+        self._stub = self._batch_stub = None
 
     def _get_stub(self):
         if self._stub is None:
@@ -172,7 +182,34 @@ class Backend:
             else:
                 channel = grpc.aio.insecure_channel(self.target, options=options)
             self._stub = jina_pb2_grpc.JinaSingleDocumentRequestRPCStub(channel)
+            self._batch_stub = jina_pb2_grpc.JinaSingleDataRequestRPCStub(channel)
         return self._stub
+
+    async def answers(self, prompts: list, names: dict, messages_name: str) -> list:
+        """Whole answers (Generations, in order) to the prompts of one ``/chat`` call: queued as a unit and
+        fed to the batch as rows free up, like a Jina Client's ``post``."""
+        from docarray import DocList
+        from jina.proto import jina_pb2
+        from jina.types.request.data import DataRequest
+
+        self._get_stub()
+        request = DataRequest()
+        request.header.exec_endpoint = "/chat"
+        request.document_array_cls = DocList[Prompt]
+        request.data.docs = DocList[Prompt](prompts)
+        call = self._batch_stub.process_single_data(request)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            raise _unavailable(error) from None
+        finally:
+            call.cancel()  # a client that left: the Executor stops generating (no-op once answered)
+        status = response.header.status
+        if status.code == jina_pb2.StatusProto.ERROR:
+            error = error_from_status(status)
+            raise api_error_from_backend(error.name, error.message, names, messages_name)
+        response.document_array_cls = DocList[Generation]
+        return list(response.docs)
 
     async def stream(self, prompt: Prompt, names: dict, messages_name: str):
         """Yield Generation pieces; raise APIError for a refused or failed request."""
@@ -192,10 +229,41 @@ class Backend:
                     raise api_error_from_backend(error.name, error.message, names, messages_name)
                 yield Generation.from_protobuf(response.document)
         except grpc.aio.AioRpcError as error:
-            raise APIError(503, f"the model server is unavailable ({error.code().name}: {error.details()})",
-                           kind="server_error", code="backend_unavailable") from None
+            raise _unavailable(error) from None
         finally:
             call.cancel()  # a client that left, or an error: the Executor stops generating
+
+    async def streams(self, prompts: list, names: dict, messages_name: str):
+        """(index, Generation) pieces of several streamed answers, as they come; the first error ends all."""
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, prompt):
+            try:
+                async for piece in self.stream(prompt, names, messages_name):
+                    await pieces.put((index, piece))
+                await pieces.put((index, None))
+            except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it
+                await pieces.put((index, error))
+
+        tasks = [asyncio.ensure_future(pump(i, prompt)) for i, prompt in enumerate(prompts)]
+        try:
+            unfinished = len(prompts)
+            while unfinished:
+                index, piece = await pieces.get()
+                if isinstance(piece, Exception):
+                    raise piece
+                if piece is None:
+                    unfinished -= 1
+                else:
+                    yield index, piece
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _unavailable(error: grpc.aio.AioRpcError) -> APIError:
+    return APIError(503, f"the model server is unavailable ({error.code().name}: {error.details()})",
+                    kind="server_error", code="backend_unavailable")
 
 
 # ---- the HTTP app -----------------------------------------------------------------------------------------
@@ -225,11 +293,11 @@ def build_app(settings: Settings):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(settings, backend, request, "chat", chat_prompt)
+        return await complete(settings, backend, request, "chat", lambda body: _one(chat_prompt(body)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(settings, backend, request, "completion", completion_prompt)
+        return await complete(settings, backend, request, "completion", completion_prompts)
 
     return app
 
@@ -277,20 +345,24 @@ async def read_body(settings: Settings, request) -> dict:
     return body
 
 
-async def complete(settings: Settings, backend: Backend, request, kind: str, build_prompt):
-    """One chat or text completion, whole or streamed; the client leaving cancels it."""
+async def complete(settings: Settings, backend: Backend, request, kind: str, build_prompts):
+    """Chat or text completions, whole or streamed, one choice per prompt; the client leaving cancels them.
+    Whole answers are one ``/chat`` call (all prompts queued as a unit), streams one ``/stream`` each."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
     authorize(settings, request)
     body = await read_body(settings, request)
-    prompt, names = build_prompt(body)
+    prompts, names = build_prompts(body)
     shape = Shape(kind, settings.model_id)
-    pieces = backend.stream(prompt, names, shape.messages_name)
     if not body.get("stream"):
-        return JSONResponse(await _whole(shape, pieces))
+        answers = await backend.answers(prompts, names, shape.messages_name)
+        return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers),
+                             "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False)
+                                         for index, answer in enumerate(answers)]})
+    pieces = backend.streams(prompts, names, shape.messages_name)
     first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return StreamingResponse(_sse(shape, first, pieces, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_sse(shape, len(prompts), first, pieces, include_usage), media_type="text/event-stream")
 
 
 # ---- responses --------------------------------------------------------------------------------------------
@@ -308,54 +380,45 @@ class Shape:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.kind == "chat" else ""),
                 "created": self.created, "model": self.model_id}
 
-    def choice(self, text: str | None, finish_reason, chunk: bool) -> dict:
+    def choice(self, index: int, text: str | None, finish_reason, chunk: bool) -> dict:
         reason = FINISH_REASONS.get(finish_reason, finish_reason)
         if self.kind == "completion":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
         if chunk:
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+            return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
                     "finish_reason": reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": reason}
 
 
-def _usage(last: Generation | None) -> dict:
-    prompt = (last.prompt_tokens or 0) if last else 0
-    completion = (last.completion_tokens or 0) if last else 0
+def _usage(lasts) -> dict:
+    """Usage summed over the answers, from each answer's last Generation (None for one that never came)."""
+    prompt = sum((last.prompt_tokens or 0) for last in lasts if last)
+    completion = sum((last.completion_tokens or 0) for last in lasts if last)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _whole(shape: Shape, pieces) -> dict:
-    text, last = [], None
-    async for piece in pieces:
-        text.append(piece.text or "")
-        last = piece
-    return {**shape.envelope(chunk=False), "choices": [shape.choice("".join(text), last and last.finish_reason, False)],
-            "usage": _usage(last)}
-
-
-async def _sse(shape: Shape, first, pieces, include_usage: bool):
-    def event(payload: dict) -> str:
+async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
+    def event(choices: list, **extra) -> str:
+        payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    extra = {"usage": None} if include_usage else {}
-    last = None
+    lasts = [None] * count
     if shape.kind == "chat":
-        opening = shape.choice(None, None, True) | {"delta": {"role": "assistant", "content": ""}}
-        yield event({**shape.envelope(True), "choices": [opening], **extra})
+        yield event([shape.choice(0, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
     try:
-        async for piece in prepend(first, pieces):
-            last = piece
+        async for index, piece in prepend(first, pieces):
+            lasts[index] = piece
             if piece.text:
-                yield event({**shape.envelope(True), "choices": [shape.choice(piece.text, None, True)], **extra})
+                yield event([shape.choice(index, piece.text, None, True)])
+            if piece.finish_reason:
+                yield event([shape.choice(index, None if shape.kind == "chat" else "", piece.finish_reason, True)])
     except APIError as error:  # after the first piece: report it in the stream, then end it
-        yield event(error.body())
+        yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
-    yield event({**shape.envelope(True), "choices": [shape.choice(None if shape.kind == "chat" else "",
-                                                                  last and last.finish_reason, True)], **extra})
     if include_usage:
-        yield event({**shape.envelope(True), "choices": [], "usage": _usage(last)})
+        yield event([], usage=_usage(lasts))
     yield "data: [DONE]\n\n"
 
 

@@ -1,4 +1,5 @@
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -51,15 +52,19 @@ async def stream_doc(port, prompt, generation_cls=None, on="/stream"):
 @pytest.fixture(scope="session")
 def server(tiny_models):
     """A real Deployment (gateway + executor processes) on a free port, serving the tiny chat model."""
-    from jina import Deployment
-
-    from executor import TokenStreamingExecutor
-
     port = free_port()
-    deployment = Deployment(uses=TokenStreamingExecutor, port=port, protocol="grpc",
-                            uses_with={"model_name": str(tiny_models["chat"]), **TEST_LIMITS})
-    with deployment:
+    uses_with = json.dumps({"model_name": str(tiny_models["chat"]), **TEST_LIMITS})
+    with serve_deployment(port, "executor", uses_with):
         yield port
+
+
+@contextmanager
+def serve_deployment(port, uses, uses_with: str):
+    """``Deployment(uses=..., uses_with=...)`` in a process of its own (tests/e2e/run_deployment.py)."""
+    args = [PYTHON, str(ROOT / "tests" / "e2e" / "run_deployment.py"), str(port), uses, uses_with]
+    with serve_process(args, ready_line="deployment ready") as (process, log):
+        assert process.poll() is None, log.read_text()
+        yield process, log
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """The CLI, the embedded demo model, config.yml (Deployment and `jina executor`), start-up failures."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,7 +8,7 @@ import time
 
 from docarray import DocList
 
-from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_process, stream_doc
+from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_deployment, serve_process, stream_doc
 from schemas import Prompt
 
 HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_new_tokens": 12})
@@ -52,13 +53,11 @@ def test_a_model_that_cannot_be_loaded_stops_start_up_with_a_clear_error(tmp_pat
 
 
 def test_config_yml_with_a_model_without_chat_template(tiny_models):
-    from jina import Deployment
-
     from executor.model import encode_prompt
     from transformers import AutoTokenizer
 
     port = free_port()
-    with Deployment(uses=str(ROOT / "config.yml"), port=port, uses_with={"model_name": str(tiny_models["plain"])}):
+    with serve_deployment(port, str(ROOT / "config.yml"), json.dumps({"model_name": str(tiny_models["plain"])})):
         answer = run(post_chat(port, HELLO))[0]
         pieces = run(stream_doc(port, HELLO))
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["plain"])

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API (--openai-port), driven by the official `openai` package against a real server.
 
-One server on the slow test model with one batch slot and a one-place queue, so that "busy" and
+One server on the slow test model with one batch slot and a queue of three prompts, so that "busy" and
 "the client left" can be provoked; greedy answers are deterministic."""
 
 import re
@@ -26,7 +26,7 @@ HELLO = [{"role": "user", "content": "Hello, how are you? 😀"}]
 def api(slow_model):
     grpc_port, openai_port = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(grpc_port),
-            "--openai-port", str(openai_port), "--api-key", KEY, "--max_batch_size", "1", "--max_queue", "1",
+            "--openai-port", str(openai_port), "--api-key", KEY, "--max_batch_size", "1", "--max_queue", "3",
             "--max_prompt_tokens", "64"]
     with serve_process(args, ready_line="OpenAI-compatible API on port") as (process, log):
         assert process.poll() is None, log.read_text()
@@ -67,6 +67,24 @@ def test_completions_use_the_prompt_as_is(api):
                                                    stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text != ""
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completions_with_a_list_of_prompts_answer_each_with_its_index(api):
+    prompts = ["Once upon a time", "The quick brown fox", "Hello"]
+    alone = [api["client"].completions.create(model=api["model"], prompt=p, max_tokens=8, temperature=0)
+             for p in prompts]
+    whole = api["client"].completions.create(model=api["model"], prompt=prompts, max_tokens=8, temperature=0)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone]
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert whole.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    chunks = list(api["client"].completions.create(model=api["model"], prompt=prompts, max_tokens=8, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == [a.choices[0].text for a in alone]
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_stop_and_seed(api):
@@ -126,7 +144,7 @@ def test_api_key_is_required(api):
 
 
 def cancelled_lines(api) -> int:
-    return len(re.findall(r"endpoint=/stream .* finish=cancelled", api["log"].read_text(errors="replace")))
+    return len(re.findall(r"endpoint=/(stream|chat) .* finish=cancelled", api["log"].read_text(errors="replace")))
 
 
 def wait_for_cancelled(api, count, timeout=15):
@@ -145,8 +163,9 @@ def test_full_queue_is_503_and_leaving_clients_stop_their_generation(api):
                          headers=headers) as running:
             lines = running.iter_lines()  # kept: a dropped iterator closes the response
             assert next(lines).startswith("data: ")  # generating: the one batch slot is taken
-            waiting = threading.Thread(target=wait_then_leave, args=(api, long, headers, outcome := []))
-            waiting.start()  # non-streaming, in the queue; its client gives up after 2 s
+            three = {"model": api["model"], "prompt": ["a", "b", "c"], "max_tokens": 1500, "temperature": 0}
+            waiting = threading.Thread(target=wait_then_leave, args=(api, three, headers, outcome := []))
+            waiting.start()  # three prompts in one call fill the queue; its client gives up after 2 s
             time.sleep(0.5)
             with pytest.raises(openai.InternalServerError) as raised:
                 chat(api, max_tokens=4)
@@ -154,14 +173,14 @@ def test_full_queue_is_503_and_leaving_clients_stop_their_generation(api):
             waiting.join()
             assert outcome == ["left"]
         # leaving the stream closes its connection
-    assert wait_for_cancelled(api, before + 2) == before + 2, "a client left but its generation went on"
+    assert wait_for_cancelled(api, before + 4) == before + 4, "a client left but its generation went on"
     assert chat(api, max_tokens=4, temperature=0).choices[0].finish_reason == "length"  # serving again
 
 
 def wait_then_leave(api, body, headers, outcome):
     """A non-streaming request whose client gives up after 2 s (it is still waiting for a batch slot)."""
     try:
-        httpx.post(f"{api['url']}/v1/chat/completions", json=body, headers=headers, timeout=2.0)
+        httpx.post(f"{api['url']}/v1/completions", json=body, headers=headers, timeout=2.0)
         outcome.append("answered")
     except httpx.TimeoutException:
         outcome.append("left")

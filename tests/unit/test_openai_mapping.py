@@ -2,7 +2,7 @@
 
 import pytest
 
-from executor.openai_api import APIError, api_error_from_backend, chat_prompt, completion_prompt, gen_conf_from
+from executor.openai_api import APIError, api_error_from_backend, chat_prompt, completion_prompts, gen_conf_from
 
 
 def test_sampling_parameters_map_onto_gen_conf():
@@ -39,11 +39,14 @@ def test_messages_with_text_parts_and_completion_prompts():
     assert prompt.message == [{"role": "user", "content": "ab"}]
     with pytest.raises(APIError, match="text parts"):
         chat_prompt({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
-    raw, _ = completion_prompt({"prompt": ["Once"], "max_tokens": 3})
+    (raw,), _ = completion_prompts({"prompt": ["Once"], "max_tokens": 3})
     assert raw.message == [{"role": "user", "content": "Once"}] and raw.gen_conf["raw_prompt"] is True
-    with pytest.raises(APIError) as raised:
-        completion_prompt({"prompt": [1, 2, 3]})
-    assert raised.value.param == "prompt"
+    several, _ = completion_prompts({"prompt": ["Once", "Twice"], "max_tokens": 3})
+    assert [p.message[0]["content"] for p in several] == ["Once", "Twice"]
+    for bad in ([1, 2, 3], [], ["ok", ""], "", None):
+        with pytest.raises(APIError) as raised:
+            completion_prompts({"prompt": bad})
+        assert raised.value.param == "prompt"
 
 
 def test_executor_errors_speak_the_clients_names():
