@@ -6,6 +6,7 @@ Builds a GPT-2-small-shaped model (124M parameters, random weights, a 50257-toke
 offline on synthetic text) once, then measures, in one run:
   references  raw decode loop with KV cache (batch 1), model.generate static batch of N
   the server  /stream with 1 client, N concurrent /stream clients, /chat with N prompts in one call,
+              a 1000-prompt batch job through one Client.post (and the TTFT of /stream clients meanwhile),
               executor RSS over many requests; the OpenAI API (--openai-port) streaming, 1 and N clients
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 """
@@ -28,6 +29,8 @@ import torch  # noqa: E402
 from server_process import executor_process, free_port, start_server, stop_server  # noqa: E402
 
 CHUNK = 256  # the server's default prefill_chunk
+JOB_TOKENS = 32  # new tokens per prompt of the batch job
+JOB_REFERENCE_BATCHES = 4  # model.generate static batches measured for the job's reference (the job's first prompts)
 CACHE = Path(os.environ.get("JINA_LLM_STREAM_CACHE", Path.home() / ".cache" / "jina-llm-stream"))
 BENCH_MODEL = CACHE / "bench-gpt2-small-v1"
 
@@ -94,13 +97,26 @@ def references(path: Path, new_tokens: int, batch: int) -> dict:
         started = time.perf_counter()
         model.generate(**encoded, do_sample=False, pad_token_id=tokenizer.pad_token_id, **gen_conf(new_tokens))
         static_tps = batch * new_tokens / (time.perf_counter() - started)
+        job_static_tps = static_batches_rate(model, tokenizer, batch, JOB_TOKENS, JOB_REFERENCE_BATCHES)
         long_ids = torch.tensor([list(range(1000, 1000 + CHUNK))])
         started = time.perf_counter()
         model(long_ids, use_cache=True, logits_to_keep=1)
         chunk_s = time.perf_counter() - started
     del model
     return {"raw_tps": raw_tps, "prefill_s": prefill_s, "static_tps": static_tps, "prompt_tokens": len(ids),
-            "chunk_s": chunk_s}
+            "chunk_s": chunk_s, "job_static_tps": job_static_tps}
+
+
+def static_batches_rate(model, tokenizer, batch: int, new_tokens: int, batches: int) -> float:
+    """model.generate on the job's first ``batches`` x ``batch`` prompts, ``batch`` at a time (left padded)."""
+    job = prompts(batch * batches)
+    started = time.perf_counter()
+    for first in range(0, len(job), batch):
+        texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                 for m in job[first:first + batch]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        model.generate(**encoded, do_sample=False, pad_token_id=tokenizer.pad_token_id, **gen_conf(new_tokens))
+    return len(job) * new_tokens / (time.perf_counter() - started)
 
 
 def raw_decode_rate(model, cache, token, new_tokens: int) -> float:
@@ -168,6 +184,35 @@ async def prefill_stall(client, new_tokens: int) -> dict:
             "long_prefill_s": ended - started}
 
 
+async def batch_job(client, prompt_count: int) -> dict:
+    """A ``prompt_count``-prompt job through one ``Client.post`` with the client's defaults, while a /stream
+    client asks a question every 2 s: the job's rate and those streams' TTFT."""
+    from docarray import DocList
+
+    from schemas import Generation, Prompt
+
+    docs = DocList[Prompt]([Prompt(message=m, gen_conf=gen_conf(JOB_TOKENS)) for m in prompts(prompt_count)])
+    answers, stream_ttfts = [], []
+
+    async def job():
+        async for result in client.post("/chat", inputs=docs, return_type=DocList[Generation]):
+            answers.extend(result)
+
+    async def interactive(running):
+        await asyncio.sleep(3.0)  # the job fills the engine first
+        while not running.done():
+            stream_ttfts.append((await one_stream(client, prompts(1)[0], 16))["ttft"])
+            await asyncio.sleep(2.0)
+
+    started = time.perf_counter()
+    running = asyncio.ensure_future(job())
+    await asyncio.gather(running, interactive(running))
+    wall = time.perf_counter() - started
+    return {"job_tps": sum(a.completion_tokens for a in answers) / wall, "job_wall": wall, "job_prompts": len(answers),
+            "job_stream_ttft_p50": statistics.median(stream_ttfts),
+            "job_stream_ttft_max": max(stream_ttfts), "job_streams": len(stream_ttfts)}
+
+
 async def openai_stream(http, url: str, model: str, message, new_tokens: int) -> dict:
     """One streamed /v1/chat/completions: the same measures as one_stream."""
     body = {"model": model, "messages": message, "max_tokens": new_tokens, "min_tokens": new_tokens,
@@ -199,7 +244,7 @@ async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: 
             "openaiN_tps": sum(r["tokens"] for r in many) / wall}
 
 
-async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: int, server) -> dict:
+async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: int, job_prompts: int, server) -> dict:
     from docarray import DocList
     from jina import Client
 
@@ -223,6 +268,7 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
     async for result in client.post("/chat", inputs=docs, return_type=DocList[Generation]):
         answers.extend(result)
     chat_wall = time.perf_counter() - started
+    job = await batch_job(client, job_prompts)
 
     executor = executor_process(server)
     rss_before = executor.memory_info().rss
@@ -246,7 +292,7 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
         "streamN_tps": sum(r["tokens"] for r in many) / concurrent_wall,
         "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         "chat_tps": sum(a.completion_tokens for a in answers) / chat_wall,
-        **stall, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
+        **stall, **job, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
     }
 
 
@@ -270,6 +316,13 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
          f"{srv['ttft_p50'] * 1000:.0f} / {srv['ttft_p95'] * 1000:.0f} ms", "", "p50 <= 1.5 s"),
         (f"/chat, {batch} prompts in one call", f"{srv['chat_tps']:.1f} tok/s",
          f"{srv['chat_tps'] / ref['static_tps']:.2f}x static batch", ">= 0.8x"),
+        (f"batch job: {srv['job_prompts']} prompts x {JOB_TOKENS} tokens in one Client.post (defaults: requests of "
+         f"100), {srv['job_wall']:.0f} s", f"{srv['job_tps']:.1f} tok/s",
+         f"{srv['job_tps'] / ref['job_static_tps']:.2f}x static batch {batch} ({ref['job_static_tps']:.1f} tok/s on "
+         f"the job's first {batch * JOB_REFERENCE_BATCHES} prompts)", ">= 0.8x"),
+        (f"/stream TTFT while the batch job runs, p50 / max of {srv['job_streams']}",
+         f"{srv['job_stream_ttft_p50'] * 1000:.0f} / {srv['job_stream_ttft_max'] * 1000:.0f} ms",
+         f"idle: {srv['stream1_ttft'] * 1000:.0f} ms", "p50 <= 1 s"),
         ("4 streams while a 900-token prompt is prefilled: extra delay of their next piece",
          f"{(srv['stall_max'] - srv['gap_typical']) * 1000:.0f} ms",
          f"{(srv['stall_max'] - srv['gap_typical']) / ref['chunk_s']:.2f}x one {CHUNK}-token chunk "
@@ -295,16 +348,18 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rss-requests", type=int, default=1000)
+    parser.add_argument("--job-prompts", type=int, default=1000)
     args = parser.parse_args()
     path = build_bench_model()
     ref = references(path, args.new_tokens, args.clients)
     port, openai_port = free_port(), free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
     server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(args.clients),
-                           "--max_queue", "256", "--openai-port", str(openai_port)], log_path,
+                           "--openai-port", str(openai_port)], log_path,
                           ready_line="OpenAI-compatible API on port")
     try:
-        srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, server))
+        srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, args.job_prompts,
+                                          server))
         srv |= asyncio.run(openai_measures(openai_port, str(path), args.new_tokens, args.clients))
     finally:
         stop_server(server)

@@ -173,6 +173,8 @@ class Engine:
         (text, last TokenEvent). The first failure fails the call and cancels the rest; so does
         cancelling the awaiting task. Events are gathered on the engine thread, so the caller's loop
         wakes once per answer, not once per token."""
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         pieces = [[] for _ in requests]
@@ -541,9 +543,10 @@ class Engine:
         ttft = (sequence.first_token_at - sequence.submitted_at) * 1000 if sequence.first_token_at else float("nan")
         decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
         rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
+        preempted = f" preempted={sequence.preemptions}" if sequence.preemptions else ""
         log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
-                 "preempted=%d finish=%s", os.getpid(), sequence.request_id, sequence.label or "-",
-                 len(sequence.prompt_ids), len(sequence.generated), ttft, rate, sequence.preemptions, outcome)
+                 "finish=%s%s", os.getpid(), sequence.request_id, sequence.label or "-", len(sequence.prompt_ids),
+                 len(sequence.generated), ttft, rate, outcome, preempted)
         if self.metrics:
             self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated))
 

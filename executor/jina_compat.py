@@ -112,10 +112,12 @@ async def _stream_batch_endpoint(handler, endpoint, request, context):
 class ServiceError(Exception):
     """An error answer for an HTTP client: status code and a JSON body."""
 
-    def __init__(self, name: str, message: str):
+    def __init__(self, name: str, message: str, field: str | None = None):
         self.status_code, self.name, self.message = HTTP_STATUS_BY_ERROR.get(name, 500), name, message
         # RequestError messages read "field=value is not allowed: ..." (executor/sampling.py)
-        self.field = message.split("=", 1)[0] if name == "RequestError" and "=" in message else None
+        if field is None and name == "RequestError" and "=" in message:
+            field = message.split("=", 1)[0]
+        self.field = field
         self.body = {"error": {"type": name, "message": message, "field": self.field}}
         super().__init__(message)
 
@@ -125,6 +127,82 @@ def error_from_status(status) -> ServiceError:
     name = status.exception.name or "Error"
     message = status.exception.args[0] if status.exception.args else status.description
     return ServiceError(name, message)
+
+
+def invalid_json_message(error: Exception, document=None) -> str:
+    """What is wrong with a body that is not JSON, and where: for the 400 answers of every HTTP face."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno} (char {error.pos})"
+    if not isinstance(error, RecursionError):  # e.g. bytes that are not UTF-8
+        return f"the body is not valid JSON: {error}"
+    if isinstance(document, (bytes, bytearray)):
+        document = document.decode("utf-8", errors="replace")
+    where = _nesting_position(document, MAX_JSON_NESTING) if isinstance(document, str) else None
+    at = f" (deeper than {MAX_JSON_NESTING} levels at char {where})" if where is not None else ""
+    return f"the body is not valid JSON: it is nested too deeply for the parser{at}"
+
+
+MAX_JSON_NESTING = 500
+
+
+def _nesting_position(text: str, limit: int):
+    """Index of the first ``[`` or ``{`` that opens level ``limit + 1``, or None."""
+    depth, in_string, escaped = 0, False, False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return index
+        elif char in "]}":
+            depth -= 1
+    return None
+
+
+def _add_body_error_handlers(app) -> None:
+    """A body that is not JSON, or not the shape of the endpoint's documents, is a 400 naming the field in
+    this server's error shape (FastAPI answers 422, or a bare 400 for JSON nested too deeply)."""
+    from fastapi.exception_handlers import http_exception_handler
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def invalid_body(request, error: RequestValidationError):
+        message = _validation_message(error)
+        field = None if "=" in message.split(" ", 1)[0] else "body"
+        return _service_error_response(request, ServiceError("RequestError", message, field))
+
+    async def unparsable_body(request, error: HTTPException):
+        if error.status_code == 400 and isinstance(error.__cause__, (ValueError, RecursionError)):  # JSON parsing
+            message = invalid_json_message(error.__cause__)
+            return _service_error_response(request, ServiceError("RequestError", message, "body"))
+        return await http_exception_handler(request, error)
+
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, unparsable_body)
+
+
+def _validation_message(error) -> str:
+    first = error.errors()[0]
+    if first.get("type") in ("json_invalid", "value_error.jsondecode"):
+        pos = first["loc"][-1] if isinstance(first["loc"][-1], int) else 0
+        document = error.body if isinstance(error.body, str) else ""
+        return invalid_json_message(json.JSONDecodeError(first.get("ctx", {}).get("error", first["msg"]), document, pos))
+    if isinstance(error.body, (bytes, bytearray)):  # not sent as JSON: FastAPI did not parse it
+        try:
+            json.loads(error.body)
+        except (ValueError, RecursionError) as not_json:
+            return invalid_json_message(not_json, error.body)
+        return "body=<not declared as JSON> is not allowed: send it with the header Content-Type: application/json"
+    field = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+    return f"{field}=<missing or invalid> is not allowed: {first['msg']}"
 
 
 def _error_from_exception(error: Exception) -> ServiceError:
@@ -138,6 +216,7 @@ def _patch_http_app() -> None:
     def get_fastapi_app(request_models_map, caller, **kwargs):
         app = original_get_app(request_models_map=request_models_map, caller=_checked(caller), **kwargs)
         app.add_exception_handler(ServiceError, _service_error_response)
+        _add_body_error_handlers(app)
         for endpoint, models in request_models_map.items():
             if endpoint != "_jina_dry_run_" and not models["is_generator"]:
                 _add_event_stream_route(app, endpoint, models["input"]["model"], caller)
@@ -326,6 +405,7 @@ def _patch_gateway_http_app() -> None:
         _use_wire_classes(streamer._endpoints_models_map)
         app = original_get_app(streamer=_ErrorRaisingStreamer(streamer), **kwargs)
         app.add_exception_handler(ServiceError, _service_error_response)
+        _add_body_error_handlers(app)
         for endpoint, models in streamer._endpoints_models_map.items():
             if endpoint != "_jina_dry_run_":
                 path = f'/{endpoint.strip("/")}'
@@ -402,6 +482,34 @@ def _patch_load_balancer_shutdown() -> None:
             await runner.cleanup()
 
     LoadBalancingServer.run_server = run_server
+    _patch_load_balancer_body()
+
+
+def _patch_load_balancer_body() -> None:
+    """Jina's balancer parses the body as JSON and sends the parsed value on; a body that is not JSON (or
+    nested too deeply to parse) went on as no body at all, and the worker answered "field required". The
+    body goes on as it came, with its Content-Type, so the worker's app says what is wrong with it."""
+    import aiohttp
+    from aiohttp import web
+    from jina.serve.runtimes.gateway.request_handling import GatewayRequestHandler
+
+    async def _load_balance(self, request):
+        target_url = f"{next(self.load_balancer_servers)}{request.path_qs}"
+        headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.request(request.method, url=target_url, auto_decompress=False,
+                                           data=await request.read(), headers=headers) as response:
+                    stream_response = web.StreamResponse(status=response.status, headers=response.headers)
+                    await stream_response.prepare(request)
+                    async for chunk in response.content.iter_any():
+                        await stream_response.write(chunk)
+                    await stream_response.write_eof()
+                    return stream_response
+        except aiohttp.ClientError as error:
+            return web.Response(text=f"Error: {error}", status=500)
+
+    GatewayRequestHandler._load_balance = _load_balance
 
 
 # ---- replicas: reconnect quickly to a replica that was still starting -----------------------------------

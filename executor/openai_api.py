@@ -20,7 +20,7 @@ import grpc
 
 from schemas import Generation, Prompt
 
-from .jina_compat import CancelOnDisconnect, ServiceError, error_from_status, first_of, prepend
+from .jina_compat import CancelOnDisconnect, ServiceError, error_from_status, first_of, invalid_json_message, prepend
 
 log = logging.getLogger("jina_llm_stream.openai")
 
@@ -332,8 +332,8 @@ async def read_body(settings: Settings, request) -> dict:
                        code="request_too_large")
     try:
         body = json.loads(raw)
-    except ValueError as error:
-        raise APIError(400, f"the body is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        raise APIError(400, invalid_json_message(error, raw)) from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     check_model(settings, body.get("model"))

@@ -3,6 +3,7 @@
 One server on the slow test model with one batch slot and a queue of three prompts, so that "busy" and
 "the client left" can be provoked; greedy answers are deterministic."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -229,6 +230,33 @@ def test_random_requests_get_an_answer_or_an_openai_error(api, parameters, messa
         assert response.text.rstrip().endswith("data: [DONE]")
     else:
         assert response.json()["usage"]["completion_tokens"] <= 8
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(st.binary(max_size=40), st.integers(1, 200_000).map(lambda depth: b"[" * depth),
+                      st.text(max_size=40).map(str.encode)))
+def test_malformed_json_is_an_openai_400_that_says_what_and_where(api, body):
+    response = httpx.post(f"{api['url']}/v1/chat/completions", content=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        parsed = isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):
+        parsed = False
+    expected = (400, 404) if parsed else (400,)  # a JSON object without the model: 404 model_not_found
+    assert response.status_code in expected, (response.status_code, response.text[:300])
+    error = response.json()["error"]
+    assert error["message"] and (parsed or "not valid JSON" in error["message"] or "JSON object" in error["message"]), error
+
+
+def test_deeply_nested_json_says_where(api):
+    response = httpx.post(f"{api['url']}/v1/completions", content=b"[" * 100_000, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["error"]["message"]
+    assert "at char 500" in response.json()["error"]["message"]
+    cut = httpx.post(f"{api['url']}/v1/completions", content=b'{"model": ', timeout=60,
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert cut.status_code == 400 and "line 1 column 11 (char 10)" in cut.json()["error"]["message"]
 
 
 def test_openai_port_needs_grpc():

@@ -11,6 +11,8 @@ from datetime import datetime
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from docarray import DocList
 from jina import Client
 
@@ -92,6 +94,50 @@ def test_plain_http_errors_name_the_field(server):
     assert events[0][0] == "error" and events[0][1]["error"]["field"] == "gen_conf.temperature"
     busy_or_bad = httpx.post(f"{base}/chat", json={"data": [{"message": [], "gen_conf": {}}]}, timeout=30)
     assert busy_or_bad.status_code == 400 and busy_or_bad.json()["error"]["field"] == "message"
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_malformed_json_is_a_400_that_says_what_and_where(server):
+    base = f"http://127.0.0.1:{server['http']}"
+    cases = {  # body, headers -> words the message must hold
+        "deep": (b"[" * 100_000, JSON, "nested too deeply"),
+        "cut": (b'{"data": [', JSON, "line 1 column 11 (char 10)"),
+        "no content type": (b'{"data": [{"message": }]}', {}, "line 1 column 23 (char 22)"),
+        "form": (b"data=hello", {"Content-Type": "application/x-www-form-urlencoded"}, "not valid JSON"),
+        "json as text": (json.dumps({"data": [GOOD]}).encode(), {"Content-Type": "text/plain"}, "application/json"),
+    }
+    for name, (body, headers, words) in cases.items():
+        answer = httpx.post(f"{base}/chat", content=body, headers=headers, timeout=30)
+        assert answer.status_code == 400, (name, answer.status_code, answer.text[:300])
+        error = answer.json()["error"]
+        assert error["type"] == "RequestError" and words in error["message"], (name, error)
+        assert error["field"] == "body", (name, error)
+    wrong_shape = httpx.post(f"{base}/chat", json={"data": "not a list"}, timeout=30)
+    assert wrong_shape.status_code == 400 and wrong_shape.json()["error"]["field"].startswith("data"), wrong_shape.text
+    with httpx.stream("GET", f"{base}/stream", content=b"{oops", headers=JSON, timeout=30) as response:
+        assert response.status_code == 400
+        assert "not valid JSON" in sse_events(response)[0][1]["error"]["message"]
+    assert httpx.post(f"{base}/chat", json={"data": [GOOD]}, timeout=30).status_code == 200  # still serving
+
+
+_bodies = st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
+                    st.integers(1, 3000).map(lambda depth: b'{"data": ' + b"[" * depth),
+                    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                              max_size=3),
+                                 max_leaves=8).map(lambda value: json.dumps({"data": value}).encode()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_bodies)
+def test_random_bodies_get_an_answer_or_a_400_in_the_error_shape(server, body):
+    answer = httpx.post(f"http://127.0.0.1:{server['http']}/chat", content=body, headers=JSON, timeout=60)
+    assert answer.status_code in (200, 400), (answer.status_code, answer.text[:300], body[:100])
+    if answer.status_code == 400:
+        error = answer.json()["error"]
+        assert error["type"] == "RequestError" and error["message"] and "field" in error, error
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -17,7 +17,8 @@ from conftest import PYTHON, free_port, run, serve_process
 from schemas import Generation, Prompt
 from test_protocols import (  # noqa: F401 - collected again here, against this module's `server`
     test_jina_client_over_each_protocol, test_jina_client_raises_on_bad_requests_over_each_protocol,
-    test_plain_http_errors_name_the_field, test_plain_http_post_and_server_sent_events)
+    test_malformed_json_is_a_400_that_says_what_and_where, test_plain_http_errors_name_the_field,
+    test_plain_http_post_and_server_sent_events, test_random_bodies_get_an_answer_or_a_400_in_the_error_shape)
 
 
 @pytest.fixture(scope="module")

@@ -310,6 +310,7 @@ def test_complete_returns_every_answer_in_order_equal_to_asking_alone(engine, lm
     assert len(answers) == 40 and [text for text, _ in answers[:6]] == alone
     assert all(last.finish_reason in ("stop", "length") for _, last in answers)
     assert engine.load() == {"waiting": 0, "prefilling": 0, "running": 0}
+    assert run(asyncio.wait_for(engine.complete([]), 5)) == []  # an empty call is answered at once
 
 
 def test_a_stream_preempts_a_batch_call_and_both_answers_stay_exact(lm):
