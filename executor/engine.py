@@ -62,7 +62,6 @@ class _Sequence:
     settings: SamplingSettings
     emit: object
     detok: IncrementalDetokenizer
-    deadline: float
     processors: object = None
     do_sample: bool = False
     generator: torch.Generator | None = None
@@ -71,6 +70,7 @@ class _Sequence:
     prefilled: int = 0
     generated: list = field(default_factory=list)
     call: Call | None = None
+    deadline: float | None = None  # request_timeout after it first got a row
     prepared: bool = False
     active: bool = False  # holds a row (prefilling or running)
     preemptions: int = 0
@@ -149,13 +149,13 @@ class Engine:
     def submit_call(self, requests, label: str = "") -> RequestHandle:
         """Queue the (prompt_ids, settings, emit) requests of one call, all or none: ServerBusyError when
         they would pass ``max_queue`` waiting prompts."""
-        deadline = time.monotonic() + self.config.request_timeout
         sequences = [
             _Sequence(request_id=next(self._ids), prompt_ids=array("i", prompt_ids), settings=settings, emit=emit,
-                      detok=IncrementalDetokenizer(self.tokenizer, settings.stop), deadline=deadline, label=label)
+                      detok=IncrementalDetokenizer(self.tokenizer, settings.stop), label=label)
             for prompt_ids, settings, emit in requests
         ]
         call = Call(sequences)
+        call.deadline = time.monotonic() + self.config.request_timeout
         for sequence in sequences:
             sequence.call = call
         with self._lock:
@@ -287,6 +287,11 @@ class Engine:
                 if sequence is None:
                     return
                 sequence.active = True
+                now = time.monotonic()
+                # request_timeout bounds each prompt from its first row on; its call's waiting prompts
+                # expire only when the call got no new row for that long (a long job is not cut off).
+                sequence.deadline = sequence.deadline or now + self.config.request_timeout
+                sequence.call.deadline = now + self.config.request_timeout
                 if not sequence.prepared:
                     try:
                         self._prepare(sequence)
@@ -346,39 +351,67 @@ class Engine:
         if sequence.cancelled:
             self._retire_cancelled(sequence)
             return True
-        if now > sequence.deadline:
+        if now > (sequence.deadline or sequence.call.deadline):
             self._finish(sequence, "time_limit")
             return True
         return False
 
     # ---- prefill ----------------------------------------------------------------------------------
     def _prefill_some(self) -> None:
-        """Prefill at most ``prefill_chunk`` prompt tokens this round, oldest requests first."""
+        """Prefill at most ``prefill_chunk`` prompt tokens this round, oldest requests first. Prompts that
+        fit whole in what is left of the round share one forward pass (short prompts of a batch job would
+        otherwise cost a forward pass each); longer ones advance by a chunk on their own."""
         budget = self.config.prefill_chunk
+        together = []
         for sequence in list(self._prefilling):
             if budget <= 0:
                 break
             context = sequence.context_ids()
+            if sequence.prefilled == 0 and len(context) <= budget:
+                together.append((sequence, context))
+                budget -= len(context)
+                continue
             start = sequence.prefilled
             end = min(len(context), start + budget)
-            try:
+            budget -= end - start
+            logits = self._guarded_prefill([sequence], lambda: self._forward_prefill(sequence, context[start:end], start))
+            if logits is not None:
+                sequence.prefilled = end
+                if end == len(context):
+                    self._prefilled([sequence], logits)
+        if together:
+            sequences = [sequence for sequence, _ in together]
+            logits = self._guarded_prefill(sequences, lambda: self._forward_prefill_together(together))
+            if logits is not None:
+                self._prefilled(sequences, logits)
+
+    def _guarded_prefill(self, sequences, forward):
+        """Run ``forward``; if it fails (e.g. out of memory), fail these requests only and keep serving."""
+        try:
+            for sequence in sequences:
                 if sequence.cache is None:
                     sequence.cache = DynamicCache(config=self.model.config)
-                logits = self._forward_prefill(sequence, context[start:end], start)
-            except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail this request, keep serving
-                log.exception("prefill failed for request %s", sequence.request_id)
+            return forward()
+        except Exception as error:  # noqa: BLE001
+            log.exception("prefill failed for request(s) %s", [s.request_id for s in sequences])
+            for sequence in sequences:
                 self._prefilling.remove(sequence)
                 self._finish_with_error(sequence, EngineError(f"generation failed: {error}"))
-                continue
-            budget -= end - start
-            sequence.prefilled = end
-            if end < len(context):
-                continue
+            return None
+
+    def _prefilled(self, sequences, logits: torch.Tensor) -> None:
+        """These sequences' caches are complete: choose their first tokens and let them join the batch."""
+        for sequence in sequences:
             self._prefilling.remove(sequence)
-            if sequence.generated:  # resumed after a preemption: its next input token is known already
-                self._join_batch(sequence, sequence.generated[-1])
-                continue
-            token = self._choose_tokens([sequence], logits[:, -1, :])[0]
+        resumed = [s for s in sequences if s.generated]  # after a preemption: the next input is known already
+        for sequence in resumed:
+            self._join_batch(sequence, sequence.generated[-1])
+        fresh = [(row, s) for row, s in enumerate(sequences) if not s.generated]
+        if not fresh:
+            return
+        rows = torch.tensor([row for row, _ in fresh], device=logits.device)
+        tokens = self._choose_tokens([s for _, s in fresh], logits[rows, -1, :])
+        for (_, sequence), token in zip(fresh, tokens):
             if self._accept_token(sequence, token):
                 self._join_batch(sequence, token)
 
@@ -395,6 +428,27 @@ class Engine:
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs).logits
+
+    def _forward_prefill_together(self, together) -> torch.Tensor:
+        """Whole prompts of several sequences in one left-padded forward pass; each sequence then gets its
+        own rows of the cache, without the padding (joining the batch pads them again, with zeros)."""
+        width = max(len(context) for _, context in together)
+        pads = [width - len(context) for _, context in together]
+        input_ids = torch.tensor([[0] * pad + context for pad, (_, context) in zip(pads, together)],
+                                 dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], dtype=torch.long, device=self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        kwargs[self._cache_kwarg] = cache
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        logits = self.model(**kwargs).logits
+        for row, (pad, (sequence, context)) in enumerate(zip(pads, together)):
+            for layer_index, layer in enumerate(cache.layers):
+                sequence.cache.update(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:], layer_index)
+            sequence.prefilled = len(context)
+        return logits
 
     # ---- the running batch --------------------------------------------------------------------------
     def _join_batch(self, sequence: _Sequence, next_token: int) -> None:

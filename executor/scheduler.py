@@ -29,6 +29,7 @@ class Call:
         self.sequences = list(sequences)
         self.waiting = deque(self.sequences)
         self.active = 0  # sequences of this call prefilling or running
+        self.deadline = float("inf")  # the engine's: when its waiting sequences expire
 
     def __repr__(self) -> str:
         return f"Call(arrival={self.arrival}, waiting={len(self.waiting)}, active={self.active})"

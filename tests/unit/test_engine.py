@@ -195,6 +195,29 @@ def test_request_time_limit(lm):
         engine.shutdown()
 
 
+def test_request_time_limit_counts_from_a_prompts_first_row_not_from_its_calls_arrival(lm):
+    """A job longer than request_timeout is not cut off: each prompt has the limit from its first row."""
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                    EngineConfig(max_batch_size=2, request_timeout=0.5)).start()
+    slow_forward = lm.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return slow_forward(*args, **kwargs)
+
+    lm.model.forward = slow
+    try:
+        prompts = call_prompts(lm, 16)
+        gen_conf = {"max_new_tokens": 5, "min_new_tokens": 5}
+        started = time.monotonic()
+        answers = run(engine.complete([(p, settings_for(lm, p, gen_conf)) for p in prompts]))
+        assert time.monotonic() - started > 0.5, "the job should outlast request_timeout"
+        assert [last.finish_reason for _, last in answers] == ["length"] * 16
+    finally:
+        del lm.model.forward
+        engine.shutdown()
+
+
 def test_sentencepiece_llama_streams_exactly_what_generate_decodes(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
