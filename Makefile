@@ -12,6 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade 'pip==26.3'
+	PY=$(PY) bash tools/install_torch.sh
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -c "import jina, torch, transformers, docarray"
 	touch $@

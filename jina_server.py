@@ -154,6 +154,15 @@ def serve(args, settings) -> int:
         server = Deployment(**kwargs)
     openai_server = openai_front_end(args)  # checked before the model loads
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    if not args.model_name:
+        # Trained here on first use (about a minute), before the gateway starts polling an Executor that
+        # is still busy (a warning a second); the Executor then finds it on disk.
+        from executor.demo_model import ensure_demo_model
+
+        try:
+            ensure_demo_model()
+        except KeyboardInterrupt:
+            return 0
     try:
         with server:
             if openai_server:

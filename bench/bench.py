@@ -41,7 +41,7 @@ def build_bench_model() -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from executor.model import DEMO_CHAT_TEMPLATE, build_gpt2
+    from executor.demo_model import DEMO_CHAT_TEMPLATE, build_gpt2
 
     print("building the benchmark model (first run only) ...", flush=True)
     rng = random.Random(0)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from executor.model import DEMO_CHAT_TEMPLATE, _DEMO_CORPUS, build_gpt2, build_tokenizer
+from executor.demo_model import DEMO_CHAT_TEMPLATE, _DEMO_CORPUS, build_gpt2, build_tokenizer
 
 
 def sentencepiece_tokenizer(vocab_size: int = 600):

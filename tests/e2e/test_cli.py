@@ -17,18 +17,38 @@ HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_n
 def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
     port = free_port()
     env = {"JINA_LLM_STREAM_CACHE": str(tmp_path / "cache")}
-    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts"], env=env) as (process, log):
+    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts"], env=env,
+                       timeout=300) as (process, log):  # the first use trains the demo model (about a minute)
         assert process.poll() is None, log.read_text()
         answer = run(post_chat(port, HELLO))[0]
         pieces = run(stream_doc(port, HELLO))
         assert answer.text and "".join(p.text for p in pieces) == answer.text
-        assert "DEMO model" in log.read_text()
+        sampled = run(post_chat(port, Prompt(message=HELLO.message, gen_conf={"max_new_tokens": 60, "do_sample": True,
+                                                                               "temperature": 0.8, "seed": 1})))[0]
+        for text in (answer.text, sampled.text):
+            assert_reads_as_words(text)
+        assert "DEMO model" in log.read_text() and "word salad" in log.read_text()
         assert "prompt messages=[{'role': 'user', 'content': 'Hello!'}]" in log.read_text()  # --log-prompts
-        assert (tmp_path / "cache" / "demo-gpt2-v1" / "model.safetensors").exists()
+        assert (tmp_path / "cache" / "demo-gpt2-v2" / "model.safetensors").exists()
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         assert time.monotonic() - started < 30
+
+
+def assert_reads_as_words(text: str) -> None:
+    """English-like: valid characters only, mostly letters and spaces, several words."""
+    assert "\ufffd" not in text, text
+    plain = sum(c.isascii() and (c.isalpha() or c.isspace() or c in ".,;:!?'-") for c in text)
+    assert plain >= 0.9 * len(text), text
+    assert len([word for word in text.split() if word.strip(".,;:!?'-").isalpha()]) >= 3, text
+
+
+def test_importing_jina_prints_no_warning():
+    """Every client script imports jina: it must not greet the user with a setuptools warning."""
+    result = subprocess.run([PYTHON, "-c", "import jina; from jina import Client, Deployment"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
 def test_cli_accepts_every_setting_under_its_one_name():

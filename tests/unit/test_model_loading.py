@@ -2,7 +2,8 @@
 
 import pytest
 
-from executor.model import FALLBACK_CHAT_TEMPLATE, ModelLoadError, build_tokenizer, encode_prompt, load
+from executor.demo_model import build_tokenizer
+from executor.model import FALLBACK_CHAT_TEMPLATE, ModelLoadError, encode_prompt, load
 
 
 @pytest.fixture(scope="module")
