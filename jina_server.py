@@ -31,7 +31,8 @@ HELP = {
     "max_prompts_per_call": "largest number of prompts in one /chat request (bigger calls are refused: send "
                             "them in smaller requests)",
     "prefill_chunk": "prompt tokens prefilled per scheduler round (bounds the stall a long prompt causes)",
-    "request_timeout": "seconds a prompt may run from its first batch slot before it ends with finish_reason=time_limit",
+    "request_timeout": "seconds a prompt may run from its first batch slot before it ends with "
+                       "finish_reason=time_limit",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",
     "log_prompts": "log each request's messages and gen_conf (off: prompts are never logged)",
 }

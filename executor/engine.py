@@ -4,8 +4,9 @@ One scheduler thread owns the model. A call (one request, or the many prompts of
 is admitted whole into a bounded queue; ``scheduler.WaitingCalls`` decides which waiting prompt takes
 the next free row, and may have a row preempted (recomputed later) so that no call waits for another to
 finish. Prompts are prefilled in chunks (so a long prompt delays the running answers by one chunk at
-most), then join a running batch that shares one forward pass per decode step (continuous batching). Each row keeps its own sampling settings,
-logits processors, random generator, stop conditions and detokenizer. The batch's KV cache is a
+most; short prompts share one forward pass), then join a running batch that shares one forward pass per
+decode step (continuous batching). Each row keeps its own sampling settings, logits processors, random
+generator, stop conditions and detokenizer. The batch's KV cache is a
 left-padded transformers ``DynamicCache``: a joining row is padded to the batch's width, a leaving row
 is dropped with an index select. Cancelled requests are dropped before the next step.
 """
@@ -374,7 +375,8 @@ class Engine:
             start = sequence.prefilled
             end = min(len(context), start + budget)
             budget -= end - start
-            logits = self._guarded_prefill([sequence], lambda: self._forward_prefill(sequence, context[start:end], start))
+            chunk = context[start:end]
+            logits = self._guarded_prefill([sequence], lambda: self._forward_prefill(sequence, chunk, start))
             if logits is not None:
                 sequence.prefilled = end
                 if end == len(context):

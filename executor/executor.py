@@ -1,8 +1,8 @@
 """The Jina adapter: documents in, engine requests out, engine events back to documents.
 
 ``/chat`` (batch: ``Client.post``) and ``/stream`` (``Client.stream_doc``) share ``_prepare`` (one path
-from a ``Prompt`` to token ids and settings) and the engine's call queue, so they cannot drift apart. ``_error_boundary`` is the one place that
-decides what a client sees when something goes wrong.
+from a ``Prompt`` to token ids and settings) and the engine's call queue, so they cannot drift apart.
+``_error_boundary`` is the one place that decides what a client sees when something goes wrong.
 """
 
 import asyncio

@@ -35,6 +35,10 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
 8. Cancellation of batch calls (``/chat``) through the gateway. The gateway sends a client's request to the
    worker from tasks of its own, which outlive the client: an answer nobody waited for any more ran to
    its end. The worker calls started for a client's request are now cancelled when its call ends early.
+9. Bodies that are not JSON. The worker's and the gateway's HTTP apps answered 422 "field required" (or a
+   bare 400 for JSON nested too deeply); they now answer 400 in the error shape of 3, saying what is wrong
+   and where. The balancer in front of an HTTP Deployment parsed each body and forwarded the parsed value,
+   or no body at all when it could not parse it; it now forwards the body as it came.
 """
 
 import asyncio
@@ -57,6 +61,7 @@ def install() -> None:
     _patch_stream_doc()
     _patch_http_app()
     _patch_load_balancer_shutdown()
+    _patch_load_balancer_body()
     _patch_grpc_reconnect_backoff()
     _patch_gateway_stream_cancellation()
     _patch_gateway_batch_cancellation()
@@ -194,7 +199,8 @@ def _validation_message(error) -> str:
     if first.get("type") in ("json_invalid", "value_error.jsondecode"):
         pos = first["loc"][-1] if isinstance(first["loc"][-1], int) else 0
         document = error.body if isinstance(error.body, str) else ""
-        return invalid_json_message(json.JSONDecodeError(first.get("ctx", {}).get("error", first["msg"]), document, pos))
+        reason = first.get("ctx", {}).get("error", first["msg"])
+        return invalid_json_message(json.JSONDecodeError(reason, document, pos))
     if isinstance(error.body, (bytes, bytearray)):  # not sent as JSON: FastAPI did not parse it
         try:
             json.loads(error.body)
@@ -482,7 +488,6 @@ def _patch_load_balancer_shutdown() -> None:
             await runner.cleanup()
 
     LoadBalancingServer.run_server = run_server
-    _patch_load_balancer_body()
 
 
 def _patch_load_balancer_body() -> None:

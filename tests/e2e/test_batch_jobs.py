@@ -65,7 +65,8 @@ def test_a_thousand_prompts_with_the_client_defaults_come_back_in_order_and_exac
                                             return_type=DocList[Generation])
     assert len(answers) == JOB
     mismatched = [i for i, (answer, expected) in enumerate(zip(answers, alone)) if answer.text != expected]
-    assert not mismatched, f"{len(mismatched)} answers differ from asking alone (or are out of order), e.g. {mismatched[:5]}"
+    assert not mismatched, (f"{len(mismatched)} answers differ from asking alone (or are out of order), "
+                            f"e.g. {mismatched[:5]}")
 
 
 def test_a_stream_and_a_second_job_are_served_while_a_large_job_runs(server):
