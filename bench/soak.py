@@ -63,7 +63,7 @@ async def streamed_answer(client, i):
 async def abandoned_stream(port, i):
     """Read the first piece, then cancel the call: the client goes away mid-answer."""
     import grpc
-    from jina.proto import jina_pb2_grpc
+    from jina.proto import jina_pb2, jina_pb2_grpc
     from jina.types.request.data import SingleDocumentRequest
 
     from schemas import Prompt
@@ -73,12 +73,14 @@ async def abandoned_stream(port, i):
     request.document_cls = Prompt
     request.data.doc = Prompt(message=[{"role": "user", "content": f"Soak {i}: a long answer please."}],
                               gen_conf={"max_new_tokens": ABANDONED_TOKENS, "min_new_tokens": ABANDONED_TOKENS})
+    first = None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = jina_pb2_grpc.JinaSingleDocumentRequestRPCStub(channel).stream_doc(request)
-        async for _ in call:
+        async for first in call:
             break
         call.cancel()
-    return True
+    # A refused request (its first response carries an error) was never abandoned mid-answer: a failure.
+    return first is not None and first.header.status.code != jina_pb2.StatusProto.ERROR
 
 
 async def bad_request(client, i):

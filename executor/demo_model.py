@@ -21,11 +21,11 @@ import torch
 
 log = logging.getLogger("jina_llm_stream.model")
 
-DEMO_MODEL_VERSION = "v2"
+DEMO_MODEL_VERSION = "v4"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JINA_LLM_STREAM_CACHE", Path.home() / ".cache" / "jina-llm-stream"))
 DEMO_TEXT = Path(__file__).with_name("demo_text.txt")
 # Sized for about a minute of training on two CPU cores (measured: see README, "the demo model").
-DEMO_SHAPE = dict(n_layer=2, n_embd=128, n_head=4, n_positions=512)
+DEMO_SHAPE = dict(n_layer=2, n_embd=128, n_head=4, n_positions=1024)
 DEMO_VOCAB = 2048
 DEMO_TRAINING = dict(steps=500, batch=16, length=128, learning_rate=3e-3, seed=0)
 
@@ -107,6 +107,8 @@ def ensure_demo_model(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     tokenizer = build_tokenizer(vocab_size=DEMO_VOCAB, texts=chats + [_DEMO_CORPUS])
     model = new_gpt2(tokenizer, **DEMO_SHAPE)
     loss = train(model, tokenizer("".join(chats), add_special_tokens=False)["input_ids"], **DEMO_TRAINING)
+    # An answer is one turn: the model may end it (<|im_end|>) but not open another (generate() honours this).
+    model.generation_config.suppress_tokens = [tokenizer.convert_tokens_to_ids("<|im_start|>")]
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     save(model.eval(), tokenizer, partial)
     try:
@@ -129,19 +131,25 @@ def chat_transcripts(play: str, turns: int = 4) -> list:
 
 
 def train(model, token_ids: list, steps: int, batch: int, length: int, learning_rate: float, seed: int) -> float:
-    """Next-token training on random windows of ``token_ids``; deterministic for a given machine."""
+    """Next-token training on random windows of ``token_ids``; deterministic for a given machine. Each window
+    sits at a random position offset, so that every position of the context is trained, not only the
+    first ``length`` (answers stay words however long they get)."""
     generator = torch.Generator().manual_seed(seed)
     data = torch.tensor(token_ids, dtype=torch.long)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warm_up = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warm_up) * max(0.05, 1 - step / steps))
+    context = model.config.max_position_embeddings
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         starts = torch.randint(0, len(data) - length, (batch,), generator=generator)
         windows = torch.stack([data[start:start + length] for start in starts.tolist()])
-        loss = model(input_ids=windows, labels=windows).loss  # the model shifts the labels itself
+        offsets = torch.randint(0, context - length + 1, (batch, 1), generator=generator)
+        positions = offsets + torch.arange(length)
+        # The model shifts the labels itself.
+        loss = model(input_ids=windows, position_ids=positions, labels=windows).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

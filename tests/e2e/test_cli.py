@@ -29,7 +29,7 @@ def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
             assert_reads_as_words(text)
         assert "DEMO model" in log.read_text() and "word salad" in log.read_text()
         assert "prompt messages=[{'role': 'user', 'content': 'Hello!'}]" in log.read_text()  # --log-prompts
-        assert (tmp_path / "cache" / "demo-gpt2-v2" / "model.safetensors").exists()
+        assert (tmp_path / "cache" / "demo-gpt2-v4" / "model.safetensors").exists()
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
