@@ -97,8 +97,11 @@ def test_a_stream_and_a_second_job_are_served_while_a_large_job_runs(server):
         finished.append("small job")
 
     async def scenario():
+        answered_before = len(log_lines(server, r"endpoint=/chat "))
         job = asyncio.ensure_future(big_job())
-        await asyncio.sleep(1.5)  # the big job is admitted and running
+        # Its first answers are in: the big job is queued and holds every row (it has 1100 prompts for 16).
+        while len(log_lines(server, r"endpoint=/chat ")) == answered_before and not job.done():
+            await asyncio.sleep(0.05)
         await asyncio.gather(stream(), small_job())
         assert not job.done(), "the big job ended before the stream and the small job: make it larger"
         await job
@@ -130,17 +133,26 @@ def test_a_busy_refusal_and_an_abandoned_call_leave_nothing_in_the_queue(server)
     long_job = {"data": [dict(p.dict(), gen_conf={"max_new_tokens": 200, "min_new_tokens": 200})
                          for p in job_prompts(PER_CALL)]}
 
+    async def until_logged(pattern, count, timeout=60):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(log_lines(server, pattern)) < count and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def scenario():
+        answered, cancelled = len(log_lines(server, r"endpoint=/chat ")), len(log_lines(server, r"finish=cancelled"))
         async with httpx.AsyncClient(timeout=120) as http:
             running = asyncio.ensure_future(http.post(f"{base}/chat", json=long_job))
-            await asyncio.sleep(2)  # admitted and running
+            await until_logged(r"endpoint=/chat ", answered + 1)  # its first answers: queued and running
             refused = await http.post(f"{base}/chat", json={"data": [p.dict() for p in job_prompts(200)]})
             assert refused.status_code == 503, refused.text
             assert "server busy" in refused.json()["error"]["message"]
             small = await http.post(f"{base}/chat", json={"data": [p.dict() for p in job_prompts(5)]})
             assert small.status_code == 200 and len(small.json()["data"]) == 5
             running.cancel()  # the client leaves: the call is cancelled with everything it had queued
-            await asyncio.sleep(1.0)
+            await until_logged(r"finish=cancelled", cancelled + 1)
+            while len(log_lines(server, r"finish=cancelled")) != cancelled:  # until the last of them is logged
+                cancelled = len(log_lines(server, r"finish=cancelled"))
+                await asyncio.sleep(0.5)
             fits = await http.post(f"{base}/chat", json={"data": [p.dict() for p in job_prompts(PER_CALL)]})
             assert fits.status_code == 200, fits.text[:300]
             assert len(fits.json()["data"]) == PER_CALL
