@@ -38,7 +38,8 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
 9. Bodies that are not JSON. The worker's and the gateway's HTTP apps answered 422 "field required" (or a
    bare 400 for JSON nested too deeply); they now answer 400 in the error shape of 3, saying what is wrong
    and where. The balancer in front of an HTTP Deployment parsed each body and forwarded the parsed value,
-   or no body at all when it could not parse it; it now forwards the body as it came.
+   or no body at all when it could not parse it; it now forwards the body as it came, over kept-alive
+   connections and without aiohttp's default 5-minute limit (which cut long batch jobs).
 """
 
 import asyncio
@@ -501,16 +502,19 @@ def _patch_load_balancer_body() -> None:
     async def _load_balance(self, request):
         target_url = f"{next(self.load_balancer_servers)}{request.path_qs}"
         headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
+        if getattr(self, "_llm_session", None) is None:
+            # One pool of kept-alive connections (Jina opened a session, and a connection, per request), and
+            # no total time limit: aiohttp's default of 5 minutes cut long /chat batch jobs and streams.
+            self._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            async with aiohttp.ClientSession() as session:
-                async with session.request(request.method, url=target_url, auto_decompress=False,
-                                           data=await request.read(), headers=headers) as response:
-                    stream_response = web.StreamResponse(status=response.status, headers=response.headers)
-                    await stream_response.prepare(request)
-                    async for chunk in response.content.iter_any():
-                        await stream_response.write(chunk)
-                    await stream_response.write_eof()
-                    return stream_response
+            async with self._llm_session.request(request.method, url=target_url, auto_decompress=False,
+                                                 data=await request.read(), headers=headers) as response:
+                stream_response = web.StreamResponse(status=response.status, headers=response.headers)
+                await stream_response.prepare(request)
+                async for chunk in response.content.iter_any():
+                    await stream_response.write(chunk)
+                await stream_response.write_eof()
+                return stream_response
         except aiohttp.ClientError as error:
             return web.Response(text=f"Error: {error}", status=500)
 
