@@ -419,17 +419,9 @@ class Engine:
 
     def _forward_prefill(self, sequence: _Sequence, token_ids: list, start: int) -> torch.Tensor:
         end = start + len(token_ids)
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
-            use_cache=True,
-        )
-        kwargs[self._cache_kwarg] = sequence.cache  # updated in place
-        if self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs).logits
+        return self._prefill_logits(torch.tensor([token_ids], dtype=torch.long, device=self.device),
+                                    torch.ones((1, end), dtype=torch.long, device=self.device),
+                                    torch.arange(start, end, device=self.device).unsqueeze(0), sequence.cache)
 
     def _forward_prefill_together(self, together) -> torch.Tensor:
         """Whole prompts of several sequences in one left-padded forward pass; each sequence then gets its
@@ -441,16 +433,20 @@ class Engine:
         mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], dtype=torch.long, device=self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        kwargs[self._cache_kwarg] = cache
-        if self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        logits = self.model(**kwargs).logits
+        logits = self._prefill_logits(input_ids, mask, positions, cache)
         for row, (pad, (sequence, context)) in enumerate(zip(pads, together)):
             for layer_index, layer in enumerate(cache.layers):
                 sequence.cache.update(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:], layer_index)
             sequence.prefilled = len(context)
         return logits
+
+    def _prefill_logits(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One prefill forward pass that extends ``cache`` in place; logits of the last position only."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        kwargs[self._cache_kwarg] = cache
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits
 
     # ---- the running batch --------------------------------------------------------------------------
     def _join_batch(self, sequence: _Sequence, next_token: int) -> None:
