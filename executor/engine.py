@@ -6,9 +6,11 @@ the next free row, and may have a row preempted (recomputed later) so that no ca
 finish. Prompts are prefilled in chunks (so a long prompt delays the running answers by one chunk at
 most; short prompts share one forward pass), then join a running batch that shares one forward pass per
 decode step (continuous batching). Each row keeps its own sampling settings, logits processors, random
-generator, stop conditions and detokenizer. The batch's KV cache is a
-left-padded transformers ``DynamicCache``: a joining row is padded to the batch's width, a leaving row
-is dropped with an index select. Cancelled requests are dropped before the next step.
+generator, stop conditions and detokenizer. Keys and values live in ``kv_cache.py``: the running batch's
+storage is preallocated and written in place, sized by a memory plan, and whole blocks of finished and
+prefilled tokens stay in a prefix cache that later prompts start from. Prompts that arrive together and
+share blocks compute them once: a prompt waits while an earlier one computes the blocks it needs next.
+Cancelled requests are dropped before the next step.
 """
 
 import asyncio
@@ -23,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .detok import IncrementalDetokenizer
+from .kv_cache import BatchKV, PrefixCache, plan_kv_memory, probe_layer_shapes
 from .sampling import SamplingSettings, ServerBusyError, build_logits_processors, to_generation_config
 from .scheduler import Call, WaitingCalls
 
@@ -38,6 +40,10 @@ class EngineConfig:
     max_queue: int = 4096  # prompts waiting for a row, over all calls
     prefill_chunk: int = 256
     request_timeout: float = 300.0
+    kv_cache_memory: object = None  # kv_cache.parse_memory_size's result: None (auto), a fraction or bytes
+    prefix_caching: bool = True
+    max_context: int | None = None  # longest prompt + answer a row must hold; None: the model's context
+    block_size: int = 16
 
 
 @dataclass
@@ -48,6 +54,7 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class EngineError(RuntimeError):
@@ -69,6 +76,8 @@ class _Sequence:
     ids_buffer: torch.Tensor | None = None
     cache: object = None
     prefilled: int = 0
+    cached_tokens: int = 0
+    block_hashes: tuple = ()  # (context length, hashes of its whole blocks), for sharing blocks being computed
     generated: list = field(default_factory=list)
     call: Call | None = None
     deadline: float | None = None  # request_timeout after it first got a row
@@ -112,9 +121,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._waiting = WaitingCalls(config.max_queue)
         self._prefilling: list[_Sequence] = []
-        self._rows: list[_Sequence] = []  # rows of the running batch, in cache order
-        self._cache = None
-        self._mask = None  # [rows, width] 1 for real tokens, 0 for left padding
+        self._rows: list[_Sequence] = []  # rows of the running batch, in the order of self._batch's rows
         self._positions = None  # [rows] position id of each row's next token
         self._next_tokens = None  # [rows, 1] token each row feeds into the next step
         self._lock = threading.Condition()
@@ -124,9 +131,26 @@ class Engine:
         self._accepts_logits_to_keep = "logits_to_keep" in parameters
         # transformers 5 renamed the cache argument; remote-code models may still use the old name.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._set_up_kv_storage()
         self.steps = 0  # decode steps run, for tests and metrics
         self.preemptions = 0
         self.metrics = None  # optional observer: first_token(s), next_token(s), finished(label, outcome, p, n)
+
+    def _set_up_kv_storage(self) -> None:
+        """Size the running batch's rows and the prefix cache from the budget; both are allocated now."""
+        config = self.config
+        shapes = probe_layer_shapes(self.model, self.device, self._cache_kwarg)
+        self.plan = plan_kv_memory(config.kv_cache_memory, sum(s.bytes_per_token for s in shapes),
+                                   config.max_batch_size, config.max_context or _model_context(self.model),
+                                   self.device, config.block_size, config.prefix_caching)
+        log.info("%s", self.plan.describe())
+        if config.prefix_caching and not self.plan.prefix_blocks:
+            log.warning("prefix caching is on but the KV cache budget leaves no room for it: no prefix is reused")
+        self.max_context = self.plan.max_context  # callers refuse a longer prompt + max_new_tokens
+        self.max_rows = self.plan.rows
+        self._batch = BatchKV(shapes, self.plan.rows, self.plan.columns, self.device)
+        self._prefix = (PrefixCache(shapes, self.plan.prefix_blocks, config.block_size, self.device)
+                        if self.plan.prefix_blocks else None)
 
     # ---- public API -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -281,7 +305,7 @@ class Engine:
     def _admit(self) -> None:
         with self._lock:
             while True:
-                if len(self._rows) + len(self._prefilling) >= self.config.max_batch_size:
+                if len(self._rows) + len(self._prefilling) >= self.max_rows:
                     if not self._preempt_for_a_call_without_rows():
                         return
                 sequence = self._waiting.pop_next()
@@ -326,6 +350,9 @@ class Engine:
     def _prepare(self, sequence: _Sequence) -> None:
         config = to_generation_config(sequence.settings, self.model.generation_config)
         prompt_length = len(sequence.prompt_ids)
+        if prompt_length + sequence.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt_tokens + max_new_tokens = {prompt_length + sequence.max_new_tokens} does not fit "
+                             f"the KV cache's rows of {self.max_context} tokens")
         sequence.processors = build_logits_processors(self.model, config, sequence.settings, prompt_length,
                                                       self.device)
         sequence.do_sample = bool(config.do_sample)
@@ -359,40 +386,118 @@ class Engine:
 
     # ---- prefill ----------------------------------------------------------------------------------
     def _prefill_some(self) -> None:
-        """Prefill at most ``prefill_chunk`` prompt tokens this round, oldest requests first. Prompts that
-        fit whole in what is left of the round share one forward pass (short prompts of a batch job would
-        otherwise cost a forward pass each); longer ones advance by a chunk on their own."""
+        """Prefill at most ``prefill_chunk`` prompt tokens this round, oldest requests first. A prompt first
+        takes what the prefix cache holds of it, and waits while an earlier prompt computes the block it
+        needs next. Prompts that fit whole in what is left of the round share one forward pass (short prompts
+        of a batch job would otherwise cost a forward pass each); longer ones advance by a chunk on their own."""
         budget = self.config.prefill_chunk
+        claimed = self._claimed_blocks()
         together = []
         for sequence in list(self._prefilling):
             if budget <= 0:
                 break
             context = sequence.context_ids()
+            self._reuse_cached_prefix(sequence, context)
+            if self._waits_for_a_shared_block(sequence, context, claimed):
+                continue
             if sequence.prefilled == 0 and len(context) <= budget:
                 together.append((sequence, context))
                 budget -= len(context)
                 continue
             start = sequence.prefilled
             end = min(len(context), start + budget)
+            aligned = end - end % self.config.block_size  # whole blocks can be shared while it goes on
+            if end < len(context) and aligned > start:
+                end = aligned
             budget -= end - start
             chunk = context[start:end]
             logits = self._guarded_prefill([sequence], lambda: self._forward_prefill(sequence, chunk, start))
             if logits is not None:
                 sequence.prefilled = end
+                self._remember_prefill(sequence, context)
                 if end == len(context):
                     self._prefilled([sequence], logits)
         if together:
             sequences = [sequence for sequence, _ in together]
             logits = self._guarded_prefill(sequences, lambda: self._forward_prefill_together(together))
             if logits is not None:
+                for sequence, context in together:
+                    self._remember_prefill(sequence, context)
                 self._prefilled(sequences, logits)
+
+    # ---- the prefix cache -------------------------------------------------------------------------
+    def _reuse_cached_prefix(self, sequence: _Sequence, context: list) -> None:
+        """Extend the sequence's own cache with the cached blocks that follow what it has (at least the last
+        context token is left to compute: its logits choose the first new token)."""
+        size = self.config.block_size
+        if self._prefix is None or sequence.prefilled % size:
+            return
+        path = self._prefix.match(context, len(context) - 1)
+        have = sequence.prefilled // size
+        if len(path) <= have:
+            return
+        if sequence.cache is None:
+            sequence.cache = DynamicCache()
+        for layer_index, (keys, values) in enumerate(self._prefix.read(path, skip=have)):
+            sequence.cache.update(keys, values, layer_index)
+        if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
+            sequence.cached_tokens += (len(path) - have) * size
+        sequence.prefilled = len(path) * size
+
+    def _remember_prefill(self, sequence: _Sequence, context: list) -> None:
+        if self._prefix is not None:
+            layers = sequence.cache.layers
+            self._prefix.insert(context, sequence.prefilled,
+                                lambda a, b: [(layer.keys[0, :, a:b], layer.values[0, :, a:b]) for layer in layers])
+
+    def _remember_rows(self, indices) -> None:
+        """Rows about to leave the batch: keep their whole blocks (prompt and answer) for later prompts."""
+        if self._prefix is None:
+            return
+        for index in indices:
+            sequence, length = self._rows[index], self._batch.lengths[index]
+            tokens = (list(sequence.prompt_ids) + sequence.generated)[:length]
+            self._prefix.insert(tokens, length, lambda a, b, row=index: self._batch.row_kv(row, a, b))
+
+    def _block_hashes(self, sequence: _Sequence, context: list) -> list:
+        if not sequence.block_hashes or sequence.block_hashes[0] != len(context):
+            size, hashes, running = self.config.block_size, [], 0
+            for start in range(0, len(context) - size + 1, size):
+                running = hash((running, tuple(context[start:start + size])))
+                hashes.append(running)
+            sequence.block_hashes = (len(context), hashes)
+        return sequence.block_hashes[1]
+
+    def _claimed_blocks(self) -> dict:
+        """Each block some prefilling prompt has yet to compute -> the first prompt (oldest) computing it."""
+        claimed = {}
+        if self._prefix is None:
+            return claimed
+        for sequence in self._prefilling:
+            hashes = self._block_hashes(sequence, sequence.context_ids())
+            for block_hash in hashes[sequence.prefilled // self.config.block_size:]:
+                claimed.setdefault(block_hash, sequence)
+        return claimed
+
+    def _waits_for_a_shared_block(self, sequence: _Sequence, context: list, claimed: dict) -> bool:
+        """The next block of this prompt is being computed by an earlier prompt: take it from the cache later
+        instead of computing it twice."""
+        if self._prefix is None or sequence.prefilled % self.config.block_size:
+            return False
+        hashes = self._block_hashes(sequence, context)
+        index = sequence.prefilled // self.config.block_size
+        if index >= len(hashes) or (index + 1) * self.config.block_size >= len(context):
+            return False  # the last block is computed by each prompt (its logits are needed)
+        return claimed.get(hashes[index], sequence) is not sequence
 
     def _guarded_prefill(self, sequences, forward):
         """Run ``forward``; if it fails (e.g. out of memory), fail these requests only and keep serving."""
         try:
             for sequence in sequences:
                 if sequence.cache is None:
-                    sequence.cache = DynamicCache(config=self.model.config)
+                    # Without a config every layer keeps every token (a sliding-window layer would drop the
+                    # old ones): the batch and the prefix cache need them all.
+                    sequence.cache = DynamicCache()
             return forward()
         except Exception as error:  # noqa: BLE001
             log.exception("prefill failed for request(s) %s", [s.request_id for s in sequences])
@@ -432,7 +537,7 @@ class Engine:
                                  dtype=torch.long, device=self.device)
         mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], dtype=torch.long, device=self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         logits = self._prefill_logits(input_ids, mask, positions, cache)
         for row, (pad, (sequence, context)) in enumerate(zip(pads, together)):
             for layer_index, layer in enumerate(cache.layers):
@@ -451,53 +556,28 @@ class Engine:
     # ---- the running batch --------------------------------------------------------------------------
     def _join_batch(self, sequence: _Sequence, next_token: int) -> None:
         length = sequence.prefilled
+        self._batch.add_row([(layer.keys[0], layer.values[0]) for layer in sequence.cache.layers], length)
         token = torch.tensor([[next_token]], dtype=torch.long, device=self.device)
         position = torch.tensor([length], dtype=torch.long, device=self.device)
-        own_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
         if not self._rows:
-            self._cache, self._mask, self._positions, self._next_tokens = sequence.cache, own_mask, position, token
+            self._positions, self._next_tokens = position, token
         else:
-            width = max(self._mask.shape[1], length)
-            self._pad_batch_to(width)
-            for batch_layer, own_layer in zip(self._cache.layers, sequence.cache.layers):
-                batch_layer.keys = torch.cat([batch_layer.keys, _pad_left(own_layer.keys, width - length, 2)])
-                batch_layer.values = torch.cat([batch_layer.values, _pad_left(own_layer.values, width - length, 2)])
-            self._mask = torch.cat([self._mask, _pad_left(own_mask, width - length, 1)])
             self._positions = torch.cat([self._positions, position])
             self._next_tokens = torch.cat([self._next_tokens, token])
         sequence.cache = None
         self._rows.append(sequence)
 
-    def _pad_batch_to(self, width: int) -> None:
-        extra = width - self._mask.shape[1]
-        if extra <= 0:
-            return
-        for layer in self._cache.layers:
-            layer.keys = _pad_left(layer.keys, extra, 2)
-            layer.values = _pad_left(layer.values, extra, 2)
-        self._mask = _pad_left(self._mask, extra, 1)
-
     def _remove_rows(self, indices) -> None:
         if not indices:
             return
-        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = self._positions = self._next_tokens = None
+        self._remember_rows(indices)
+        order = self._batch.remove_rows(indices)
+        self._rows = [self._rows[i] for i in order]
+        if not order:
+            self._positions = self._next_tokens = None
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        self._next_tokens = self._next_tokens[index]
-        # Columns that are padding for every remaining row cost attention work for nothing: cut them.
-        unused = int((self._mask.sum(dim=0) == 0).int().cumprod(dim=0).sum())
-        if unused:
-            self._crop_left(unused)
-
-    def _crop_left(self, columns: int) -> None:
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
-        self._mask = self._mask[:, columns:]
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        self._positions, self._next_tokens = self._positions[index], self._next_tokens[index]
 
     def _decode_guarded(self) -> None:
         try:
@@ -506,19 +586,20 @@ class Engine:
             log.exception("decode step failed; failing the %d requests of this batch", len(self._rows))
             for sequence in self._rows:
                 self._finish_with_error(sequence, EngineError(f"generation failed: {error}"))
+            self._batch.remove_rows(range(len(self._rows)))
             self._rows = []
-            self._cache = self._mask = self._positions = self._next_tokens = None
+            self._positions = self._next_tokens = None
 
     def _decode_step(self) -> None:
-        ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
+        mask = self._batch.start_step(1)
         output = self.model(
             input_ids=self._next_tokens,
-            attention_mask=self._mask,
+            attention_mask=mask,
             position_ids=self._positions.unsqueeze(1),
             use_cache=True,
-            **{self._cache_kwarg: self._cache},  # updated in place
+            **{self._cache_kwarg: self._batch},  # written in place
         )
+        self._batch.end_step(1)
         self._positions = self._positions + 1
         self.steps += 1
         tokens = self._choose_tokens(self._rows, output.logits[:, -1, :])
@@ -558,7 +639,8 @@ class Engine:
             self._finish(sequence, "length", text)
             return False
         if text:
-            self._emit(sequence, TokenEvent(text, None, len(sequence.prompt_ids), len(sequence.generated)))
+            self._emit(sequence, TokenEvent(text, None, len(sequence.prompt_ids), len(sequence.generated),
+                                            sequence.cached_tokens))
         return True
 
     def _timestamp(self, sequence: _Sequence) -> None:
@@ -575,7 +657,8 @@ class Engine:
     def _finish(self, sequence: _Sequence, reason: str, text: str = "") -> None:
         text += sequence.detok.flush()
         self._log_outcome(sequence, reason)
-        self._emit(sequence, TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated)))
+        self._emit(sequence, TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated),
+                                        sequence.cached_tokens))
 
     def _finish_with_error(self, sequence: _Sequence, error: BaseException) -> None:
         self._log_outcome(sequence, f"error:{type(error).__name__}")
@@ -596,11 +679,13 @@ class Engine:
         decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
         rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
         preempted = f" preempted={sequence.preemptions}" if sequence.preemptions else ""
-        log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d new_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
-                 "finish=%s%s", os.getpid(), sequence.request_id, sequence.label or "-", len(sequence.prompt_ids),
-                 len(sequence.generated), ttft, rate, outcome, preempted)
+        log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d cached_tokens=%d new_tokens=%d ttft_ms=%.0f "
+                 "tokens_per_s=%.1f finish=%s%s", os.getpid(), sequence.request_id, sequence.label or "-",
+                 len(sequence.prompt_ids), sequence.cached_tokens, len(sequence.generated), ttft, rate, outcome,
+                 preempted)
         if self.metrics:
-            self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated))
+            self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated),
+                                  sequence.cached_tokens)
 
     def _emit(self, sequence: _Sequence, event) -> None:
         try:
@@ -618,15 +703,10 @@ class Engine:
                 self._finish_with_error(sequence, error)
 
 
-def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
-    if amount <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = amount
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def supports_batching(model) -> bool:
-    """Left-padded cache merging needs plain full-attention ``DynamicLayer`` caches."""
-    probe = DynamicCache(config=model.config)
-    return all(type(layer) is DynamicLayer for layer in probe.layers)
+def _model_context(model) -> int:
+    """The model's context length (capped: rows are reserved at full length), when the caller gives none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config.get_text_config(decoder=True), name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, 8192)
+    return 8192

@@ -18,7 +18,8 @@ from jina import Executor, requests
 from schemas import Generation, Prompt
 
 from . import jina_compat
-from .engine import Engine, EngineConfig, EngineError, supports_batching
+from .engine import Engine, EngineConfig, EngineError
+from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .model import ModelLoadError, PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
@@ -47,6 +48,8 @@ class TokenStreamingExecutor(Executor):
         max_prompts_per_call: int = 2048,
         prefill_chunk: int = 256,
         request_timeout: float = 300.0,
+        kv_cache_memory: str = "auto",
+        prefix_caching: bool = True,
         stream_text: str = "delta",
         log_prompts: bool = False,
         **kwargs,
@@ -70,20 +73,27 @@ class TokenStreamingExecutor(Executor):
             raise
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
-        self.limits = Limits(
-            max_new_tokens_limit=max_new_tokens_limit,
-            max_prompt_tokens=min(max_prompt_tokens, (loaded.context_length or 1 << 30) - 1),
-            max_prompt_chars=max_prompt_chars,
-            context_length=loaded.context_length or 1 << 30,
-        )
-        if max_batch_size > 1 and not supports_batching(loaded.model):
-            log.warning("%s has KV cache layers that cannot be batched by left padding (e.g. sliding window): "
-                        "serving one request at a time", self.model_name)
-            max_batch_size = 1
+        try:
+            memory = parse_memory_size(kv_cache_memory)
+        except ValueError as error:
+            log.error("%s", error)
+            raise
+        context = loaded.context_length or 1 << 30
         self.engine = Engine(
             loaded.model, loaded.tokenizer, loaded.eos_token_ids,
             EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                         request_timeout=request_timeout),
+                         request_timeout=request_timeout, kv_cache_memory=memory, prefix_caching=prefix_caching,
+                         max_context=min(context, max_prompt_tokens + max_new_tokens_limit)),
+        )
+        if self.engine.max_context < min(context, max_prompt_tokens + max_new_tokens_limit):
+            log.warning("kv_cache_memory=%s holds prompt + answer of at most %d tokens: longer requests are refused",
+                        kv_cache_memory, self.engine.max_context)
+        context = min(context, self.engine.max_context)
+        self.limits = Limits(
+            max_new_tokens_limit=max_new_tokens_limit,
+            max_prompt_tokens=min(max_prompt_tokens, context - 1),
+            max_prompt_chars=max_prompt_chars,
+            context_length=context,
         )
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
@@ -180,4 +190,4 @@ class TokenStreamingExecutor(Executor):
 
 def _generation(text: str, event) -> Generation:
     return Generation(text=text, finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
-                      completion_tokens=event.completion_tokens)
+                      completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens)

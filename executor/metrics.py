@@ -16,6 +16,8 @@ class EngineMetrics:
                                      buckets=_LATENCY_BUCKETS, registry=registry)
         self.generated = Counter(f"{prefix}_generated_tokens", "Tokens generated", registry=registry)
         self.prompt = Counter(f"{prefix}_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.cached = Counter(f"{prefix}_cached_prompt_tokens", "Prompt tokens served from the prefix cache "
+                              "(a part of the prompt tokens)", registry=registry)
         self.requests = Counter(f"{prefix}_requests", "Finished requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=registry)
         queue = Gauge(f"{prefix}_queue_depth", "Requests waiting for a batch slot", registry=registry)
@@ -30,7 +32,8 @@ class EngineMetrics:
     def next_token(self, seconds: float) -> None:
         self.inter_token.observe(seconds)
 
-    def finished(self, endpoint: str, outcome: str, prompt_tokens: int, new_tokens: int) -> None:
+    def finished(self, endpoint: str, outcome: str, prompt_tokens: int, new_tokens: int, cached_tokens: int = 0) -> None:
         self.requests.labels(endpoint or "-", outcome).inc()
         self.prompt.inc(prompt_tokens)
+        self.cached.inc(cached_tokens)
         self.generated.inc(new_tokens)

@@ -173,7 +173,8 @@ def fit_to_context(settings: SamplingSettings, prompt_tokens: int, limits: Limit
     room = limits.context_length - prompt_tokens
     if room < 1:
         raise RequestError("message", f"<{prompt_tokens} tokens after the chat template>",
-                           f"the prompt must leave room in the model's context of {limits.context_length} tokens")
+                           f"the prompt must leave room in the context of {limits.context_length} tokens "
+                           "(the model's, or what kv_cache_memory holds)")
     if settings.max_new_tokens is None:
         chosen = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit, room)
         if settings.min_new_tokens > chosen:
@@ -182,8 +183,9 @@ def fit_to_context(settings: SamplingSettings, prompt_tokens: int, limits: Limit
         return replace(settings, max_new_tokens=chosen)
     if settings.max_new_tokens > room:
         raise RequestError("gen_conf.max_new_tokens", settings.max_new_tokens,
-                           f"prompt ({prompt_tokens} tokens) + max_new_tokens must fit the model's context of "
-                           f"{limits.context_length} tokens: at most {room} here")
+                           f"prompt ({prompt_tokens} tokens) + max_new_tokens must fit the context of "
+                           f"{limits.context_length} tokens (the model's, or what kv_cache_memory holds): at most "
+                           f"{room} here")
     return settings
 
 

@@ -21,3 +21,4 @@ class Generation(BaseDoc):
     finish_reason: Optional[str] = None
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    cached_tokens: Optional[int] = None

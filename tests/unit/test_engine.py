@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from executor.detok import decode
-from executor.engine import Engine, EngineConfig, EngineError, supports_batching
+from executor.engine import Engine, EngineConfig, EngineError
 from executor.model import encode_prompt, load
 from executor.sampling import Limits, ServerBusyError, fit_to_context, parse_gen_conf
 
@@ -229,7 +229,6 @@ def test_sentencepiece_llama_streams_exactly_what_generate_decodes(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.2, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config).eval()
-    assert supports_batching(model)
     engine = Engine(model, tokenizer, [tokenizer.eos_token_id], EngineConfig()).start()
     try:
         for text in ["The quick brown fox", "café 🦄 中文"]:

@@ -1,0 +1,413 @@
+"""KV storage: the running batch's cache written in place, the prefix cache, and the memory plan for both.
+
+No Jina and no scheduling in here; the engine decides who gets a row, this module decides where its keys and
+values live.
+
+``BatchKV`` is the running batch's cache: one preallocated ``[rows, kv_heads, columns, head_dim]`` tensor
+per layer for keys and one for values. The rows of the batch share a write column: a decode step writes
+every row's new key and value at that column, in place, and attention reads a view of the columns written
+so far (no copy of what is cached). Each row's tokens are right-aligned to the write column (left padding,
+masked out by the 2D attention mask), so the model's own mask code (causal, sliding window, ALiBi from the
+padding mask) works unchanged for every architecture. A row joining copies its own tokens in; a row leaving
+is replaced by the last row (one row's copy). When the write column reaches the end of the storage, the
+live columns move back to the start: at most once every ``margin`` steps, a copy of the live tokens.
+
+``PrefixCache`` keeps the keys and values of whole blocks of tokens after their requests are gone, in a
+tree of blocks keyed by their tokens under their parent block (SGLang's radix cache, at vLLM's block
+granularity). A request copies the blocks of its longest cached prefix into its own cache and computes only
+the rest; blocks are only ever written once, when they are added, so a reader can never see them change.
+Leaves are evicted least recently used first.
+"""
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+log = logging.getLogger("jina_llm_stream.kv_cache")
+
+
+# ---- the memory plan ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """What one layer stores per token: keys ``[kv_heads, key_dim]``, values ``[kv_heads, value_dim]``."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return self.kv_heads * (self.key_dim + self.value_dim) * element
+
+
+def probe_layer_shapes(model, device, cache_kwarg: str = "cache") -> list:
+    """The cache layout of ``model``, found by running it on one token (works for any architecture whose
+    attention uses a transformers cache)."""
+    from transformers import DynamicCache
+
+    probe = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True, **{cache_kwarg: probe})
+    shapes = []
+    for layer in probe.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or keys.dim() != 4:
+            raise ValueError(f"cache layer {type(layer).__name__} holds no [batch, heads, tokens, dim] keys: "
+                             "this architecture's cache cannot be stored by this server")
+        shapes.append(LayerShape(keys.shape[1], keys.shape[3], values.shape[3], keys.dtype))
+    return shapes
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory_size(text) -> float | int | None:
+    """``auto`` -> None; ``0.25`` -> a fraction of free memory (a float in (0, 1]); ``4GiB``/``512MB``/a
+    byte count -> bytes (an int). ValueError with the accepted forms otherwise."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    text = str(text).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value <= 1:
+        return value
+    match = _SIZE.match(text)
+    if not match or (value is not None and value < 1):
+        raise ValueError(f"kv_cache_memory={text!r} is not a size: use auto, a fraction of free memory in (0, 1] "
+                         "such as 0.5, or a size such as 4GiB, 512MiB or 2000000000")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if size < 1:
+        raise ValueError(f"kv_cache_memory={text!r} must be more than 0 bytes")
+    return size
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: the GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """How a budget is spent: ``rows`` rows of ``columns`` tokens for the batch, ``prefix_blocks`` blocks of
+    ``block_size`` tokens for the prefix cache. ``max_context`` is the longest prompt + answer a row holds."""
+
+    budget: int
+    bytes_per_token: int
+    rows: int
+    columns: int
+    max_context: int
+    block_size: int
+    prefix_blocks: int
+    source: str
+
+    @property
+    def batch_bytes(self) -> int:
+        return self.rows * self.columns * self.bytes_per_token
+
+    @property
+    def prefix_bytes(self) -> int:
+        return self.prefix_blocks * self.block_size * self.bytes_per_token
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (f"KV cache budget {self.budget / gib:.2f} GiB ({self.source}): {self.rows} rows x {self.columns} "
+                f"tokens = {self.batch_bytes / gib:.2f} GiB for the running batch (prompt + answer up to "
+                f"{self.max_context} tokens), {self.prefix_blocks} blocks of {self.block_size} tokens = "
+                f"{self.prefix_bytes / gib:.2f} GiB for the prefix cache; {self.bytes_per_token} bytes per token")
+
+
+def margin_for(max_context: int) -> int:
+    """Columns beyond the longest row, so that moving the live columns back happens at most every this
+    many steps."""
+    return max(32, max_context // 8)
+
+
+def plan_kv_memory(memory, bytes_per_token: int, max_rows: int, max_context: int, device: torch.device,
+                   block_size: int = 16, prefix_caching: bool = True) -> KVPlan:
+    """Split a budget (``parse_memory_size``'s result) between batch rows and prefix blocks. Rows come first,
+    each reserved for the longest request (so an admitted request can never run out of room); the prefix
+    cache gets what is left. A budget too small for ``max_rows`` rows serves fewer rows at once; too small
+    for one row shortens the longest request."""
+    full_rows = max_rows * (max_context + margin_for(max_context)) * bytes_per_token
+    if memory is None:
+        if device.type == "cuda":
+            budget, source = int(0.6 * free_memory(device)), "auto: 60% of the GPU's free memory"
+        else:
+            wanted = 2 * full_rows if prefix_caching else full_rows
+            budget = min(wanted, int(0.25 * free_memory(device)))
+            source = "auto: the batch's rows twice over (rows + prefix cache), at most 25% of available memory"
+    elif isinstance(memory, float):
+        budget, source = int(memory * free_memory(device)), f"{memory:g} of free memory"
+    else:
+        budget, source = int(memory), "--kv-cache-memory"
+    columns = max_context + margin_for(max_context)
+    rows = min(max_rows, budget // (columns * bytes_per_token))
+    if rows < 1:
+        rows = 1
+        columns = max(2 * block_size, budget // bytes_per_token)
+        max_context = max(block_size, columns - margin_for(columns))
+    left = budget - rows * columns * bytes_per_token
+    blocks = max(0, left // (block_size * bytes_per_token)) if prefix_caching else 0
+    return KVPlan(budget, bytes_per_token, rows, columns, max_context, block_size, blocks, source)
+
+
+# ---- the running batch ----------------------------------------------------------------------------------
+class _BatchLayer(CacheLayerMixin):
+    """One layer of ``BatchKV``: writes the step's keys and values at the shared column, returns a view."""
+
+    is_sliding = False  # every layer keeps every token; sliding windows are applied by the model's mask
+
+    def __init__(self, batch: "BatchKV", keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.batch, self.keys, self.values = batch, keys, values
+        self.is_initialized = True
+        self.device = keys.device
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # preallocated
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        rows, column, width = self.batch.rows, self.batch.column, key_states.shape[-2]
+        self.keys[:rows, :, column:column + width].copy_(key_states)
+        self.values[:rows, :, column:column + width].copy_(value_states)
+        return self.keys[:rows, :, :column + width], self.values[:rows, :, :column + width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self.batch.column + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.batch.column
+
+    def get_max_length(self) -> int:
+        return self.batch.columns
+
+
+class BatchKV(Cache):
+    """The running batch's KV cache (see the module docstring). Rows ``[0, rows)`` are in use, in the
+    order of the engine's list of running sequences; ``column`` is where the next step writes."""
+
+    def __init__(self, shapes: list, max_rows: int, columns: int, device):
+        self.max_rows, self.columns = max_rows, columns
+        self.rows = 0
+        self.column = 0
+        self.mask = torch.zeros((max_rows, columns), dtype=torch.long, device=device)
+        self.lengths = [0] * max_rows  # tokens cached per row, right-aligned to ``column``
+        # Zeroed, not empty: masked columns are still read by attention, and 0 x NaN would be NaN.
+        layers = [_BatchLayer(self, torch.zeros((max_rows, s.kv_heads, columns, s.key_dim), dtype=s.dtype, device=device),
+                              torch.zeros((max_rows, s.kv_heads, columns, s.value_dim), dtype=s.dtype, device=device))
+                  for s in shapes]
+        super().__init__(layers=layers)
+        self.moves = 0  # times the live columns were moved back to the start (for tests)
+
+    # -- steps --
+    def start_step(self, width: int = 1) -> torch.Tensor:
+        """Make room for ``width`` new tokens per row; the attention mask of the step, ``[rows, column+width]``."""
+        if self.column + width > self.columns or self._leading_waste() > max(64, self._live_width()):
+            self._move_live_columns_to_start()
+        self.mask[:self.rows, self.column:self.column + width] = 1
+        return self.mask[:self.rows, :self.column + width]
+
+    def end_step(self, width: int = 1) -> None:
+        self.column += width
+        for row in range(self.rows):
+            self.lengths[row] += width
+
+    # -- rows --
+    def add_row(self, layer_kv: list, length: int) -> int:
+        """Copy one sequence's cache (per layer ``(keys, values)`` of ``[kv_heads, length, dim]``) into a new
+        row, right-aligned to the write column. Returns the row's index."""
+        if self.rows == self.max_rows:
+            raise RuntimeError("no free row in the KV cache")  # the engine admits at most max_rows
+        if length + 1 > self.columns:
+            raise RuntimeError(f"a sequence of {length} tokens does not fit rows of {self.columns} tokens")
+        if self.rows == 0:
+            self.column = length
+        elif self.column < length or self.column + 1 > self.columns:
+            self._move_live_columns_to_start(at_least=length)
+        row, start = self.rows, self.column - length
+        for layer, (keys, values) in zip(self.layers, layer_kv):
+            layer.keys[row, :, start:self.column].copy_(keys)
+            layer.values[row, :, start:self.column].copy_(values)
+        self.mask[row].zero_()
+        self.mask[row, start:self.column] = 1
+        self.lengths[row] = length
+        self.rows += 1
+        return row
+
+    def remove_rows(self, indices) -> list:
+        """Free these rows; the last rows move into the holes. Returns, for each remaining row, the index it
+        had before (the engine reorders its own per-row lists the same way)."""
+        order = list(range(self.rows))
+        for index in sorted(set(indices), reverse=True):
+            last = len(order) - 1
+            if index != last:
+                self._copy_row(last, index)
+                order[index] = order[last]
+            order.pop()
+        self.rows = len(order)
+        if self.rows == 0:
+            self.column = 0
+        return order
+
+    def row_kv(self, row: int, start: int, end: int) -> list:
+        """Per layer ``(keys, values)`` views of tokens ``[start, end)`` of ``row`` (its own positions)."""
+        first = self.column - self.lengths[row]
+        return [(layer.keys[row, :, first + start:first + end], layer.values[row, :, first + start:first + end])
+                for layer in self.layers]
+
+    # -- internals --
+    def _copy_row(self, source: int, target: int) -> None:
+        width = self.column
+        for layer in self.layers:
+            layer.keys[target, :, :width].copy_(layer.keys[source, :, :width])
+            layer.values[target, :, :width].copy_(layer.values[source, :, :width])
+        self.mask[target].copy_(self.mask[source])
+        self.lengths[target] = self.lengths[source]
+
+    def _live_width(self) -> int:
+        return max(self.lengths[:self.rows], default=0)
+
+    def _leading_waste(self) -> int:
+        return self.column - self._live_width()
+
+    def _move_live_columns_to_start(self, at_least: int = 0) -> None:
+        """Move every row's tokens so that the write column becomes max(live width, ``at_least``)."""
+        live = self._live_width()
+        new_column = max(live, at_least)
+        shift = self.column - new_column  # > 0: move left, < 0: move right
+        if shift == 0 or self.rows == 0:
+            self.column = new_column
+            return
+        source = slice(self.column - live, self.column)
+        target = slice(new_column - live, new_column)
+        for layer in self.layers:
+            for tensor in (layer.keys, layer.values):
+                tensor[:self.rows, :, target] = tensor[:self.rows, :, source].clone()
+        mask = self.mask[:self.rows, source].clone()
+        self.mask[:self.rows].zero_()
+        self.mask[:self.rows, target] = mask
+        self.column = new_column
+        self.moves += 1
+
+
+# ---- the prefix cache -----------------------------------------------------------------------------------
+class _Block:
+    __slots__ = ("tokens", "parent", "children", "index")
+
+    def __init__(self, tokens: tuple, parent, index: int):
+        self.tokens, self.parent, self.children, self.index = tokens, parent, {}, index
+
+
+class PrefixCache:
+    """Blocks of ``block_size`` tokens' keys and values, in a tree keyed by the tokens of each block under
+    its parent: a block is only found behind the exact tokens that produced it."""
+
+    def __init__(self, shapes: list, blocks: int, block_size: int, device):
+        self.block_size, self.capacity = block_size, blocks
+        self._keys = [torch.empty((blocks, s.kv_heads, block_size, s.key_dim), dtype=s.dtype, device=device)
+                      for s in shapes]
+        self._values = [torch.empty((blocks, s.kv_heads, block_size, s.value_dim), dtype=s.dtype, device=device)
+                        for s in shapes]
+        for tensor in self._keys + self._values:
+            tensor.zero_()  # reserve the memory now: usage stays flat as the cache fills
+        self._root = _Block((), None, -1)
+        self._free = list(range(blocks - 1, -1, -1))
+        self._leaves: OrderedDict = OrderedDict()  # evictable blocks, least recently used first
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return self.capacity - len(self._free)
+
+    def _blocks_of(self, tokens, count: int):
+        size = self.block_size
+        return (tuple(tokens[i * size:(i + 1) * size]) for i in range(count))
+
+    def match(self, tokens, limit: int) -> list:
+        """The cached blocks of the longest prefix of ``tokens[:limit]`` made of whole blocks; marks them used."""
+        path, node = [], self._root
+        for block_tokens in self._blocks_of(tokens, limit // self.block_size):
+            node = node.children.get(block_tokens)
+            if node is None:
+                break
+            path.append(node)
+        for node in reversed(path):  # the deepest block is evicted before its parents
+            if node in self._leaves:
+                self._leaves.move_to_end(node)
+        return path
+
+    def read(self, path: list, skip: int = 0) -> list:
+        """Per layer ``(keys, values)`` of ``[1, kv_heads, tokens, dim]`` for ``path[skip:]`` (a copy)."""
+        index = torch.tensor([node.index for node in path[skip:]], dtype=torch.long, device=self._keys[0].device)
+        out = []
+        for keys, values in zip(self._keys, self._values):
+            k, v = keys[index], values[index]  # [blocks, heads, block, dim]
+            out.append((k.transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[3]),
+                        v.transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[3])))
+        return out
+
+    def insert(self, tokens, count: int, layer_kv) -> int:
+        """Add the whole blocks of ``tokens[:count]`` that are missing. ``layer_kv(start, end)`` gives the
+        per-layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` of those tokens. Returns blocks added."""
+        node, added, on_path = self._root, 0, set()
+        for number, block_tokens in enumerate(self._blocks_of(tokens, count // self.block_size)):
+            child = node.children.get(block_tokens)
+            if child is None:
+                index = self._allocate(protect=on_path | {node})
+                if index is None:
+                    break
+                start = number * self.block_size
+                for keys, values, (k, v) in zip(self._keys, self._values, layer_kv(start, start + self.block_size)):
+                    keys[index].copy_(k)
+                    values[index].copy_(v)
+                child = _Block(block_tokens, node, index)
+                node.children[block_tokens] = child
+                self._leaves.pop(node, None)  # a parent is not evictable while it has children
+                self._leaves[child] = None
+                added += 1
+            elif child in self._leaves:
+                self._leaves.move_to_end(child)
+            on_path.add(child)
+            node = child
+        return added
+
+    def _allocate(self, protect: set):
+        if self._free:
+            return self._free.pop()
+        for victim in self._leaves:
+            if victim not in protect:
+                break
+        else:
+            return None
+        del self._leaves[victim]
+        parent = victim.parent
+        del parent.children[victim.tokens]
+        if parent is not self._root and not parent.children:
+            self._leaves[parent] = None
+            self._leaves.move_to_end(parent, last=False)  # it was last used when its last child was
+        self.evictions += 1
+        return victim.index
+
+    def clear(self) -> None:
+        self._root = _Block((), None, -1)
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self._leaves.clear()
