@@ -139,7 +139,7 @@ class Engine:
     def _set_up_kv_storage(self) -> None:
         """Size the running batch's rows and the prefix cache from the budget; both are allocated now."""
         config = self.config
-        shapes = probe_layer_shapes(self.model, self.device, self._cache_kwarg)
+        self._shapes = shapes = probe_layer_shapes(self.model, self.device, self._cache_kwarg)
         self.plan = plan_kv_memory(config.kv_cache_memory, sum(s.bytes_per_token for s in shapes),
                                    config.max_batch_size, config.max_context or _model_context(self.model),
                                    self.device, config.block_size, config.prefix_caching)

@@ -1,0 +1,154 @@
+"""executor/kv_cache.py on its own: in-place batch rows, the prefix cache's tree and LRU, the memory plan."""
+
+import pytest
+import torch
+
+from executor.kv_cache import BatchKV, LayerShape, PrefixCache, margin_for, parse_memory_size, plan_kv_memory
+
+SHAPES = [LayerShape(kv_heads=2, key_dim=3, value_dim=3, dtype=torch.float32)] * 2
+CPU = torch.device("cpu")
+
+
+def row_tokens(seed: int, length: int) -> list:
+    """Per layer (keys, values) of [kv_heads, length, dim] whose values say which row and token they are."""
+    base = torch.arange(length, dtype=torch.float32).view(1, length, 1).expand(2, length, 3)
+    return [(base + 1000 * seed + 100_000 * layer, -(base + 1000 * seed + 100_000 * layer)) for layer in range(2)]
+
+
+def row_contents(batch: BatchKV, row: int) -> torch.Tensor:
+    keys, _ = batch.row_kv(row, 0, batch.lengths[row])[0]
+    return keys[0, :, 0]
+
+
+def step(batch: BatchKV, values: list) -> torch.Tensor:
+    """One decode step through the cache's own update path: each row's new key is its value in ``values``."""
+    mask = batch.start_step(1)
+    states = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 2, 1, 3)
+    for index, layer in enumerate(batch.layers):
+        keys, _ = batch.update(states + 100_000 * index, -states, index)
+        assert keys.shape[2] == mask.shape[1]
+    batch.end_step(1)
+    return mask
+
+
+def test_rows_are_right_aligned_and_a_step_writes_in_place_without_copying_the_cache():
+    batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
+    storage = batch.layers[0].keys.data_ptr()
+    batch.add_row(row_tokens(1, 5), 5)
+    batch.add_row(row_tokens(2, 3), 3)
+    mask = step(batch, [7.0, 8.0])
+    assert mask.tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    assert batch.layers[0].keys.data_ptr() == storage
+    keys, _ = batch.update(torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 3), 0)
+    assert keys.data_ptr() == storage, "attention reads a view of the storage, not a copy"
+    assert row_contents(batch, 0).tolist() == [1000, 1001, 1002, 1003, 1004, 7]
+    assert row_contents(batch, 1).tolist() == [2000, 2001, 2002, 8]
+
+
+def test_a_longer_row_joining_moves_the_live_columns_not_the_storage():
+    batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
+    batch.add_row(row_tokens(1, 3), 3)
+    step(batch, [9.0])
+    batch.add_row(row_tokens(2, 10), 10)
+    assert batch.column == 10
+    assert row_contents(batch, 0).tolist() == [1000, 1001, 1002, 9]
+    assert row_contents(batch, 1).tolist() == [2000 + i for i in range(10)]
+    assert batch.mask[:2, :10].sum(dim=1).tolist() == [4, 10]
+
+
+def test_a_leaving_row_is_replaced_by_the_last_one_and_the_order_is_reported():
+    batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
+    for seed, length in ((1, 4), (2, 6), (3, 2)):
+        batch.add_row(row_tokens(seed, length), length)
+    order = batch.remove_rows([0])
+    assert order == [2, 1]
+    assert row_contents(batch, 0).tolist() == [3000, 3001]
+    assert row_contents(batch, 1).tolist() == [2000 + i for i in range(6)]
+    assert batch.remove_rows([0, 1]) == [] and batch.rows == 0 and batch.column == 0
+
+
+def test_reaching_the_end_of_the_storage_moves_the_live_tokens_back_and_keeps_them():
+    batch = BatchKV(SHAPES, max_rows=2, columns=16, device=CPU)
+    expected = [[1000 + i for i in range(4)], [2000, 2001]]  # what each row must hold, in row order
+    batch.add_row(row_tokens(1, 4), 4)
+    batch.add_row(row_tokens(2, 2), 2)
+    for value in range(100, 160):
+        step(batch, [float(value), float(value)])
+        for tokens in expected:
+            tokens.append(value)
+        for row in range(2):
+            assert row_contents(batch, row).tolist() == expected[row]
+        if len(expected[0]) >= 10:  # the older row leaves and a new one joins, as requests come and go
+            assert batch.remove_rows([0]) == [1]
+            expected = [expected[1], [3000, 3001, 3002]]
+            batch.add_row(row_tokens(3, 3), 3)
+        assert batch.column <= batch.columns
+    assert batch.moves > 0, "the write column reached the end of the storage"
+
+
+def test_prefix_cache_finds_the_longest_cached_whole_blocks_behind_the_same_tokens():
+    cache = PrefixCache(SHAPES, blocks=8, block_size=4, device=CPU)
+    tokens = list(range(100, 110))  # two whole blocks and a part
+
+    def source(start, end):
+        return [(k[:, start:end], v[:, start:end]) for k, v in row_tokens(5, 10)]
+
+    assert cache.insert(tokens, len(tokens), source) == 2
+    assert len(cache.match(tokens + [1, 2, 3], limit=13)) == 2
+    assert len(cache.match(tokens, limit=7)) == 1, "a hit never covers the token whose logits are needed"
+    assert cache.match([100, 101, 102, 999] + tokens[4:], limit=10) == [], "a block is found only behind its parent"
+    path = cache.match(tokens[:6] + [7, 7], limit=8)
+    assert len(path) == 1
+    keys, values = cache.read(cache.match(tokens, 10))[1]
+    assert keys.shape == (1, 2, 8, 3)
+    assert keys[0, 0, :, 0].tolist() == [5000 + 100_000 + i for i in range(8)]
+    assert torch.equal(values, -keys)
+    assert cache.insert(tokens, len(tokens), source) == 0, "blocks already cached are not written again"
+
+
+def test_prefix_cache_evicts_the_least_recently_used_leaf_first_and_never_the_path_it_extends():
+    cache = PrefixCache(SHAPES, blocks=3, block_size=2, device=CPU)
+
+    def source(start, end):
+        return [(k[:, start:end], v[:, start:end]) for k, v in row_tokens(0, 8)]
+
+    cache.insert([1, 2, 3, 4], 4, source)  # blocks (1,2) -> (3,4)
+    cache.insert([9, 9], 2, source)  # block (9,9)
+    cache.match([1, 2, 3, 4, 0], 5)  # (1,2,3,4) used more recently than (9,9)
+    cache.insert([1, 2, 5, 6], 4, source)  # needs a block: (9,9) is the LRU leaf
+    assert cache.evictions == 1
+    assert cache.match([9, 9, 0], 3) == []
+    assert len(cache.match([1, 2, 3, 4, 0], 5)) == 2
+    assert len(cache.match([1, 2, 5, 6, 0], 5)) == 2
+    cache.insert([1, 2, 7, 8, 9, 9], 6, source)  # the path's own parent (1,2) is never evicted
+    assert len(cache.match([1, 2, 0], 3)) == 1
+    assert len(cache) == 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("auto", None), ("0.5", 0.5), ("1", 1.0), ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+    ("2000000", 2_000_000), (" 64 kib ", 64 * 1024),
+])
+def test_memory_sizes(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "0", "1.5x", "0GiB", ""])
+def test_bad_memory_sizes_name_the_setting_and_the_accepted_forms(text):
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        parse_memory_size(text)
+
+
+def test_the_plan_reserves_whole_rows_first_and_gives_the_rest_to_the_prefix_cache():
+    columns = 1000 + margin_for(1000)
+    plan = plan_kv_memory(10 * columns * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
+    assert (plan.rows, plan.columns, plan.max_context) == (4, columns, 1000)
+    assert plan.prefix_blocks == 6 * columns // 16
+    small = plan_kv_memory(2 * columns * 100 + 50, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
+    assert small.rows == 2, "a budget for two rows serves two requests at a time"
+    tiny = plan_kv_memory(300 * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
+    assert tiny.rows == 1 and tiny.max_context < 300, "too small for one full row: shorter requests"
+    off = plan_kv_memory(10 * columns * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU,
+                         prefix_caching=False)
+    assert off.prefix_blocks == 0
+    assert plan.batch_bytes + plan.prefix_bytes <= plan.budget

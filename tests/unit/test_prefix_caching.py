@@ -1,0 +1,224 @@
+"""The engine with its prefix cache and memory budget, on a tiny real model: a hit changes no answer."""
+
+import asyncio
+
+import pytest
+import torch
+
+from executor.engine import Engine, EngineConfig
+from executor.model import encode_prompt, load
+from executor.sampling import Limits, fit_to_context, parse_gen_conf
+
+SYSTEM = ("You answer questions about the passages below. Passage one: the river runs north past the old mill. "
+          "Passage two: the mill was built of stone in a dry summer. Passage three: the town grew around it. ")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_models):
+    return load(str(tiny_models["chat"]))
+
+
+def make_engine(lm, **config):
+    return Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                  EngineConfig(**{"max_batch_size": 8, "prefill_chunk": 32, **config})).start()
+
+
+@pytest.fixture(scope="module")
+def plain(lm):
+    """The reference: the same engine without a prefix cache."""
+    engine = make_engine(lm, prefix_caching=False)
+    yield engine
+    engine.shutdown()
+
+
+def settings(lm, prompt_ids, max_new_tokens=16):
+    limits = Limits(context_length=lm.context_length)
+    return fit_to_context(parse_gen_conf({"max_new_tokens": max_new_tokens}, limits), len(prompt_ids), limits)
+
+
+async def ask(engine, lm, prompt_ids, max_new_tokens=16):
+    events = [e async for e in engine.stream(prompt_ids, settings(lm, prompt_ids, max_new_tokens))]
+    return "".join(e.text for e in events), events[-1]
+
+
+def rag_prompt(lm, question):
+    return encode_prompt(lm.tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+
+
+def count_prefill_tokens(model):
+    """Wrap ``model.forward``: the number of prompt tokens it computes (every forward pass but the decode
+    steps, which run on the batch's own cache)."""
+    from executor.kv_cache import BatchKV
+
+    counted = {"tokens": 0}
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if not isinstance(kwargs.get("cache", kwargs.get("past_key_values")), BatchKV):
+            counted["tokens"] += int(kwargs["attention_mask"][:, -ids.shape[1]:].sum())
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    return counted
+
+
+def test_a_prompt_behind_a_served_prefix_reuses_it_and_answers_the_same(lm, plain):
+    engine = make_engine(lm)
+    try:
+        first, second = rag_prompt(lm, "Where does the river run?"), rag_prompt(lm, "What is the mill made of?")
+        shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+        assert shared % 16, "the test wants a shared prefix that ends inside a block"
+        text, last = asyncio.run(ask(engine, lm, first))
+        assert last.cached_tokens == 0
+        assert text == asyncio.run(ask(plain, lm, first))[0]
+        text, last = asyncio.run(ask(engine, lm, second))
+        assert last.cached_tokens == shared - shared % 16, "every whole block of the shared prefix, no more"
+        assert text == asyncio.run(ask(plain, lm, second))[0]
+        text, last = asyncio.run(ask(engine, lm, first))
+        assert last.cached_tokens == (len(first) - 1) // 16 * 16, "the same prompt again: all its whole blocks"
+        assert text == asyncio.run(ask(plain, lm, first))[0]
+    finally:
+        engine.shutdown()
+
+
+def test_a_conversation_reuses_its_earlier_turns_including_the_answers(lm, plain):
+    engine = make_engine(lm)
+    try:
+        messages = [{"role": "system", "content": SYSTEM}]
+        reused_an_answer = False
+        for turn, question in enumerate(["Hello there.", "Tell me more.", "And then?", "Why?", "Sure?"]):
+            messages.append({"role": "user", "content": question})
+            prompt_ids = encode_prompt(lm.tokenizer, messages)
+            text, last = asyncio.run(ask(engine, lm, prompt_ids, max_new_tokens=24))
+            assert text == asyncio.run(ask(plain, lm, prompt_ids, max_new_tokens=24))[0]
+            if turn:
+                assert last.cached_tokens >= previous_prompt_tokens // 16 * 16, "the whole earlier prompt is reused"
+                # The answer's blocks are reused up to where its text tokenizes differently inside the new prompt.
+                reused_an_answer |= last.cached_tokens > previous_prompt_tokens
+            previous_prompt_tokens = len(prompt_ids)
+            messages.append({"role": "assistant", "content": text})
+        assert reused_an_answer, "blocks of an answer this server generated were reused in a later turn"
+    finally:
+        engine.shutdown()
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once(lm, plain):
+    questions = [f"Question number {i}: what happened {'next ' * i}?" for i in range(8)]
+    prompts = [rag_prompt(lm, q) for q in questions]
+    expected = [asyncio.run(ask(plain, lm, p))[0] for p in prompts]
+    engine = make_engine(lm)
+    counted = count_prefill_tokens(lm.model)
+    try:
+        async def together():
+            return await asyncio.gather(*(ask(engine, lm, p) for p in prompts))
+
+        answers = asyncio.run(together())
+    finally:
+        del lm.model.forward
+        engine.shutdown()
+    assert [text for text, _ in answers] == expected
+    shared = min(next(i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b) for p in prompts[1:])
+    cached = [last.cached_tokens for _, last in answers]
+    assert sorted(cached)[1:] == [shared - shared % 16] * 7 and sorted(cached)[0] == 0, cached
+    assert counted["tokens"] == sum(len(p) for p in prompts) - sum(cached), "each prompt token computed once"
+
+
+def test_a_cancelled_request_leaves_its_shared_blocks_intact(lm, plain):
+    prompts = [rag_prompt(lm, f"Question {i} about the town?") for i in range(4)]
+    expected = [asyncio.run(ask(plain, lm, p, 40))[0] for p in prompts]
+    engine = make_engine(lm)
+    try:
+        async def scenario():
+            async def leave_early(prompt_ids):
+                async for _ in engine.stream(prompt_ids, settings(lm, prompt_ids, 40)):
+                    return  # the client leaves after its first piece
+
+            tasks = [asyncio.create_task(ask(engine, lm, p, 40)) for p in prompts[1:]]
+            await leave_early(prompts[0])
+            return await asyncio.gather(*tasks)
+
+        answers = asyncio.run(scenario())
+        assert [text for text, _ in answers] == expected[1:]
+        text, last = asyncio.run(ask(engine, lm, prompts[0], 40))
+        assert last.cached_tokens > 0 and text == expected[0]
+    finally:
+        engine.shutdown()
+
+
+def test_a_full_prefix_cache_evicts_old_blocks_and_answers_stay_exact(lm, plain):
+    engine = make_engine(lm)
+    # Shrink the prefix cache to a few blocks: every new prompt has to evict.
+    from executor.kv_cache import PrefixCache
+
+    engine._prefix = PrefixCache(engine._shapes, blocks=6, block_size=16, device=engine.device)
+    try:
+        prompts = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"{i} " * 20 + "tell me"}])
+                   for i in range(6)]
+        for prompt_ids in prompts + prompts[:2]:
+            assert asyncio.run(ask(engine, lm, prompt_ids))[0] == asyncio.run(ask(plain, lm, prompt_ids))[0]
+        assert engine._prefix.evictions > 0
+        assert len(engine._prefix) <= 6
+    finally:
+        engine.shutdown()
+
+
+def test_a_burst_of_long_requests_against_a_small_budget_waits_for_rows_and_all_finish(lm, plain):
+    row_bytes = (512 + 64) * engine_bytes_per_token(lm)
+    engine = make_engine(lm, kv_cache_memory=2 * row_bytes + row_bytes // 2, max_context=512)
+    assert engine.max_rows == 2
+    busiest = {"rows": 0}
+    decode = engine._decode_step
+
+    def watching():
+        busiest["rows"] = max(busiest["rows"], engine._batch.rows)
+        decode()
+
+    engine._decode_step = watching
+    prompts = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"{i} words " * 60}]) for i in range(6)]
+    try:
+        async def burst():
+            return await asyncio.gather(*(ask(engine, lm, p, 100) for p in prompts))
+
+        answers = asyncio.run(burst())
+    finally:
+        engine.shutdown()
+    assert [last.finish_reason for _, last in answers] == ["length"] * 6
+    assert busiest["rows"] == 2, "the budget holds two rows: the others waited"
+    assert [text for text, _ in answers] == [asyncio.run(ask(plain, lm, p, 100))[0] for p in prompts]
+
+
+def test_a_request_longer_than_the_budget_allows_fails_alone_with_the_limit_named(lm):
+    engine = make_engine(lm, kv_cache_memory=200 * engine_bytes_per_token(lm), max_context=512)
+    try:
+        assert engine.max_context < 200
+        prompt_ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": "words " * 80}])[:100]
+        with pytest.raises(ValueError, match="max_new_tokens.*does not fit.*KV cache"):
+            asyncio.run(ask(engine, lm, prompt_ids, 150))
+        short = encode_prompt(lm.tokenizer, [{"role": "user", "content": "hi"}])
+        assert asyncio.run(ask(engine, lm, short, 10))[1].finish_reason in ("length", "stop")
+    finally:
+        engine.shutdown()
+
+
+def engine_bytes_per_token(lm) -> int:
+    from executor.kv_cache import probe_layer_shapes
+
+    return sum(s.bytes_per_token for s in probe_layer_shapes(lm.model, torch.device("cpu")))
+
+
+def test_answers_do_not_depend_on_what_else_was_cached(lm, plain):
+    """Batch invariance with a prefix cache: the same prompt answered cold, warm and among others."""
+    engine = make_engine(lm)
+    try:
+        prompt_ids = rag_prompt(lm, "Who built the mill?")
+        cold = asyncio.run(ask(engine, lm, prompt_ids, 30))[0]
+        others = [rag_prompt(lm, f"other {i}") for i in range(5)]
+
+        async def mixed():
+            return await asyncio.gather(*(ask(engine, lm, p, 30) for p in others + [prompt_ids]))
+
+        warm = asyncio.run(mixed())[-1][0]
+        assert cold == warm == asyncio.run(ask(plain, lm, prompt_ids, 30))[0]
+    finally:
+        engine.shutdown()
