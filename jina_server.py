@@ -14,7 +14,9 @@ import inspect
 import logging
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 HELP = {
     "model_name": "Hugging Face hub name or local folder; omit it to serve the built-in demo model",
@@ -33,6 +35,10 @@ HELP = {
     "prefill_chunk": "prompt tokens prefilled per scheduler round (bounds the stall a long prompt causes)",
     "request_timeout": "seconds a prompt may run from its first batch slot before it ends with "
                        "finish_reason=time_limit",
+    "kv_cache_memory": "memory for keys and values: running rows first, the prefix cache in the rest. A size "
+                       "(4GiB, 512MiB), a fraction of free memory (0.5), or auto (GPU: 60%% of free memory; CPU: "
+                       "the rows twice over, at most 25%% of available memory)",
+    "prefix_caching": "reuse the keys and values of prompt prefixes served before (--no-prefix-caching: off)",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",
     "log_prompts": "log each request's messages and gen_conf (off: prompts are never logged)",
 }
@@ -77,7 +83,8 @@ def build_parser(settings) -> argparse.ArgumentParser:
     for name, default in settings:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         if isinstance(default, bool):
-            parser.add_argument(*flags, dest=name, action="store_true", default=default, help=HELP.get(name))
+            action = argparse.BooleanOptionalAction if default else "store_true"  # on by default: --no-NAME
+            parser.add_argument(*flags, dest=name, action=action, default=default, help=HELP.get(name))
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(*flags, dest=name, type=kind, default=default,
@@ -156,14 +163,19 @@ def serve(args, settings) -> int:
     openai_server = openai_front_end(args)  # checked before the model loads
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     if not args.model_name:
-        # Trained here on first use (about a minute), before the gateway starts polling an Executor that
-        # is still busy (a warning a second); the Executor then finds it on disk.
-        from executor.demo_model import ensure_demo_model
-
+        # Trained on first use (about a minute), before the gateway starts polling an Executor that is still
+        # busy (a warning a second); the Executor then finds it on disk. In a child process: training starts
+        # torch's thread pool, and an Executor that Jina forks from a process with that pool hangs at its
+        # first parallel operation.
         try:
-            ensure_demo_model()
+            subprocess.run([sys.executable, "-c", "from executor.demo_model import ensure_demo_model; "
+                            "ensure_demo_model()"], cwd=Path(__file__).resolve().parent, check=True)
         except KeyboardInterrupt:
             return 0
+        except subprocess.CalledProcessError as error:
+            logging.getLogger("jina_llm_stream").error("the demo model could not be built (exit code %d)",
+                                                       error.returncode)
+            return 1
     try:
         with server:
             if openai_server:
@@ -217,8 +229,20 @@ def main(argv=None) -> int:
     if argv[:1] == ["export"]:
         if len(argv) < 3 or argv[1] not in ("kubernetes", "docker-compose"):
             parser.error("usage: jina_server.py export {kubernetes DIR | docker-compose FILE} [flags]")
-        return export(argv[1], argv[2], parser.parse_args(argv[3:]), settings)
-    return serve(parser.parse_args(argv), settings)
+        return export(argv[1], argv[2], checked(parser, argv[3:]), settings)
+    return serve(checked(parser, argv), settings)
+
+
+def checked(parser, argv):
+    """Parsed flags; a value the Executor would refuse is refused here, before any model loads."""
+    from executor.kv_cache import parse_memory_size
+
+    args = parser.parse_args(argv)
+    try:
+        parse_memory_size(args.kv_cache_memory)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 if __name__ == "__main__":

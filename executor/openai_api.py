@@ -395,7 +395,9 @@ def _usage(lasts) -> dict:
     """Usage summed over the answers, from each answer's last Generation (None for one that never came)."""
     prompt = sum((last.prompt_tokens or 0) for last in lasts if last)
     completion = sum((last.completion_tokens or 0) for last in lasts if last)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum((getattr(last, "cached_tokens", 0) or 0) for last in lasts if last)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):

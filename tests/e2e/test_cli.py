@@ -55,10 +55,19 @@ def test_cli_accepts_every_setting_under_its_one_name():
     help_text = subprocess.run([PYTHON, "jina_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                                timeout=120).stdout
     for name in ("model_name", "device", "dtype", "max_new_tokens_limit", "max_prompt_tokens", "max_batch_size",
-                 "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text"):
+                 "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text", "kv_cache_memory",
+                 "prefix_caching"):
         assert f"--{name}" in help_text
         assert f"--{name}" in help_text and name + ":" in (ROOT / "config.yml").read_text()
     assert "--port" in help_text and "--host" in help_text
+    assert "--no-prefix-caching" in help_text
+
+
+def test_a_bad_kv_cache_memory_is_refused_before_the_model_loads():
+    result = subprocess.run([PYTHON, "jina_server.py", "--kv-cache-memory", "4XB"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "kv_cache_memory='4XB' is not a size" in result.stderr and "4GiB" in result.stderr
 
 
 def test_a_model_that_cannot_be_loaded_stops_start_up_with_a_clear_error(tmp_path):

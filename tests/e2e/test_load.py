@@ -67,7 +67,8 @@ def test_a_client_that_goes_away_stops_its_generation(slow_server, endpoint):
 
 
 def assert_cancelled(log, executor, endpoint):
-    found = wait_for_log(log, rf"endpoint={endpoint} prompt_tokens=\d+ new_tokens=(\d+) \S+ \S+ finish=cancelled")
+    found = wait_for_log(log, rf"endpoint={endpoint} prompt_tokens=\d+ cached_tokens=\d+ new_tokens=(\d+) \S+ \S+ "
+                              r"finish=cancelled")
     assert int(found[-1]) < LONG
     time.sleep(0.5)
     assert cpu_seconds(executor, 1.0) < 0.2, "the executor kept working after its client left"

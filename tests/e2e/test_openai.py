@@ -39,6 +39,19 @@ def chat(api, **kwargs):
     return api["client"].chat.completions.create(model=api["model"], **{"messages": HELLO, **kwargs})
 
 
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(api):
+    system = {"role": "system", "content": "Be careful. Be brief."}
+    first = chat(api, messages=[system, {"role": "user", "content": "What is a river?"}], max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = [system, {"role": "user", "content": "What is a mountain?"}]
+    second = chat(api, messages=again, max_tokens=4)
+    streamed = list(chat(api, messages=again, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert 16 <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 16 * 16
+    assert re.search(rf"prompt_tokens={second.usage.prompt_tokens} cached_tokens="
+                     rf"{second.usage.prompt_tokens_details.cached_tokens} ", api["log"].read_text(errors="replace"))
+
+
 def test_models_list(api):
     assert [model.id for model in api["client"].models.list()] == [api["model"]]
     assert api["client"].models.retrieve(api["model"]).id == api["model"]
@@ -53,7 +66,10 @@ def test_chat_stream_joins_to_the_whole_answer_with_usage(api):
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16, "asked before"
     assert all(chunk.usage is None for chunk in chunks[:-1])
     same = chat(api, max_completion_tokens=24, temperature=0, user="someone")  # the other name; `user` ignored
     assert same.choices[0].message.content == whole.choices[0].message.content

@@ -161,7 +161,7 @@ def test_jina_client_raises_on_bad_requests_over_each_protocol(server, protocol)
 
 
 STREAM_DONE = re.compile(r"^(\S+ \S+) INFO jina_llm_stream.engine: pid=(\d+) request=\d+ endpoint=/stream "
-                         r"prompt_tokens=\d+ new_tokens=(\d+) ttft_ms=(\d+) tokens_per_s=([\d.]+) finish=length$", re.M)
+                         r"prompt_tokens=\d+ cached_tokens=\d+ new_tokens=(\d+) ttft_ms=(\d+) tokens_per_s=([\d.]+) finish=length$", re.M)
 
 
 def served_spans(log_text, new_tokens):
@@ -211,7 +211,7 @@ def test_prometheus_metrics(server):
         time.sleep(0.5)
     for name in ("jina_llm_stream_time_to_first_token_seconds_bucket", "jina_llm_stream_inter_token_latency_seconds",
                  "jina_llm_stream_generated_tokens_total", "jina_llm_stream_prompt_tokens_total",
-                 "jina_llm_stream_requests_total", "jina_llm_stream_queue_depth", "jina_llm_stream_batch_size"):
+                 "jina_llm_stream_cached_prompt_tokens_total", "jina_llm_stream_requests_total", "jina_llm_stream_queue_depth", "jina_llm_stream_batch_size"):
         assert name in text, name
     generated = [line for line in text.splitlines() if line.startswith("jina_llm_stream_generated_tokens_total")]
     assert float(generated[0].split()[-1]) > 0
