@@ -7,7 +7,11 @@ offline on synthetic text) once, then measures, in one run:
   references  raw decode loop with KV cache (batch 1), model.generate static batch of N
   the server  /stream with 1 client, N concurrent /stream clients, /chat with N prompts in one call,
               a 1000-prompt batch job through one Client.post (and the TTFT of /stream clients meanwhile),
-              executor RSS over many requests; the OpenAI API (--openai-port) streaming, 1 and N clients
+              executor RSS over many requests; the OpenAI API (--openai-port) streaming, 1 and N clients;
+              long prompts (bench/workloads.py): N concurrent RAG-shaped prompts sharing their passages, a
+              warm-prefix request, the 6th turn of a chat, the decode rate of N rows at ~900 tokens of context
+  the peer    `transformers serve --continuous-batching` (bench/peer.py, a venv of its own): the same
+              RAG-shaped and short requests through its OpenAI API
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 """
 
@@ -25,12 +29,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import peer  # noqa: E402
 import torch  # noqa: E402
+import workloads  # noqa: E402
 from server_process import executor_process, free_port, start_server, stop_server  # noqa: E402
 
 CHUNK = 256  # the server's default prefill_chunk
 JOB_TOKENS = 32  # new tokens per prompt of the batch job
 JOB_REFERENCE_BATCHES = 4  # model.generate static batches measured for the job's reference (the job's first prompts)
+LONG_CONTEXT = 840  # prompt tokens of the long-context decode rows (+ up to ~100 new: ~900 tokens of context)
+LONG_NEW_TOKENS = 100
+CHAT_TURNS = 6
+CHAT_ANSWER_TOKENS = 64
+RAG_SEED, RAG_OPENAI_SEED = 1, 2  # two sets of passages: the OpenAI API and the peer start cold, like /stream
 CACHE = Path(os.environ.get("JINA_LLM_STREAM_CACHE", Path.home() / ".cache" / "jina-llm-stream"))
 BENCH_MODEL = CACHE / "bench-gpt2-small-v1"
 
@@ -102,14 +113,62 @@ def references(path: Path, new_tokens: int, batch: int) -> dict:
         started = time.perf_counter()
         model(long_ids, use_cache=True, logits_to_keep=1)
         chunk_s = time.perf_counter() - started
+        rag, _ = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
+        rag_lengths = [len(encode_prompt(tokenizer, m)) for m in rag]
+        rag_static_tps = static_batches_rate(model, tokenizer, batch, new_tokens, 1, rag)
+        long_static_tps = static_cache_decode_rate(model, tokenizer, workloads.long_prompts(tokenizer, batch, LONG_CONTEXT, 3))
     del model
     return {"raw_tps": raw_tps, "prefill_s": prefill_s, "static_tps": static_tps, "prompt_tokens": len(ids),
-            "chunk_s": chunk_s, "job_static_tps": job_static_tps}
+            "chunk_s": chunk_s, "job_static_tps": job_static_tps, "rag_static_tps": rag_static_tps,
+            "rag_lengths": rag_lengths, "long_static_tps": long_static_tps}
 
 
-def static_batches_rate(model, tokenizer, batch: int, new_tokens: int, batches: int) -> float:
-    """model.generate on the job's first ``batches`` x ``batch`` prompts, ``batch`` at a time (left padded)."""
-    job = prompts(batch * batches)
+def static_cache_decode_rate(model, tokenizer, chats: list) -> float:
+    """Decode rate of model.generate with transformers' in-place (static) cache, prefill excluded: a streamer
+    stamps each step."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chats]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    stamps = Stamps()
+    model.generate(**encoded, do_sample=False, pad_token_id=tokenizer.pad_token_id, cache_implementation="static",
+                   streamer=stamps, **gen_conf(LONG_NEW_TOKENS))
+    # times[0]: the prompt; times[1]: the first new token (after the prefill); then one per decode step.
+    return len(chats) * (len(stamps.times) - 2) / (stamps.times[-1] - stamps.times[1])
+
+
+def prefill_seconds(path: Path, prompts_ids: list) -> list:
+    """In-process full prefill of each prompt (best of two): what a TTFT without any cache would cost."""
+    from executor.model import load
+
+    model = load(str(path)).model
+    times = []
+    with torch.inference_mode():
+        for ids in prompts_ids:
+            best = float("inf")
+            for _ in range(2):
+                started = time.perf_counter()
+                model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                best = min(best, time.perf_counter() - started)
+            times.append(best)
+    del model
+    return times
+
+
+def static_batches_rate(model, tokenizer, batch: int, new_tokens: int, batches: int, job=None) -> float:
+    """model.generate on ``job`` (default: the job's first ``batches`` x ``batch`` prompts), ``batch`` at a time
+    (left padded)."""
+    job = job or prompts(batch * batches)
     started = time.perf_counter()
     for first in range(0, len(job), batch):
         texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
@@ -154,13 +213,54 @@ async def one_stream(client, message, new_tokens):
     from schemas import Generation, Prompt
 
     started = time.perf_counter()
-    times = []
+    times, counts, text = [], [], []
     async for piece in client.stream_doc(on="/stream", inputs=Prompt(message=message, gen_conf=gen_conf(new_tokens)),
                                          return_type=Generation):
         times.append(time.perf_counter())
+        counts.append(piece.completion_tokens)
+        text.append(piece.text)
         final = piece
     return {"ttft": times[0] - started, "total": times[-1] - started, "decode": times[-1] - times[0],
-            "tokens": final.completion_tokens, "times": times}
+            "tokens": final.completion_tokens, "times": times, "counts": counts, "text": "".join(text),
+            "cached": final.cached_tokens}
+
+
+def all_decoding_rate(results: list) -> float:
+    """Tokens per second while every stream was decoding (after the last first token, before the first end)."""
+    start, end = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    tokens = 0
+    for r in results:
+        inside = [count for t, count in zip(r["times"], r["counts"]) if start <= t <= end]
+        tokens += inside[-1] - inside[0] if inside else 0
+    return tokens / (end - start) if end > start else float("nan")
+
+
+async def long_prompt_measures(client, tokenizer, new_tokens: int, batch: int) -> dict:
+    """RAG-shaped burst, warm-prefix request, 6th chat turn, long-context decode: all through /stream."""
+    from executor.model import encode_prompt
+
+    rag, warm = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
+    started = time.perf_counter()
+    burst = await asyncio.gather(*(one_stream(client, m, new_tokens) for m in rag))
+    wall = time.perf_counter() - started
+    warm_result = await one_stream(client, warm, 16)
+
+    messages = [{"role": "system", "content": "You are a helpful assistant. Keep the conversation going."}]
+    for turn, user in enumerate(workloads.chat_turn_messages(tokenizer, CHAT_TURNS, 5)):
+        messages.append({"role": "user", "content": user})
+        answer = await one_stream(client, messages, CHAT_ANSWER_TOKENS if turn < CHAT_TURNS - 1 else 16)
+        messages.append({"role": "assistant", "content": answer["text"]})
+    last_turn = messages[:-1]
+
+    long = await asyncio.gather(*(one_stream(client, m, LONG_NEW_TOKENS)
+                                  for m in workloads.long_prompts(tokenizer, batch, LONG_CONTEXT, 3)))
+    return {"rag_tps": sum(r["tokens"] for r in burst) / wall,
+            "rag_ttft_p50": statistics.median(r["ttft"] for r in burst),
+            "rag_cached": statistics.median(r["cached"] for r in burst),
+            "warm_ttft": warm_result["ttft"], "warm_cached": warm_result["cached"],
+            "warm_ids": encode_prompt(tokenizer, warm),
+            "turn_ttft": answer["ttft"], "turn_cached": answer["cached"], "turn_ids": encode_prompt(tokenizer, last_turn),
+            "long_decode_tps": all_decoding_rate(long)}
 
 
 async def prefill_stall(client, new_tokens: int) -> dict:
@@ -213,10 +313,15 @@ async def batch_job(client, prompt_count: int) -> dict:
             "job_stream_ttft_max": max(stream_ttfts), "job_streams": len(stream_ttfts)}
 
 
-async def openai_stream(http, url: str, model: str, message, new_tokens: int) -> dict:
-    """One streamed /v1/chat/completions: the same measures as one_stream."""
-    body = {"model": model, "messages": message, "max_tokens": new_tokens, "min_tokens": new_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
+def our_length(new_tokens: int) -> dict:
+    return {"max_tokens": new_tokens, "min_tokens": new_tokens}
+
+
+async def openai_stream(http, url: str, model: str, message, new_tokens: int, length=our_length) -> dict:
+    """One streamed /v1/chat/completions: the same measures as one_stream. ``length`` gives the body's fields
+    that make the answer exactly ``new_tokens`` long on that server."""
+    body = {"model": model, "messages": message, **length(new_tokens), "stream": True,
+            "stream_options": {"include_usage": True}}
     started, times, usage = time.perf_counter(), [], None
     async with http.stream("POST", url, json=body) as response:
         async for line in response.aiter_lines():
@@ -229,19 +334,47 @@ async def openai_stream(http, url: str, model: str, message, new_tokens: int) ->
             "tokens": usage["completion_tokens"]}
 
 
-async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: int) -> dict:
+async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: int, tokenizer,
+                          length=our_length) -> dict:
+    """1 client and ``batch`` concurrent short streams, then ``batch`` RAG-shaped streams, through an OpenAI API
+    (this server's, or the peer's with its own ``length`` fields)."""
     import httpx
 
     url = f"http://127.0.0.1:{openai_port}/v1/chat/completions"
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=batch + 4)) as http:
-        await openai_stream(http, url, model, prompts(1)[0], 8)  # warm-up
-        single = [await openai_stream(http, url, model, prompts(1)[0], new_tokens) for _ in range(3)]
+    rag, _ = workloads.rag_prompts(tokenizer, batch, RAG_OPENAI_SEED)
+
+    async def ask(message, tokens):
+        return await openai_stream(http, url, model, message, tokens, length)
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=batch + 4)) as http:
+        for _ in range(2):  # warm-up
+            await ask(prompts(1)[0], 8)
+        single = [await ask(prompts(1)[0], new_tokens) for _ in range(3)]
         best = min(single, key=lambda r: r["total"])
         started = time.perf_counter()
-        many = await asyncio.gather(*(openai_stream(http, url, model, m, new_tokens) for m in prompts(batch)))
+        many = await asyncio.gather(*(ask(m, new_tokens) for m in prompts(batch)))
         wall = time.perf_counter() - started
+        started = time.perf_counter()
+        burst = await asyncio.gather(*(ask(m, new_tokens) for m in rag))
+        rag_wall = time.perf_counter() - started
     return {"openai1_tps": (best["tokens"] - 1) / best["decode"], "openai1_ttft": best["ttft"],
-            "openaiN_tps": sum(r["tokens"] for r in many) / wall}
+            "openaiN_tps": sum(r["tokens"] for r in many) / wall,
+            "openai_rag_tps": sum(r["tokens"] for r in burst) / rag_wall,
+            "openai_rag_ttft_p50": statistics.median(r["ttft"] for r in burst)}
+
+
+def peer_measures(path: Path, new_tokens: int, batch: int, tokenizer) -> dict:
+    """The same OpenAI measures against ``transformers serve --continuous-batching`` (its own venv)."""
+    python = peer.ensure_venv(CACHE)
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench-peer.log"
+    server = peer.start(python, path, port, log_path)
+    try:
+        found = asyncio.run(openai_measures(port, str(path), new_tokens, batch, tokenizer,
+                                            length=peer.request_fields))
+    finally:
+        stop_server(server)
+    return {f"peer_{name}": value for name, value in found.items()}
 
 
 async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: int, job_prompts: int, server) -> dict:
@@ -269,6 +402,10 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
         answers.extend(result)
     chat_wall = time.perf_counter() - started
 
+    from transformers import AutoTokenizer
+
+    long = await long_prompt_measures(client, AutoTokenizer.from_pretrained(server.model_path), new_tokens, batch)
+
     executor = executor_process(server)
     rss_before = executor.memory_info().rss
     short = {"max_new_tokens": 4}
@@ -292,8 +429,52 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
         "streamN_tps": sum(r["tokens"] for r in many) / concurrent_wall,
         "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         "chat_tps": sum(a.completion_tokens for a in answers) / chat_wall,
-        **stall, **job, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
+        **stall, **job, **long, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
     }
+
+
+def long_prompt_rows(ref: dict, srv: dict, batch: int, new_tokens: int) -> list:
+    lengths = ref["rag_lengths"]
+    rag = (f"{batch} concurrent RAG-shaped prompts ({min(lengths)}-{max(lengths)} tokens, about "
+           f"{srv['rag_cached'] / statistics.median(lengths):.0%} shared), {new_tokens} new tokens")
+    peer_rag = srv.get("peer_openai_rag_tps")
+    rows = [
+        (f"model.generate, static batch of the {batch} RAG-shaped prompts (reference)", f"{ref['rag_static_tps']:.1f} tok/s",
+         "1.00x", ""),
+        (f"/stream, {rag}", f"{srv['rag_tps']:.1f} tok/s", f"{srv['rag_tps'] / ref['rag_static_tps']:.2f}x static batch",
+         ">= 1.5x"),
+        (f"/stream, {batch} RAG-shaped prompts, TTFT p50", f"{srv['rag_ttft_p50'] * 1000:.0f} ms", "", "<= 2 s"),
+        (f"OpenAI API, {rag} (other passages: cold cache)", f"{srv['openai_rag_tps']:.1f} tok/s",
+         f"{srv['openai_rag_tps'] / peer_rag:.2f}x transformers serve" if peer_rag else "", ">= 1.5x the peer"),
+        ("OpenAI API, RAG-shaped, TTFT p50", f"{srv['openai_rag_ttft_p50'] * 1000:.0f} ms", "", ""),
+    ]
+    if peer_rag:
+        rows += [
+            ("transformers serve --continuous-batching (peer), OpenAI API, the same RAG-shaped requests",
+             f"{peer_rag:.1f} tok/s", f"TTFT p50 {srv['peer_openai_rag_ttft_p50'] * 1000:.0f} ms", ""),
+            (f"transformers serve (peer), {batch} concurrent short streams", f"{srv['peer_openaiN_tps']:.1f} tok/s",
+             f"this server: /stream {srv['streamN_tps'] / srv['peer_openaiN_tps']:.2f}x, OpenAI "
+             f"{srv['openaiN_tps'] / srv['peer_openaiN_tps']:.2f}x", ">= 1.0x"),
+            ("transformers serve (peer), 1 client, decode rate", f"{srv['peer_openai1_tps']:.1f} tok/s",
+             f"this server's OpenAI API: {srv['openai1_tps'] / srv['peer_openai1_tps']:.2f}x", ""),
+        ]
+    warm_share = srv["warm_cached"] / len(srv["warm_ids"])
+    turn_share = srv["turn_cached"] / len(srv["turn_ids"])
+    rows += [
+        (f"warm prefix: a new question behind the same passages ({len(srv['warm_ids'])} tokens, {warm_share:.0%} "
+         "cached), TTFT", f"{srv['warm_ttft'] * 1000:.0f} ms",
+         f"{srv['warm_ttft'] / ref['warm_prefill_s']:.2f}x its full prefill ({ref['warm_prefill_s'] * 1000:.0f} ms)",
+         "<= 0.2x"),
+        (f"turn {CHAT_TURNS} of a chat that resends its history ({len(srv['turn_ids'])} tokens, {turn_share:.0%} "
+         "cached), TTFT", f"{srv['turn_ttft'] * 1000:.0f} ms",
+         f"{srv['turn_ttft'] / ref['turn_prefill_s']:.2f}x its full prefill ({ref['turn_prefill_s'] * 1000:.0f} ms)",
+         "<= 0.3x"),
+        (f"long context: {batch} rows at {LONG_CONTEXT}-{LONG_CONTEXT + LONG_NEW_TOKENS} tokens, decode rate "
+         "while all decode", f"{srv['long_decode_tps']:.1f} tok/s",
+         f"{srv['long_decode_tps'] / ref['long_static_tps']:.2f}x model.generate with the static cache "
+         f"({ref['long_static_tps']:.1f} tok/s)", ">= 0.9x"),
+    ]
+    return rows
 
 
 def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
@@ -333,6 +514,7 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
          f"raw prefill {ref['prefill_s'] * 1000:.0f} ms + {(srv['openai1_ttft'] - ref['prefill_s']) * 1000:.0f} ms", ""),
         (f"OpenAI API, {batch} concurrent streams, aggregate", f"{srv['openaiN_tps']:.1f} tok/s",
          f"{srv['openaiN_tps'] / ref['static_tps']:.2f}x static batch", ""),
+        *long_prompt_rows(ref, srv, batch, new_tokens),
         (f"executor RSS over {srv['rss_requests']} requests",
          f"{srv['rss_before'] / mb:.0f} -> {srv['rss_after'] / mb:.0f} MiB", f"{rss_growth * 100:+.1f}%", "< 10%"),
     ]
@@ -349,6 +531,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--job-prompts", type=int, default=1000)
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
     args = parser.parse_args()
     path = build_bench_model()
     ref = references(path, args.new_tokens, args.clients)
@@ -357,17 +540,20 @@ def main() -> int:
     server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(args.clients),
                            "--openai-port", str(openai_port)], log_path,
                           ready_line="OpenAI-compatible API on port")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    server.model_path = path
     try:
         srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, args.job_prompts,
                                           server))
-        srv |= asyncio.run(openai_measures(openai_port, str(path), args.new_tokens, args.clients))
+        srv |= asyncio.run(openai_measures(openai_port, str(path), args.new_tokens, args.clients, tokenizer))
     finally:
         stop_server(server)
+    srv |= peer_measures(path, args.new_tokens, args.clients, tokenizer) if not args.no_peer else {}
+    ref["warm_prefill_s"], ref["turn_prefill_s"] = prefill_seconds(path, [srv["warm_ids"], srv["turn_ids"]])
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
-    from transformers import AutoTokenizer
-
-    ref["hf_cb_tps"] = transformers_continuous_batching(path, AutoTokenizer.from_pretrained(path), args.clients,
-                                                        args.new_tokens)
+    ref["hf_cb_tps"] = transformers_continuous_batching(path, tokenizer, args.clients, args.new_tokens)
     print(table(ref, srv, args.clients, args.new_tokens))
     return 0
 

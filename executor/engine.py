@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from .detok import IncrementalDetokenizer
-from .kv_cache import BatchKV, PrefixCache, plan_kv_memory, probe_layer_shapes
+from .kv_cache import BatchKV, PrefixCache, SequenceKV, plan_kv_memory, probe_layer_shapes
 from .sampling import SamplingSettings, ServerBusyError, build_logits_processors, to_generation_config
 from .scheduler import Call, WaitingCalls
 
@@ -437,18 +437,15 @@ class Engine:
         if len(path) <= have:
             return
         if sequence.cache is None:
-            sequence.cache = DynamicCache()
-        for layer_index, (keys, values) in enumerate(self._prefix.read(path, skip=have)):
-            sequence.cache.update(keys, values, layer_index)
+            sequence.cache = SequenceKV(self._shapes, len(context), self.device)
+        sequence.cache.write(self._prefix.read(path, skip=have), have * size)
         if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
             sequence.cached_tokens += (len(path) - have) * size
         sequence.prefilled = len(path) * size
 
     def _remember_prefill(self, sequence: _Sequence, context: list) -> None:
         if self._prefix is not None:
-            layers = sequence.cache.layers
-            self._prefix.insert(context, sequence.prefilled,
-                                lambda a, b: [(layer.keys[0, :, a:b], layer.values[0, :, a:b]) for layer in layers])
+            self._prefix.insert(context, sequence.prefilled, sequence.cache.tokens)
 
     def _remember_rows(self, indices) -> None:
         """Rows about to leave the batch: keep their whole blocks (prompt and answer) for later prompts."""
@@ -495,9 +492,7 @@ class Engine:
         try:
             for sequence in sequences:
                 if sequence.cache is None:
-                    # Without a config every layer keeps every token (a sliding-window layer would drop the
-                    # old ones): the batch and the prefix cache need them all.
-                    sequence.cache = DynamicCache()
+                    sequence.cache = SequenceKV(self._shapes, len(sequence.context_ids()), self.device)
             return forward()
         except Exception as error:  # noqa: BLE001
             log.exception("prefill failed for request(s) %s", [s.request_id for s in sequences])
@@ -524,9 +519,11 @@ class Engine:
 
     def _forward_prefill(self, sequence: _Sequence, token_ids: list, start: int) -> torch.Tensor:
         end = start + len(token_ids)
-        return self._prefill_logits(torch.tensor([token_ids], dtype=torch.long, device=self.device),
-                                    torch.ones((1, end), dtype=torch.long, device=self.device),
-                                    torch.arange(start, end, device=self.device).unsqueeze(0), sequence.cache)
+        logits = self._prefill_logits(torch.tensor([token_ids], dtype=torch.long, device=self.device),
+                                      torch.ones((1, end), dtype=torch.long, device=self.device),
+                                      torch.arange(start, end, device=self.device).unsqueeze(0), sequence.cache)
+        sequence.cache.filled = end
+        return logits
 
     def _forward_prefill_together(self, together) -> torch.Tensor:
         """Whole prompts of several sequences in one left-padded forward pass; each sequence then gets its
@@ -537,11 +534,12 @@ class Engine:
                                  dtype=torch.long, device=self.device)
         mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], dtype=torch.long, device=self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        # Without a config every layer keeps every token (a sliding-window layer would drop the old ones): the
+        # batch and the prefix cache need them all.
         cache = DynamicCache()
         logits = self._prefill_logits(input_ids, mask, positions, cache)
         for row, (pad, (sequence, context)) in enumerate(zip(pads, together)):
-            for layer_index, layer in enumerate(cache.layers):
-                sequence.cache.update(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:], layer_index)
+            sequence.cache.write([(layer.keys[row, :, pad:], layer.values[row, :, pad:]) for layer in cache.layers], 0)
             sequence.prefilled = len(context)
         return logits
 
@@ -556,7 +554,7 @@ class Engine:
     # ---- the running batch --------------------------------------------------------------------------
     def _join_batch(self, sequence: _Sequence, next_token: int) -> None:
         length = sequence.prefilled
-        self._batch.add_row([(layer.keys[0], layer.values[0]) for layer in sequence.cache.layers], length)
+        self._batch.add_row(sequence.cache.tokens(0, length), length)
         token = torch.tensor([[next_token]], dtype=torch.long, device=self.device)
         position = torch.tensor([length], dtype=torch.long, device=self.device)
         if not self._rows:

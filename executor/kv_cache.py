@@ -310,6 +310,60 @@ class BatchKV(Cache):
         self.moves += 1
 
 
+# ---- one prompt being prefilled --------------------------------------------------------------------------
+class _SequenceLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, owner: "SequenceKV", keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.owner, self.keys, self.values = owner, keys, values
+        self.is_initialized = True
+        self.device = keys.device
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # preallocated
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, end = self.owner.filled, self.owner.filled + key_states.shape[-2]
+        self.keys[:, :, start:end].copy_(key_states)
+        self.values[:, :, start:end].copy_(value_states)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self.owner.filled + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.filled
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class SequenceKV(Cache):
+    """One prompt's cache while it is prefilled, allocated once for its whole context and written in place
+    (chunk after chunk, or blocks from the prefix cache); ``filled`` tokens are valid."""
+
+    def __init__(self, shapes: list, length: int, device):
+        self.filled = 0
+        # Only written positions are ever read: no need to zero.
+        layers = [_SequenceLayer(self, torch.empty((1, s.kv_heads, length, s.key_dim), dtype=s.dtype, device=device),
+                                 torch.empty((1, s.kv_heads, length, s.value_dim), dtype=s.dtype, device=device))
+                  for s in shapes]
+        super().__init__(layers=layers)
+
+    def tokens(self, start: int, end: int) -> list:
+        """Per layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` views."""
+        return [(layer.keys[0, :, start:end], layer.values[0, :, start:end]) for layer in self.layers]
+
+    def write(self, layer_kv: list, start: int) -> None:
+        """Copy per layer ``(keys, values)`` ``[kv_heads, tokens, dim]`` in at ``start``; ``filled`` follows."""
+        end = start + layer_kv[0][0].shape[-2]
+        for layer, (keys, values) in zip(self.layers, layer_kv):
+            layer.keys[0, :, start:end].copy_(keys)
+            layer.values[0, :, start:end].copy_(values)
+        self.filled = max(self.filled, end)
+
+
 # ---- the prefix cache -----------------------------------------------------------------------------------
 class _Block:
     __slots__ = ("tokens", "parent", "children", "index")
@@ -324,9 +378,10 @@ class PrefixCache:
 
     def __init__(self, shapes: list, blocks: int, block_size: int, device):
         self.block_size, self.capacity = block_size, blocks
-        self._keys = [torch.empty((blocks, s.kv_heads, block_size, s.key_dim), dtype=s.dtype, device=device)
+        # [kv_heads, blocks, block_size, dim]: the blocks of a path, gathered, are already in token order.
+        self._keys = [torch.empty((s.kv_heads, blocks, block_size, s.key_dim), dtype=s.dtype, device=device)
                       for s in shapes]
-        self._values = [torch.empty((blocks, s.kv_heads, block_size, s.value_dim), dtype=s.dtype, device=device)
+        self._values = [torch.empty((s.kv_heads, blocks, block_size, s.value_dim), dtype=s.dtype, device=device)
                         for s in shapes]
         for tensor in self._keys + self._values:
             tensor.zero_()  # reserve the memory now: usage stays flat as the cache fills
@@ -356,13 +411,12 @@ class PrefixCache:
         return path
 
     def read(self, path: list, skip: int = 0) -> list:
-        """Per layer ``(keys, values)`` of ``[1, kv_heads, tokens, dim]`` for ``path[skip:]`` (a copy)."""
+        """Per layer ``(keys, values)`` of ``[kv_heads, tokens, dim]`` for ``path[skip:]`` (a copy)."""
         index = torch.tensor([node.index for node in path[skip:]], dtype=torch.long, device=self._keys[0].device)
         out = []
         for keys, values in zip(self._keys, self._values):
-            k, v = keys[index], values[index]  # [blocks, heads, block, dim]
-            out.append((k.transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[3]),
-                        v.transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[3])))
+            k, v = keys[:, index], values[:, index]  # [heads, blocks, block, dim], contiguous
+            out.append((k.view(k.shape[0], -1, k.shape[3]), v.view(v.shape[0], -1, v.shape[3])))
         return out
 
     def insert(self, tokens, count: int, layer_kv) -> int:
@@ -377,8 +431,8 @@ class PrefixCache:
                     break
                 start = number * self.block_size
                 for keys, values, (k, v) in zip(self._keys, self._values, layer_kv(start, start + self.block_size)):
-                    keys[index].copy_(k)
-                    values[index].copy_(v)
+                    keys[:, index].copy_(k)
+                    values[:, index].copy_(v)
                 child = _Block(block_tokens, node, index)
                 node.children[block_tokens] = child
                 self._leaves.pop(node, None)  # a parent is not evictable while it has children

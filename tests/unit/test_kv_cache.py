@@ -100,8 +100,8 @@ def test_prefix_cache_finds_the_longest_cached_whole_blocks_behind_the_same_toke
     path = cache.match(tokens[:6] + [7, 7], limit=8)
     assert len(path) == 1
     keys, values = cache.read(cache.match(tokens, 10))[1]
-    assert keys.shape == (1, 2, 8, 3)
-    assert keys[0, 0, :, 0].tolist() == [5000 + 100_000 + i for i in range(8)]
+    assert keys.shape == (2, 8, 3)
+    assert keys[0, :, 0].tolist() == [5000 + 100_000 + i for i in range(8)]
     assert torch.equal(values, -keys)
     assert cache.insert(tokens, len(tokens), source) == 0, "blocks already cached are not written again"
 

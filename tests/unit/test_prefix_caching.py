@@ -86,7 +86,7 @@ def test_a_conversation_reuses_its_earlier_turns_including_the_answers(lm, plain
     engine = make_engine(lm)
     try:
         messages = [{"role": "system", "content": SYSTEM}]
-        reused_an_answer = False
+        reused_an_answer, previous_prompt_tokens = False, 0
         for turn, question in enumerate(["Hello there.", "Tell me more.", "And then?", "Why?", "Sure?"]):
             messages.append({"role": "user", "content": question})
             prompt_ids = encode_prompt(lm.tokenizer, messages)
