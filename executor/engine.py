@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from .detok import IncrementalDetokenizer
-from .kv_cache import BatchKV, PrefixCache, SequenceKV, plan_kv_memory, probe_layer_shapes
+from .kv_cache import BatchKV, PrefixCache, StagedKV, plan_kv_memory, probe_layer_shapes
 from .sampling import SamplingSettings, ServerBusyError, build_logits_processors, to_generation_config
 from .scheduler import Call, WaitingCalls
 
@@ -341,7 +341,8 @@ class Engine:
                         key=lambda i: len(self._rows[i].prompt_ids) + len(self._rows[i].generated))
             victim = self._rows[index]
             self._remove_rows([index])
-        victim.cache, victim.prefilled, victim.active = None, 0, False
+        self._drop_staged(victim)
+        victim.prefilled, victim.active = 0, False
         victim.preemptions += 1
         self.preemptions += 1
         self._waiting.requeue(victim)
@@ -437,8 +438,8 @@ class Engine:
         if len(path) <= have:
             return
         if sequence.cache is None:
-            sequence.cache = SequenceKV(self._shapes, len(context), self.device)
-        sequence.cache.write(self._prefix.read(path, skip=have), have * size)
+            sequence.cache = self._batch.stage()
+        self._prefix.read_into(path, have, sequence.cache)
         if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
             sequence.cached_tokens += (len(path) - have) * size
         sequence.prefilled = len(path) * size
@@ -492,7 +493,7 @@ class Engine:
         try:
             for sequence in sequences:
                 if sequence.cache is None:
-                    sequence.cache = SequenceKV(self._shapes, len(sequence.context_ids()), self.device)
+                    sequence.cache = self._batch.stage()
             return forward()
         except Exception as error:  # noqa: BLE001
             log.exception("prefill failed for request(s) %s", [s.request_id for s in sequences])
@@ -554,7 +555,7 @@ class Engine:
     # ---- the running batch --------------------------------------------------------------------------
     def _join_batch(self, sequence: _Sequence, next_token: int) -> None:
         length = sequence.prefilled
-        self._batch.add_row(sequence.cache.tokens(0, length), length)
+        self._batch.join(sequence.cache, length)
         token = torch.tensor([[next_token]], dtype=torch.long, device=self.device)
         position = torch.tensor([length], dtype=torch.long, device=self.device)
         if not self._rows:
@@ -665,9 +666,16 @@ class Engine:
     def _retire_cancelled(self, sequence: _Sequence) -> None:
         self._log_outcome(sequence, "cancelled")
 
+    def _drop_staged(self, sequence: _Sequence) -> None:
+        """A prompt leaving before it joined the batch frees the row it was prefilled in."""
+        if isinstance(sequence.cache, StagedKV):
+            self._batch.unstage(sequence.cache)
+        sequence.cache = None
+
     def _log_outcome(self, sequence: _Sequence, outcome: str) -> None:
         """One line per request; never the prompt text."""
         sequence.finished = True
+        self._drop_staged(sequence)
         if sequence.active:
             sequence.active = False
             with self._lock:

@@ -212,6 +212,7 @@ class BatchKV(Cache):
         self.column = 0
         self.mask = torch.zeros((max_rows, columns), dtype=torch.long, device=device)
         self.lengths = [0] * max_rows  # tokens cached per row, right-aligned to ``column``
+        self._staged = {}  # row -> StagedKV of a prompt being prefilled there (rows above the running ones)
         # Zeroed, not empty: masked columns are still read by attention, and 0 x NaN would be NaN.
         layers = [_BatchLayer(self, torch.zeros((max_rows, s.kv_heads, columns, s.key_dim), dtype=s.dtype, device=device),
                               torch.zeros((max_rows, s.kv_heads, columns, s.value_dim), dtype=s.dtype, device=device))
@@ -232,11 +233,45 @@ class BatchKV(Cache):
         for row in range(self.rows):
             self.lengths[row] += width
 
+    # -- prompts being prefilled --
+    def stage(self) -> "StagedKV":
+        """A free row for a prompt to be prefilled in: the highest row neither running nor staged (the engine
+        admits at most ``max_rows`` prompts, running and prefilling together)."""
+        free = [row for row in range(self.max_rows - 1, self.rows - 1, -1) if row not in self._staged]
+        if not free:
+            raise RuntimeError("no free row in the KV cache")
+        staged = self._staged[free[0]] = StagedKV(self, free[0])
+        return staged
+
+    def unstage(self, staged: "StagedKV") -> None:
+        if self._staged.get(staged.row) is staged:
+            del self._staged[staged.row]
+
+    def join(self, staged: "StagedKV", length: int) -> int:
+        """Move a prefilled prompt's first ``length`` tokens into the running batch (next row); returns it."""
+        target = self.rows
+        kv = staged.tokens(0, length)
+        if target == staged.row or target in self._staged:
+            kv = [(keys.clone(), values.clone()) for keys, values in kv]  # its row is about to be written
+        self.unstage(staged)
+        other = self._staged.get(target)
+        if other is not None:  # another prompt is being prefilled in that row: it moves to the freed one
+            self._move_staged(other, staged.row)
+        return self.add_row(kv, length)
+
+    def _move_staged(self, staged: "StagedKV", row: int) -> None:
+        for layer in self.layers:
+            layer.keys[row, :, :staged.filled].copy_(layer.keys[staged.row, :, :staged.filled])
+            layer.values[row, :, :staged.filled].copy_(layer.values[staged.row, :, :staged.filled])
+        del self._staged[staged.row]
+        staged.row = row
+        self._staged[row] = staged
+
     # -- rows --
     def add_row(self, layer_kv: list, length: int) -> int:
         """Copy one sequence's cache (per layer ``(keys, values)`` of ``[kv_heads, length, dim]``) into a new
         row, right-aligned to the write column. Returns the row's index."""
-        if self.rows == self.max_rows:
+        if self.rows == self.max_rows or self.rows in self._staged:
             raise RuntimeError("no free row in the KV cache")  # the engine admits at most max_rows
         if length + 1 > self.columns:
             raise RuntimeError(f"a sequence of {length} tokens does not fit rows of {self.columns} tokens")
@@ -310,57 +345,58 @@ class BatchKV(Cache):
         self.moves += 1
 
 
-# ---- one prompt being prefilled --------------------------------------------------------------------------
-class _SequenceLayer(CacheLayerMixin):
+# ---- a prompt being prefilled --------------------------------------------------------------------------
+class _StagedLayer(CacheLayerMixin):
+    """One layer of ``StagedKV``: writes the chunk after what is filled, in the staged row, in place."""
+
     is_sliding = False
 
-    def __init__(self, owner: "SequenceKV", keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, staged: "StagedKV", storage: _BatchLayer):
         super().__init__()
-        self.owner, self.keys, self.values = owner, keys, values
+        self.staged, self.storage = staged, storage
         self.is_initialized = True
-        self.device = keys.device
+        self.device = storage.device
 
     def lazy_initialization(self, key_states, value_states) -> None:  # preallocated
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        start, end = self.owner.filled, self.owner.filled + key_states.shape[-2]
-        self.keys[:, :, start:end].copy_(key_states)
-        self.values[:, :, start:end].copy_(value_states)
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        row, start = self.staged.row, self.staged.filled
+        end = start + key_states.shape[-2]
+        self.storage.keys[row, :, start:end].copy_(key_states[0])
+        self.storage.values[row, :, start:end].copy_(value_states[0])
+        return self.storage.keys[row:row + 1, :, :end], self.storage.values[row:row + 1, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple:
-        return self.owner.filled + query_length, 0
+        return self.staged.filled + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.filled
+        return self.staged.filled
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.storage.keys.shape[2]
 
 
-class SequenceKV(Cache):
-    """One prompt's cache while it is prefilled, allocated once for its whole context and written in place
-    (chunk after chunk, or blocks from the prefix cache); ``filled`` tokens are valid."""
+class StagedKV(Cache):
+    """One prompt's cache while it is prefilled: a free row of the batch's storage (so it is inside the memory
+    budget), filled from column 0, chunk after chunk or with blocks from the prefix cache; ``filled`` tokens
+    are valid. ``BatchKV.join`` then moves it into the running batch."""
 
-    def __init__(self, shapes: list, length: int, device):
-        self.filled = 0
-        # Only written positions are ever read: no need to zero.
-        layers = [_SequenceLayer(self, torch.empty((1, s.kv_heads, length, s.key_dim), dtype=s.dtype, device=device),
-                                 torch.empty((1, s.kv_heads, length, s.value_dim), dtype=s.dtype, device=device))
-                  for s in shapes]
-        super().__init__(layers=layers)
+    def __init__(self, batch: "BatchKV", row: int):
+        self.batch, self.row, self.filled = batch, row, 0
+        super().__init__(layers=[_StagedLayer(self, layer) for layer in batch.layers])
 
     def tokens(self, start: int, end: int) -> list:
         """Per layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` views."""
-        return [(layer.keys[0, :, start:end], layer.values[0, :, start:end]) for layer in self.layers]
+        return [(layer.keys[self.row, :, start:end], layer.values[self.row, :, start:end])
+                for layer in self.batch.layers]
 
     def write(self, layer_kv: list, start: int) -> None:
         """Copy per layer ``(keys, values)`` ``[kv_heads, tokens, dim]`` in at ``start``; ``filled`` follows."""
         end = start + layer_kv[0][0].shape[-2]
-        for layer, (keys, values) in zip(self.layers, layer_kv):
-            layer.keys[0, :, start:end].copy_(keys)
-            layer.values[0, :, start:end].copy_(values)
+        for layer, (keys, values) in zip(self.batch.layers, layer_kv):
+            layer.keys[self.row, :, start:end].copy_(keys)
+            layer.values[self.row, :, start:end].copy_(values)
         self.filled = max(self.filled, end)
 
 
@@ -410,14 +446,21 @@ class PrefixCache:
                 self._leaves.move_to_end(node)
         return path
 
-    def read(self, path: list, skip: int = 0) -> list:
-        """Per layer ``(keys, values)`` of ``[kv_heads, tokens, dim]`` for ``path[skip:]`` (a copy)."""
-        index = torch.tensor([node.index for node in path[skip:]], dtype=torch.long, device=self._keys[0].device)
-        out = []
-        for keys, values in zip(self._keys, self._values):
-            k, v = keys[:, index], values[:, index]  # [heads, blocks, block, dim], contiguous
-            out.append((k.view(k.shape[0], -1, k.shape[3]), v.view(v.shape[0], -1, v.shape[3])))
-        return out
+    def read_into(self, path: list, skip: int, target: "StagedKV") -> None:
+        """Copy the blocks ``path[skip:]`` into ``target`` after its first ``skip`` blocks, straight from the
+        pool (no temporary copy outside the budget); blocks stored one after another go in one copy."""
+        size, runs = self.block_size, []
+        for number, node in enumerate(path[skip:], start=skip):
+            if runs and node.index == runs[-1][1] + runs[-1][2]:
+                runs[-1][2] += 1
+            else:
+                runs.append([number, node.index, 1])  # [first block number, first pool index, blocks]
+        for layer, keys, values in zip(target.batch.layers, self._keys, self._values):
+            for number, index, count in runs:
+                span = slice(number * size, (number + count) * size)
+                layer.keys[target.row, :, span].copy_(keys[:, index:index + count].flatten(1, 2))
+                layer.values[target.row, :, span].copy_(values[:, index:index + count].flatten(1, 2))
+        target.filled = max(target.filled, len(path) * size)
 
     def insert(self, tokens, count: int, layer_kv) -> int:
         """Add the whole blocks of ``tokens[:count]`` that are missing. ``layer_kv(start, end)`` gives the

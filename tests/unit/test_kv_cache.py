@@ -86,6 +86,28 @@ def test_reaching_the_end_of_the_storage_moves_the_live_tokens_back_and_keeps_th
     assert batch.moves > 0, "the write column reached the end of the storage"
 
 
+def test_prompts_are_prefilled_in_free_rows_of_the_same_storage_and_join_without_losing_anyone():
+    batch = BatchKV(SHAPES, max_rows=3, columns=64, device=CPU)
+    batch.add_row(row_tokens(1, 4), 4)
+    first, second = batch.stage(), batch.stage()
+    assert {first.row, second.row} == {1, 2}, "prefilled inside the budget: rows of the batch's own storage"
+    low = first if first.row == 1 else second
+    high = second if low is first else first
+    high.write([(k[:, :5], v[:, :5]) for k, v in row_tokens(2, 5)], 0)
+    low.write([(k[:, :3], v[:, :3]) for k, v in row_tokens(3, 3)], 0)
+    assert batch.join(high, 5) == 1, "the next running row is the one the other prompt is prefilled in"
+    assert row_contents(batch, 1).tolist() == [2000 + i for i in range(5)]
+    assert low.row == 2 and low.tokens(0, 3)[0][0][0, :, 0].tolist() == [3000, 3001, 3002], "it moved, intact"
+    assert batch.join(low, 3) == 2
+    assert row_contents(batch, 2).tolist() == [3000, 3001, 3002]
+    assert row_contents(batch, 0).tolist() == [1000, 1001, 1002, 1003]
+    with pytest.raises(RuntimeError, match="no free row"):
+        batch.stage()
+    batch.remove_rows([1])
+    batch.unstage(batch.stage())
+    assert batch.stage().row == 2, "an unstaged row is free again"
+
+
 def test_prefix_cache_finds_the_longest_cached_whole_blocks_behind_the_same_tokens():
     cache = PrefixCache(SHAPES, blocks=8, block_size=4, device=CPU)
     tokens = list(range(100, 110))  # two whole blocks and a part
@@ -99,8 +121,11 @@ def test_prefix_cache_finds_the_longest_cached_whole_blocks_behind_the_same_toke
     assert cache.match([100, 101, 102, 999] + tokens[4:], limit=10) == [], "a block is found only behind its parent"
     path = cache.match(tokens[:6] + [7, 7], limit=8)
     assert len(path) == 1
-    keys, values = cache.read(cache.match(tokens, 10))[1]
-    assert keys.shape == (2, 8, 3)
+    batch = BatchKV(SHAPES, max_rows=1, columns=16, device=CPU)
+    staged = batch.stage()
+    cache.read_into(cache.match(tokens, 10), 0, staged)
+    assert staged.filled == 8
+    keys, values = staged.tokens(0, 8)[1]
     assert keys[0, :, 0].tolist() == [5000 + 100_000 + i for i in range(8)]
     assert torch.equal(values, -keys)
     assert cache.insert(tokens, len(tokens), source) == 0, "blocks already cached are not written again"
