@@ -527,8 +527,8 @@ class Engine:
         return logits
 
     def _forward_prefill_together(self, together) -> torch.Tensor:
-        """Whole prompts of several sequences in one left-padded forward pass; each sequence then gets its
-        own rows of the cache, without the padding (joining the batch pads them again, with zeros)."""
+        """Whole prompts of several sequences in one left-padded forward pass (a temporary cache of at most
+        ``prefill_chunk`` tokens); each sequence's tokens, without the padding, then go to its staged row."""
         width = max(len(context) for _, context in together)
         pads = [width - len(context) for _, context in together]
         input_ids = torch.tensor([[0] * pad + context for pad, (_, context) in zip(pads, together)],
