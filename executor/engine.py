@@ -33,6 +33,11 @@ from .scheduler import Call, WaitingCalls
 
 log = logging.getLogger("jina_llm_stream.engine")
 
+# A prefill forward pass costs about as much as ~50 prompt tokens on its own (it reads every weight). A
+# cached prefix shorter than this is cheaper to recompute in the pass that prefills short prompts together
+# than to reuse in a pass of its own (a batch job's prompts often share just the chat template's first block).
+MIN_REUSED_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -435,7 +440,7 @@ class Engine:
             return
         path = self._prefix.match(context, len(context) - 1)
         have = sequence.prefilled // size
-        if len(path) <= have:
+        if len(path) <= have or (have == 0 and len(path) * size < MIN_REUSED_TOKENS):
             return
         if sequence.cache is None:
             sequence.cache = self._batch.stage()
@@ -482,11 +487,14 @@ class Engine:
         instead of computing it twice."""
         if self._prefix is None or sequence.prefilled % self.config.block_size:
             return False
+        size = self.config.block_size
         hashes = self._block_hashes(sequence, context)
-        index = sequence.prefilled // self.config.block_size
-        if index >= len(hashes) or (index + 1) * self.config.block_size >= len(context):
-            return False  # the last block is computed by each prompt (its logits are needed)
-        return claimed.get(hashes[index], sequence) is not sequence
+        index = sequence.prefilled // size
+        shared = 0  # blocks from here on that an earlier prompt is computing
+        while index + shared < len(hashes) and (index + shared + 1) * size < len(context) \
+                and claimed.get(hashes[index + shared], sequence) is not sequence:
+            shared += 1  # (the block holding the last token is computed by each prompt: its logits are needed)
+        return shared > 0 and (index + shared) * size >= MIN_REUSED_TOKENS
 
     def _guarded_prefill(self, sequences, forward):
         """Run ``forward``; if it fails (e.g. out of memory), fail these requests only and keep serving."""

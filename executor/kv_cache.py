@@ -223,7 +223,9 @@ class BatchKV(Cache):
     # -- steps --
     def start_step(self, width: int = 1) -> torch.Tensor:
         """Make room for ``width`` new tokens per row; the attention mask of the step, ``[rows, column+width]``."""
-        if self.column + width > self.columns or self._leading_waste() > max(64, self._live_width()):
+        # Columns before the longest row are attended to (masked) by every row: move them away once they are
+        # a quarter of the live width (a copy of the live tokens, against a quarter more attention per step).
+        if self.column + width > self.columns or self._leading_waste() > max(16, self._live_width() // 4):
             self._move_live_columns_to_start()
         self.mask[:self.rows, self.column:self.column + width] = 1
         return self.mask[:self.rows, :self.column + width]
