@@ -4,6 +4,7 @@ starved by a running job; bounds are clear client errors; a refused or abandoned
 
 import asyncio
 import re
+import time
 
 import httpx
 import pytest
@@ -75,9 +76,10 @@ def test_a_stream_and_a_second_job_are_served_while_a_large_job_runs(server):
     finished = []
 
     async def big_job():
-        job = [Prompt(message=p.message, gen_conf={"max_new_tokens": 40, "min_new_tokens": 40})
-               for p in job_prompts(PER_CALL)]
-        await post(job, request_size=PER_CALL)
+        # Long answers of one length: rows free up in waves, 200 steps apart, and are all taken again at once.
+        job = [Prompt(message=p.message, gen_conf={"max_new_tokens": 200, "min_new_tokens": 200})
+               for p in job_prompts(160)]
+        await post(job, request_size=len(job))
         finished.append("big job")
 
     async def post(docs, request_size):
@@ -99,9 +101,18 @@ def test_a_stream_and_a_second_job_are_served_while_a_large_job_runs(server):
     async def scenario():
         answered_before = len(log_lines(server, r"endpoint=/chat "))
         job = asyncio.ensure_future(big_job())
-        # Its first answers are in: the big job is queued and holds every row (it has 1100 prompts for 16).
-        while len(log_lines(server, r"endpoint=/chat ")) == answered_before and not job.done():
-            await asyncio.sleep(0.05)
+        # Its first wave of answers is in (they end a few steps apart: the wave was prefilled in a few rounds)
+        # and no answer came for 0.1 s: the second wave holds every row, mid-way through its 200 steps. (Sent
+        # right at the first answers, the latecomers could take rows that the same wave freed a step later,
+        # and need no preemption: this test failed now and then.)
+        answered, quiet_since = answered_before, time.monotonic()
+        while not job.done():
+            now_answered = len(log_lines(server, r"endpoint=/chat "))
+            if now_answered != answered:
+                answered, quiet_since = now_answered, time.monotonic()
+            elif answered > answered_before and time.monotonic() - quiet_since > 0.1:
+                break
+            await asyncio.sleep(0.02)
         await asyncio.gather(stream(), small_job())
         assert not job.done(), "the big job ended before the stream and the small job: make it larger"
         await job
