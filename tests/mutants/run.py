@@ -1,7 +1,8 @@
 """make mutants: remove one protection at a time and check that its tests fail (a test that still passes
 without the protection proves nothing). Every file is restored after each run.
 
-    .venv/bin/python tests/mutants/run.py
+    .venv/bin/python tests/mutants/run.py            # all of them
+    .venv/bin/python tests/mutants/run.py prefix     # those whose name contains "prefix"
 """
 import pathlib
 import subprocess
@@ -27,15 +28,16 @@ MUTANTS = [
     ("prompts kept out of the log", "executor/executor.py", "if self.log_prompts:", "if True:", "tests/e2e/test_protocols.py -k without_prompt_text"),
     ("Flow gateway keeps Prompt.message", "executor/jina_compat.py", "        _use_wire_classes(streamer._endpoints_models_map)\n", "", "tests/e2e/test_websocket.py -k plain_http_post"),
     ("prefix blocks found only behind their parent", "executor/kv_cache.py", "            node = node.children.get(block_tokens)\n", "            node = self._root.children.get(block_tokens)\n", "tests/unit/test_kv_cache.py -k prefix"),
-    ("a hit leaves the last prompt token to compute", "executor/engine.py", "path = self._prefix.match(context, len(context) - 1)", "path = self._prefix.match(context, len(context))", "tests/unit/test_prefix_caching.py -k served_prefix"),
-    ("eviction spares the path being extended", "executor/kv_cache.py", "                index = self._allocate(protect=on_path | {node})", "                index = self._allocate(protect=set())", "tests/unit/test_kv_cache.py -k evicts"),
+    ("a hit leaves the last prompt token to compute", "executor/engine.py", "path = self._prefix.match(context, len(context) - 1)", "path = self._prefix.match(context, len(context))", "tests/unit/test_prefix_caching.py -k whole_cached_blocks"),
+    ("eviction spares the path being extended", "executor/kv_cache.py", "                index = self._allocate(protect=on_path | {node})", "                index = self._allocate(protect=set())", "tests/unit/test_kv_cache.py -k evict"),
     ("a shared block being computed is waited for", "executor/engine.py", "            if self._waits_for_a_shared_block(sequence, context, claimed):\n                continue\n", "", "tests/unit/test_prefix_caching.py -k once"),
     ("budget bounds the rows", "executor/kv_cache.py", "    rows = min(max_rows, budget // (columns * bytes_per_token))", "    rows = max_rows", "tests/unit/test_prefix_caching.py -k burst"),
     ("sliding windows through the mask (all layers kept)", "executor/engine.py", "        cache = DynamicCache()\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "        cache = DynamicCache(config=self.model.config)\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "tests/unit/test_architectures.py -k 'mistral or gemma'"),
     ("stream cancellation on disconnect (OpenAI)", "executor/jina_compat.py", "                answer.cancel()\n", "", "tests/e2e/test_openai.py -k full_queue"),
 ]
 missed = 0
-for name, path, old, new, tests in MUTANTS:
+chosen = [m for m in MUTANTS if not sys.argv[1:] or any(word in m[0] for word in sys.argv[1:])]
+for name, path, old, new, tests in chosen:
     file = ROOT / path
     original = file.read_text()
     assert original.count(old) == 1, (name, original.count(old))

@@ -64,12 +64,15 @@ def generate_alone(model, prompt_ids, tokenizer) -> str:
     return decode(tokenizer, new[:new.index(2)] if 2 in new else new)
 
 
+# 16: the longer prompts are prefilled chunk by chunk in their own rows; 64: whole prompts, longer than the
+# sliding window, share one pass through a temporary cache.
+@pytest.mark.parametrize("prefill_chunk", [16, 64])
 @pytest.mark.parametrize("name", list(configs(1)))
-def test_batched_answers_equal_streamed_singles_equal_generate(name, tokenizer):
+def test_batched_answers_equal_streamed_singles_equal_generate(name, prefill_chunk, tokenizer):
     config, model_class = configs(len(tokenizer))[name]
     torch.manual_seed(0)
     model = model_class(config).eval()
-    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, prefill_chunk=16)).start()
+    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, prefill_chunk=prefill_chunk)).start()
     limits = Limits(context_length=256)
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
     settings = [fit_to_context(parse_gen_conf({"max_new_tokens": NEW_TOKENS}, limits), len(p), limits) for p in prompts]

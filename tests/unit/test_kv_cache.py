@@ -150,6 +150,18 @@ def test_prefix_cache_evicts_the_least_recently_used_leaf_first_and_never_the_pa
     assert len(cache) == 3
 
 
+def test_prefix_cache_never_evicts_the_leaf_it_is_extending():
+    cache = PrefixCache(SHAPES, blocks=2, block_size=2, device=CPU)
+
+    def source(start, end):
+        return [(k[:, start:end], v[:, start:end]) for k, v in row_tokens(0, 8)]
+
+    cache.insert([1, 2, 3, 4], 4, source)  # (1,2) -> (3,4): the cache is full, (3,4) is its only leaf
+    assert cache.insert([1, 2, 3, 4, 5, 6], 6, source) == 0, "no room without evicting its own path"
+    assert len(cache.match([1, 2, 3, 4, 0], 5)) == 2
+    assert cache.evictions == 0
+
+
 @pytest.mark.parametrize("text, expected", [
     ("auto", None), ("0.5", 0.5), ("1", 1.0), ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
     ("2000000", 2_000_000), (" 64 kib ", 64 * 1024),

@@ -82,6 +82,21 @@ def test_a_prompt_behind_a_served_prefix_reuses_it_and_answers_the_same(lm, plai
         engine.shutdown()
 
 
+def test_a_prompt_made_of_whole_cached_blocks_still_computes_its_last_block(lm, plain):
+    """The logits of the last prompt token choose the first new token: a prompt whose every block is cached
+    recomputes its last block rather than reuse them all."""
+    prompt_ids = rag_prompt(lm, "Where does the river run? " * 4)
+    prompt_ids = prompt_ids[:len(prompt_ids) // 16 * 16]
+    engine = make_engine(lm)
+    try:
+        first = asyncio.run(ask(engine, lm, prompt_ids))
+        again = asyncio.run(ask(engine, lm, prompt_ids))
+    finally:
+        engine.shutdown()
+    assert first[1].cached_tokens == 0 and again[1].cached_tokens == len(prompt_ids) - 16
+    assert first[0] == again[0] == asyncio.run(ask(plain, lm, prompt_ids))[0]
+
+
 def test_a_conversation_reuses_its_earlier_turns_including_the_answers(lm, plain):
     engine = make_engine(lm)
     try:
@@ -107,7 +122,9 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(lm, plain):
     questions = [f"Question number {i}: what happened {'next ' * i}?" for i in range(8)]
     prompts = [rag_prompt(lm, q) for q in questions]
     expected = [asyncio.run(ask(plain, lm, p))[0] for p in prompts]
-    engine = make_engine(lm)
+    # A round's prefill budget fits several whole prompts: without waiting they would share one pass and each
+    # compute the prefix.
+    engine = make_engine(lm, prefill_chunk=512)
     counted = count_prefill_tokens(lm.model)
     try:
         async def together():
