@@ -620,7 +620,11 @@ class Engine:
         for row, sequence in enumerate(sequences):
             if sequence.ids_buffer is not None:
                 length = len(sequence.prompt_ids) + len(sequence.generated)
-                scores[row:row + 1] = sequence.processors(sequence.ids_buffer[:, :length], scores[row:row + 1])
+                row_scores = scores[row:row + 1]
+                # Called one by one: LogitsProcessorList inspects each one's signature on every call.
+                for processor in sequence.processors:
+                    row_scores = processor(sequence.ids_buffer[:, :length], row_scores)
+                scores[row:row + 1] = row_scores
         chosen = scores.argmax(dim=-1)
         for row, sequence in enumerate(sequences):
             if sequence.do_sample:
