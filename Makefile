@@ -40,6 +40,7 @@ clean:
 
 container-smoke: install
 	PYTHON=$(PY) bash tests/container/smoke.sh
+	PYTHON=$(PY) bash tests/container/compose.sh
 
 soak: install
 	$(PY) bench/soak.py --clients 32 --seconds 60

@@ -53,6 +53,9 @@ def executor_settings():
 
 
 PROTOCOLS = ("grpc", "http", "websocket")
+# Executor arguments whose flags the parser defines itself (they also configure the gateway, or read the
+# environment); openai_host comes from --host.
+CLI_OWNED = {"openai_port", "openai_host", "api_key", "ssl_certfile", "ssl_keyfile"}
 DEFAULT_IMAGE = "jina-llm-stream:latest"
 
 
@@ -76,11 +79,13 @@ def build_parser(settings) -> argparse.ArgumentParser:
                         help="TLS private key (PEM) matching --ssl-certfile")
     parser.add_argument("--openai-port", "--openai_port", dest="openai_port", type=int, default=None,
                         help="also serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-                             "/v1/models) on this port; needs grpc among --protocol")
+                             "/v1/models) on this port, from every replica")
     parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("JINA_LLM_STREAM_API_KEY"),
                         help="bearer token the OpenAI API requires (default: $JINA_LLM_STREAM_API_KEY; none)")
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image for export (default {DEFAULT_IMAGE})")
     for name, default in settings:
+        if name in CLI_OWNED:
+            continue
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"  # on by default: --no-NAME
@@ -113,29 +118,14 @@ def deployment_kwargs(args, settings, uses) -> dict:
     if len(args.port) != len(args.protocol):
         raise SystemExit(f"--port needs one port per protocol: {len(args.protocol)} protocol(s) "
                          f"({' '.join(args.protocol)}) but {len(args.port)} port(s) ({' '.join(map(str, args.port))})")
-    kwargs = dict(uses=uses, uses_with={name: getattr(args, name) for name, _ in settings},
+    uses_with = {name: getattr(args, name) for name, _ in settings if name != "openai_host"} | {"openai_host": args.host}
+    kwargs = dict(uses=uses, uses_with=uses_with,
                   port=args.port if len(args.port) > 1 else args.port[0],
                   protocol=args.protocol if len(args.protocol) > 1 else args.protocol[0],
                   host=args.host, replicas=args.replicas)
     if args.monitoring:
         kwargs.update(monitoring=True, port_monitoring=args.port_monitoring)
     return kwargs | tls_kwargs(args)
-
-
-def openai_front_end(args):
-    """The OpenAI API server for --openai-port (not started yet), or None."""
-    if args.openai_port is None:
-        return None
-    if "grpc" not in args.protocol:
-        raise SystemExit("--openai-port reaches the model through the server's gRPC port: add grpc to --protocol "
-                         f"(e.g. --protocol {' '.join(args.protocol)} grpc)")
-    from executor.openai_api import OpenAIServer, Settings
-
-    grpc_port = args.port[args.protocol.index("grpc")]
-    settings = Settings(model_id=args.model_name or "demo", backend=f"127.0.0.1:{grpc_port}",
-                        api_key=args.api_key, tls_certificate=args.ssl_certfile)
-    return OpenAIServer(settings, host=args.host, port=args.openai_port, ssl_certfile=args.ssl_certfile,
-                        ssl_keyfile=args.ssl_keyfile)
 
 
 def serve(args, settings) -> int:
@@ -160,7 +150,6 @@ def serve(args, settings) -> int:
         server = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
     else:
         server = Deployment(**kwargs)
-    openai_server = openai_front_end(args)  # checked before the model loads
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     if not args.model_name:
         # Trained on first use (about a minute), before the gateway starts polling an Executor that is still
@@ -178,13 +167,7 @@ def serve(args, settings) -> int:
             return 1
     try:
         with server:
-            if openai_server:
-                openai_server.start()
-            try:
-                server.block()
-            finally:
-                if openai_server:
-                    openai_server.stop()
+            server.block()
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # noqa: BLE001 - e.g. the model could not be loaded: say so and exit non-zero
@@ -195,18 +178,16 @@ def serve(args, settings) -> int:
 
 
 def export(kind: str, target: str, args, settings) -> int:
-    """Kubernetes or docker-compose manifests from Jina's own exporters, offline."""
+    """Kubernetes or docker-compose manifests from Jina's own exporters, offline, rewritten to run the project's
+    image for the gateway too (executor/export.py)."""
     from jina import Flow
 
-    if args.openai_port is not None:
-        raise SystemExit("--openai-port cannot be exported: the OpenAI API runs in the CLI process, which the manifests "
-                         "replace with Jina's gateway. Run the image itself with --openai-port instead "
-                         "(docker run -p 8000:8000 IMAGE --openai-port 8000; README: Container).")
-
     # Without these, Jina resolves its gateway image and `uses` through its hub over the network.
-    os.environ.setdefault("JINA_GATEWAY_IMAGE", "jinaai/jina:3.34.0-py311-standard")
+    os.environ["JINA_GATEWAY_IMAGE"] = args.image
     kwargs = deployment_kwargs(args, settings, f"docker://{args.image}")
-    kwargs["uses_with"] = {k: v for k, v in kwargs["uses_with"].items() if v is not None}
+    # The API key is not written into manifests: the worker reads JINA_LLM_STREAM_API_KEY (e.g. from a Secret).
+    kwargs["uses_with"] = {k: v for k, v in kwargs["uses_with"].items() if v is not None and k != "api_key"}
+    kwargs["uses_with"]["openai_host"] = "0.0.0.0"
     # A Flow, not a Deployment: its gateway carries the client-facing ports and protocols.
     gateway = {k: kwargs.pop(k) for k in ("port", "protocol")}
     tls = {k: kwargs.pop(k) for k in ("ssl_certfile", "ssl_keyfile") if k in kwargs}
@@ -214,10 +195,14 @@ def export(kind: str, target: str, args, settings) -> int:
     if kwargs.pop("monitoring", False):
         gateway["monitoring"] = kwargs["monitoring"] = True
     flow = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
+    from executor.export import rewrite_docker_compose, rewrite_kubernetes
+
     if kind == "kubernetes":
         flow.to_kubernetes_yaml(target, k8s_namespace="jina-llm-stream")
+        rewrite_kubernetes(target, args.image, args.openai_port)
     else:
         flow.to_docker_compose_yaml(target)
+        rewrite_docker_compose(target, args.image, args.openai_port)
     print(f"wrote {kind} manifests to {target}")
     return 0
 

@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 from typing import Optional
 
@@ -21,6 +22,8 @@ from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError
 from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
+from .openai_api import ExecutorBackend, OpenAIServer
+from .openai_api import Settings as OpenAISettings
 from .model import ModelLoadError, PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
 
@@ -52,6 +55,11 @@ class TokenStreamingExecutor(Executor):
         prefix_caching: bool = True,
         stream_text: str = "delta",
         log_prompts: bool = False,
+        openai_port: Optional[int] = None,
+        openai_host: str = "0.0.0.0",
+        api_key: Optional[str] = None,
+        ssl_certfile: Optional[str] = None,
+        ssl_keyfile: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,6 +109,12 @@ class TokenStreamingExecutor(Executor):
         self._call_preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.engine.start()
         self._warm_up()
+        self.openai_server = None
+        if openai_port is not None:  # each replica serves it next to its own engine (SO_REUSEPORT balances)
+            settings = OpenAISettings(model_id=model_name or "demo",
+                                      api_key=api_key or os.environ.get("JINA_LLM_STREAM_API_KEY") or None)
+            self.openai_server = OpenAIServer(settings, ExecutorBackend(self.answers, self.pieces), openai_host,
+                                              openai_port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile).start()
 
     def _warm_up(self) -> None:
         """One real generation before Jina reports this Executor ready, so readiness means able to answer."""
@@ -122,7 +136,22 @@ class TokenStreamingExecutor(Executor):
     async def chat(self, docs: DocList[Prompt], **kwargs) -> DocList[Generation]:
         """Whole answers, one per prompt, in order. The call is queued as a unit and its prompts enter the
         running batch as rows free up (executor/scheduler.py says who goes first)."""
-        with self._error_boundary("/chat"):
+        return DocList[Generation](await self.answers(docs, "/chat"))
+
+    @requests(on="/stream")
+    async def stream(self, doc: Prompt, **kwargs) -> Generation:
+        """One Generation per new piece of text (or the whole text so far, with ``stream_text=cumulative``)."""
+        so_far = ""
+        async for piece in self.pieces(doc, "/stream"):
+            so_far += piece.text
+            if self.stream_text == "cumulative":
+                piece.text = so_far
+            yield piece
+
+    # ---- the one path from Prompt documents to answers (the Jina endpoints and the OpenAI API) ----------
+    async def answers(self, docs, endpoint: str) -> list:
+        """Whole answers (Generations, in order) to the prompts of one call, queued as a unit."""
+        with self._error_boundary(endpoint):
             if len(docs) > self.max_prompts_per_call:
                 raise RequestError("prompts", len(docs), f"at most max_prompts_per_call={self.max_prompts_per_call} "
                                    "prompts in one call; send them in smaller requests (Jina Client: "
@@ -132,20 +161,16 @@ class TokenStreamingExecutor(Executor):
             # in the order they arrived (a client's job split into requests then finishes in its order).
             prepared = await asyncio.get_running_loop().run_in_executor(
                 self._call_preparer, lambda: [self._prepare(doc) for doc in docs])
-            answers = await self.engine.complete(prepared, label="/chat")
-        return DocList[Generation]([_generation(text, last) for text, last in answers])
+            answers = await self.engine.complete(prepared, label=endpoint)
+        return [_generation(text, last) for text, last in answers]
 
-    @requests(on="/stream")
-    async def stream(self, doc: Prompt, **kwargs) -> Generation:
-        """One Generation per new piece of text (or the whole text so far, with ``stream_text=cumulative``)."""
-        with self._error_boundary("/stream"):
+    async def pieces(self, doc: Prompt, endpoint: str):
+        """One Generation per new piece of text; closing the iterator cancels the generation."""
+        with self._error_boundary(endpoint):
             prompt_ids, settings = self._prepare(doc)
-            so_far = ""
-            async for event in self.engine.stream(prompt_ids, settings, label="/stream"):
-                so_far += event.text
-                text = so_far if self.stream_text == "cumulative" else event.text
+            async for event in self.engine.stream(prompt_ids, settings, label=endpoint):
                 if event.text or event.finish_reason:
-                    yield _generation(text, event)
+                    yield _generation(event.text, event)
 
     def _prepare(self, doc: Prompt):
         """Validate and tokenize one prompt; raises RequestError naming the field."""
@@ -183,6 +208,8 @@ class TokenStreamingExecutor(Executor):
             raise EngineError(f"internal error while generating: {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
+        if self.openai_server:
+            self.openai_server.stop()
         self._call_preparer.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         super().close()

@@ -1,9 +1,11 @@
-"""OpenAI-compatible HTTP API (``--openai-port``) in front of the Jina server.
+"""OpenAI-compatible HTTP API (``--openai-port``), served by every worker next to its engine.
 
-It translates OpenAI requests into the same ``Prompt`` documents Jina clients send and reads the answer
-from the server's own gRPC port with ``stream_doc`` on ``/stream``, so validation, limits, batching and
-cancellation are the Executor's, unchanged. Why not a Jina custom gateway: a Flow takes one gateway, and
-a custom one would replace Jina's (gRPC, HTTP, WebSocket) instead of serving beside it.
+It translates OpenAI requests into the same ``Prompt`` documents Jina clients send and hands them to the
+Executor's own ``answers``/``pieces`` in the same process, so validation, limits, batching, cancellation and
+the error boundary are the Jina endpoints', with no network hop. Each replica listens on the same port
+(``SO_REUSEPORT``: the kernel spreads connections over the replicas of one machine; in Kubernetes each pod
+has its own address behind a Service). Why not in the gateway: a Flow takes one gateway, a custom one
+would replace Jina's (gRPC, HTTP, WebSocket), and every request would pay a hop to the worker.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -12,15 +14,14 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
+from schemas import Prompt
 
-from schemas import Generation, Prompt
-
-from .jina_compat import CancelOnDisconnect, ServiceError, error_from_status, first_of, invalid_json_message, prepend
+from .jina_compat import CancelOnDisconnect, ServiceError, first_of, invalid_json_message, prepend
 
 log = logging.getLogger("jina_llm_stream.openai")
 
@@ -53,9 +54,7 @@ class APIError(Exception):
 @dataclass
 class Settings:
     model_id: str
-    backend: str  # host:port of the server's gRPC protocol
     api_key: str | None = None
-    tls_certificate: str | None = None  # set when the gRPC port serves TLS
     max_body_bytes: int = 4 * 1024 * 1024
 
 
@@ -160,86 +159,40 @@ def api_error_from_backend(name: str, message: str, names: dict, messages_name: 
     return APIError(500, message, kind="server_error")
 
 
-# ---- the Jina server, through its gRPC port ---------------------------------------------------------------
-class Backend:
-    """``stream_doc`` on ``/stream`` and whole answers from ``/chat``, over one long-lived gRPC channel
-    (created in the serving loop)."""
+# ---- the model, through the worker's own path --------------------------------------------------------------
+class ExecutorBackend:
+    """The OpenAI API's way to the model: the Executor's own ``answers`` and ``pieces`` (validation, limits,
+    the call queue and the error boundary of the Jina endpoints), in the same process, with no network hop.
+    Errors come back as OpenAI errors in the client's terms."""
 
-    def __init__(self, target: str, tls_certificate: str | None = None):
-        self.target, self.tls_certificate = target, tls_certificate
-        self._stub = self._batch_stub = None
+    def __init__(self, answers, pieces):
+        self._answers, self._pieces = answers, pieces
 
-    def _get_stub(self):
-        if self._stub is None:
-            from jina.proto import jina_pb2_grpc
-
-            options = [("grpc.max_receive_message_length", -1)]
-            if self.tls_certificate:  # the server's own certificate is the trust root; it must name localhost
-                with open(self.tls_certificate, "rb") as file:
-                    credentials = grpc.ssl_channel_credentials(file.read())
-                options.append(("grpc.ssl_target_name_override", "localhost"))
-                channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(self.target, options=options)
-            self._stub = jina_pb2_grpc.JinaSingleDocumentRequestRPCStub(channel)
-            self._batch_stub = jina_pb2_grpc.JinaSingleDataRequestRPCStub(channel)
-        return self._stub
-
-    async def answers(self, prompts: list, names: dict, messages_name: str) -> list:
-        """Whole answers (Generations, in order) to the prompts of one ``/chat`` call: queued as a unit and
-        fed to the batch as rows free up, like a Jina Client's ``post``."""
-        from docarray import DocList
-        from jina.proto import jina_pb2
-        from jina.types.request.data import DataRequest
-
-        self._get_stub()
-        request = DataRequest()
-        request.header.exec_endpoint = "/chat"
-        request.document_array_cls = DocList[Prompt]
-        request.data.docs = DocList[Prompt](prompts)
-        call = self._batch_stub.process_single_data(request)
+    async def answers(self, prompts: list, names: dict, messages_name: str, endpoint: str) -> list:
+        """Whole answers (Generations, in order) to the prompts of one request, queued as one call."""
         try:
-            response = await call
-        except grpc.aio.AioRpcError as error:
-            raise _unavailable(error) from None
-        finally:
-            call.cancel()  # a client that left: the Executor stops generating (no-op once answered)
-        status = response.header.status
-        if status.code == jina_pb2.StatusProto.ERROR:
-            error = error_from_status(status)
-            raise api_error_from_backend(error.name, error.message, names, messages_name)
-        response.document_array_cls = DocList[Generation]
-        return list(response.docs)
+            return await self._answers(prompts, endpoint)
+        except Exception as error:  # noqa: BLE001 - the Executor's boundary already logged and named it
+            raise api_error_from_backend(type(error).__name__, str(error), names, messages_name) from None
 
-    async def stream(self, prompt: Prompt, names: dict, messages_name: str):
+    async def stream(self, prompt: Prompt, names: dict, messages_name: str, endpoint: str):
         """Yield Generation pieces; raise APIError for a refused or failed request."""
-        from jina.proto import jina_pb2
-        from jina.types.request.data import SingleDocumentRequest
-
-        request = SingleDocumentRequest()
-        request.header.exec_endpoint = "/stream"
-        request.document_cls = Prompt
-        request.data.doc = prompt
-        call = self._get_stub().stream_doc(request)
+        pieces = self._pieces(prompt, endpoint)
         try:
-            async for response in call:
-                status = response.header.status
-                if status.code == jina_pb2.StatusProto.ERROR:
-                    error = error_from_status(status)
-                    raise api_error_from_backend(error.name, error.message, names, messages_name)
-                yield Generation.from_protobuf(response.document)
-        except grpc.aio.AioRpcError as error:
-            raise _unavailable(error) from None
+            async for piece in pieces:
+                yield piece
+        except Exception as error:  # noqa: BLE001
+            raise api_error_from_backend(type(error).__name__, str(error), names, messages_name) from None
         finally:
-            call.cancel()  # a client that left, or an error: the Executor stops generating
+            await pieces.aclose()  # a client that left, or an error: the engine stops generating
 
-    async def streams(self, prompts: list, names: dict, messages_name: str):
+    async def streams(self, prompts: list, names: dict, messages_name: str, endpoint: str):
         """(index, Generation) pieces of several streamed answers, as they come; the first error ends all."""
         pieces: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, prompt):
             try:
-                async for piece in self.stream(prompt, names, messages_name):
+                async for piece in self.stream(prompt, names, messages_name, endpoint):
                     await pieces.put((index, piece))
                 await pieces.put((index, None))
             except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -261,17 +214,11 @@ class Backend:
                 task.cancel()
 
 
-def _unavailable(error: grpc.aio.AioRpcError) -> APIError:
-    return APIError(503, f"the model server is unavailable ({error.code().name}: {error.details()})",
-                    kind="server_error", code="backend_unavailable")
-
-
 # ---- the HTTP app -----------------------------------------------------------------------------------------
-def build_app(settings: Settings):
+def build_app(settings: Settings, backend: ExecutorBackend):
     from fastapi import FastAPI, Request
 
     app = FastAPI(title="jina-llm-stream OpenAI-compatible API", docs_url=None, redoc_url=None)
-    backend = Backend(settings.backend, settings.tls_certificate)
     card = {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "jina-llm-stream"}
     app.add_exception_handler(APIError, _error_response)
     app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its generation, streamed or not
@@ -345,7 +292,7 @@ async def read_body(settings: Settings, request) -> dict:
     return body
 
 
-async def complete(settings: Settings, backend: Backend, request, kind: str, build_prompts):
+async def complete(settings: Settings, backend: ExecutorBackend, request, kind: str, build_prompts):
     """Chat or text completions, whole or streamed, one choice per prompt; the client leaving cancels them.
     Whole answers are one ``/chat`` call (all prompts queued as a unit), streams one ``/stream`` each."""
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -355,11 +302,11 @@ async def complete(settings: Settings, backend: Backend, request, kind: str, bui
     prompts, names = build_prompts(body)
     shape = Shape(kind, settings.model_id)
     if not body.get("stream"):
-        answers = await backend.answers(prompts, names, shape.messages_name)
+        answers = await backend.answers(prompts, names, shape.messages_name, request.url.path)
         return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers),
                              "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False)
                                          for index, answer in enumerate(answers)]})
-    pieces = backend.streams(prompts, names, shape.messages_name)
+    pieces = backend.streams(prompts, names, shape.messages_name, request.url.path)
     first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(_sse(shape, len(prompts), first, pieces, include_usage), media_type="text/event-stream")
@@ -424,22 +371,39 @@ async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-# ---- serving it next to Jina ------------------------------------------------------------------------------
+# ---- serving it in the worker -----------------------------------------------------------------------------
 class OpenAIServer:
-    """uvicorn in a thread of the CLI process, started once the Jina server is ready."""
+    """uvicorn in a thread of the worker process, on a socket its other replicas on this machine share."""
 
-    def __init__(self, settings: Settings, host: str, port: int, ssl_certfile=None, ssl_keyfile=None):
+    def __init__(self, settings: Settings, backend: ExecutorBackend, host: str, port: int, ssl_certfile=None,
+                 ssl_keyfile=None):
         import uvicorn
 
-        config = uvicorn.Config(build_app(settings), host=host, port=port, log_level="warning",
+        config = uvicorn.Config(build_app(settings, backend), host=host, port=port, log_level="warning",
                                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
-        self.port = port
+        self.host, self.port = host, port
+
+    def _socket(self):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as error:
+            sock.close()
+            raise RuntimeError(f"openai_port={self.port}: cannot listen on {self.host}:{self.port} ({error}); "
+                               "choose a free port") from None
+        sock.set_inheritable(True)
+        return sock
 
     def start(self, timeout: float = 30.0) -> "OpenAIServer":
         import threading
 
-        self.thread = threading.Thread(target=self.server.run, name="openai-api", daemon=True)
+        sock = self._socket()
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="openai-api",
+                                       daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

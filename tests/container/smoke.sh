@@ -44,7 +44,7 @@ trap cleanup EXIT
   "$IMAGE" --port "$PORT" --openai-port "$OPENAI_PORT" >/dev/null
 for _ in $(seq 240); do
   logs=$("${PODMAN[@]}" logs "$NAME" 2>&1)
-  grep -q "OpenAI-compatible API on port" <<<"$logs" && break
+  grep -q "ready to serve" <<<"$logs" && break
   "${PODMAN[@]}" ps --filter "name=$NAME" --format '{{.Names}}' | grep -q "$NAME" || break
   sleep 1
 done

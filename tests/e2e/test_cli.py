@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import httpx
 from docarray import DocList
 
 from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_deployment, serve_process, stream_doc
@@ -96,12 +97,16 @@ def test_config_yml_with_a_model_without_chat_template(tiny_models):
 
 
 def test_jina_executor_cli_with_config_yml(tiny_models):
-    port = free_port()
-    uses_with = '{"model_name": "%s"}' % tiny_models["plain"]
+    port, openai_port = free_port(), free_port()
+    uses_with = json.dumps({"model_name": str(tiny_models["plain"]), "openai_port": openai_port})
     command = [os.path.join(os.path.dirname(PYTHON), "jina"), "executor", "--uses", "config.yml", "--port", str(port),
                "--uses-with", uses_with]
     with serve_process(command, ready_line="start server bound to") as (process, log):
         assert process.poll() is None, log.read_text()
         answers = run(post_chat(port, DocList[Prompt]([HELLO, HELLO])))
         pieces = run(stream_doc(port, HELLO))
+        # The worker alone serves the OpenAI API too: it lives next to the engine, not in a gateway.
+        body = {"model": str(tiny_models["plain"]), "prompt": "Hello", "max_tokens": 4}
+        completion = httpx.post(f"http://127.0.0.1:{openai_port}/v1/completions", json=body, timeout=60)
+        assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] >= 1, completion.text
     assert len(answers) == 2 and answers[0].text == answers[1].text == "".join(p.text for p in pieces)

@@ -30,7 +30,7 @@ def api(slow_model):
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(grpc_port),
             "--openai-port", str(openai_port), "--api-key", KEY, "--max_batch_size", "1", "--max_queue", "3",
             "--max_prompt_tokens", "160"]
-    with serve_process(args, ready_line="OpenAI-compatible API on port") as (process, log):
+    with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         yield {"url": f"http://127.0.0.1:{openai_port}", "model": str(slow_model), "log": log,
                "client": openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key=KEY, max_retries=0)}
@@ -163,7 +163,7 @@ def test_api_key_is_required(api):
 
 
 def cancelled_lines(api) -> int:
-    return len(re.findall(r"endpoint=/(stream|chat) .* finish=cancelled", api["log"].read_text(errors="replace")))
+    return len(re.findall(r"endpoint=/v1/(chat/)?completions .* finish=cancelled", api["log"].read_text(errors="replace")))
 
 
 def wait_for_cancelled(api, count, timeout=15):
@@ -280,10 +280,22 @@ def test_deeply_nested_json_says_where(api):
     assert cut.status_code == 400 and "line 1 column 11 (char 10)" in cut.json()["error"]["message"]
 
 
-def test_openai_port_needs_grpc():
-    result = subprocess.run([PYTHON, "jina_server.py", "--protocol", "http", "--port", "1", "--openai-port", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "add grpc to --protocol" in result.stderr
+def test_every_replica_serves_the_openai_api_next_to_its_engine(slow_model):
+    """No gRPC port needed: each worker serves the API itself, on one port shared by the replicas of this
+    machine (the kernel spreads new connections over them)."""
+    http_port, openai_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "http", "--port", str(http_port),
+            "--replicas", "2", "--openai-port", str(openai_port)]
+    with serve_process(args, timeout=240) as (process, log):
+        assert process.poll() is None, log.read_text()
+        assert log.read_text().count("OpenAI-compatible API on port") == 2, log.read_text()
+        for index in range(12):  # a new client each time: a new connection
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="none", max_retries=0)
+            answer = client.chat.completions.create(model=str(slow_model), messages=HELLO, max_tokens=2)
+            assert answer.choices[0].finish_reason in ("length", "stop")
+            client.close()
+        served_by = set(re.findall(r"pid=(\d+) request=\S+ endpoint=/v1/chat/completions", log.read_text()))
+    assert len(served_by) == 2, f"both replicas answered: {served_by}"
 
 
 def test_non_finite_numbers_in_the_json_are_refused(api):

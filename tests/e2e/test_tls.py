@@ -44,7 +44,7 @@ def tls_server(tiny_models, tmp_path_factory):
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", "grpc", "http",
             "--port", str(grpc_port), str(http_port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
             "--openai-port", str(openai_port)]
-    with serve_process(args, ready_line="OpenAI-compatible API on port") as (process, log):
+    with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         yield {"grpc": grpc_port, "http": http_port, "openai": openai_port, "cert": cert,
                "model": str(tiny_models["chat"])}
