@@ -105,9 +105,12 @@ def references(path: Path, new_tokens: int, batch: int) -> dict:
         tokenizer.padding_side = "left"
         texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts(batch)]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        started = time.perf_counter()
-        model.generate(**encoded, do_sample=False, pad_token_id=tokenizer.pad_token_id, **gen_conf(new_tokens))
-        static_tps = batch * new_tokens / (time.perf_counter() - started)
+        static_s = float("inf")
+        for _ in range(2):  # best of two, as the concurrent rows it is compared with (best_of)
+            started = time.perf_counter()
+            model.generate(**encoded, do_sample=False, pad_token_id=tokenizer.pad_token_id, **gen_conf(new_tokens))
+            static_s = min(static_s, time.perf_counter() - started)
+        static_tps = batch * new_tokens / static_s
         job_static_tps = static_batches_rate(model, tokenizer, batch, JOB_TOKENS, JOB_REFERENCE_BATCHES)
         long_ids = torch.tensor([list(range(1000, 1000 + CHUNK))])
         started = time.perf_counter()
@@ -223,6 +226,19 @@ async def one_stream(client, message, new_tokens):
     return {"ttft": times[0] - started, "total": times[-1] - started, "decode": times[-1] - times[0],
             "tokens": final.completion_tokens, "times": times, "counts": counts, "text": "".join(text),
             "cached": final.cached_tokens}
+
+
+async def best_of(times: int, measure) -> tuple:
+    """(results, wall seconds) of the fastest of ``times`` runs of ``measure()``: this machine's speed drifts
+    by +-10% between minutes, so the rows compared with each other (the two APIs, the peer) take their best."""
+    best = None
+    for _ in range(times):
+        started = time.perf_counter()
+        results = await measure()
+        wall = time.perf_counter() - started
+        if best is None or wall < best[1]:
+            best = (results, wall)
+    return best
 
 
 def all_decoding_rate(results: list) -> float:
@@ -351,9 +367,7 @@ async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: 
             await ask(prompts(1)[0], 8)
         single = [await ask(prompts(1)[0], new_tokens) for _ in range(3)]
         best = min(single, key=lambda r: r["total"])
-        started = time.perf_counter()
-        many = await asyncio.gather(*(ask(m, new_tokens) for m in prompts(batch)))
-        wall = time.perf_counter() - started
+        many, wall = await best_of(2, lambda: asyncio.gather(*(ask(m, new_tokens) for m in prompts(batch))))
         started = time.perf_counter()
         burst = await asyncio.gather(*(ask(m, new_tokens) for m in rag))
         rag_wall = time.perf_counter() - started
@@ -389,9 +403,8 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
     single = [await one_stream(client, prompts(1)[0], new_tokens) for _ in range(3)]
     best = min(single, key=lambda r: r["total"])
 
-    started = time.perf_counter()
-    many = await asyncio.gather(*(one_stream(client, m, new_tokens) for m in prompts(batch)))
-    concurrent_wall = time.perf_counter() - started
+    many, concurrent_wall = await best_of(2, lambda: asyncio.gather(*(one_stream(client, m, new_tokens)
+                                                                       for m in prompts(batch))))
     ttfts = sorted(r["ttft"] for r in many)
     stall = await prefill_stall(client, new_tokens * 2)
 

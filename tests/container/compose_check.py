@@ -80,6 +80,16 @@ def prompt(text: str, new_tokens: int):
                                                                          "min_new_tokens": new_tokens})
 
 
+def gateway_listens(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def wait_until_served(ports: dict, timeout: float = 600) -> None:
     from docarray import DocList
     from jina import Client
@@ -87,6 +97,10 @@ def wait_until_served(ports: dict, timeout: float = 600) -> None:
     from schemas import Generation
 
     deadline = time.monotonic() + timeout
+    while not gateway_listens(ports["grpc"]):  # before that, the Jina client logs each refused attempt
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the exported gateway did not listen in {timeout:.0f} s")
+        time.sleep(2)
     while True:
         try:
             client = Client(host=f"grpc://127.0.0.1:{ports['grpc']}")
