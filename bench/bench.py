@@ -212,12 +212,13 @@ def transformers_continuous_batching(path: Path, tokenizer, batch: int, new_toke
 
 
 # ---- the server ---------------------------------------------------------------------------------------
-async def one_stream(client, message, new_tokens):
+async def one_stream(client, message, new_tokens, extra=None):
     from schemas import Generation, Prompt
 
     started = time.perf_counter()
     times, counts, text = [], [], []
-    async for piece in client.stream_doc(on="/stream", inputs=Prompt(message=message, gen_conf=gen_conf(new_tokens)),
+    conf = {**gen_conf(new_tokens), **(extra or {})}
+    async for piece in client.stream_doc(on="/stream", inputs=Prompt(message=message, gen_conf=conf),
                                          return_type=Generation):
         times.append(time.perf_counter())
         counts.append(piece.completion_tokens)
@@ -226,6 +227,54 @@ async def one_stream(client, message, new_tokens):
     return {"ttft": times[0] - started, "total": times[-1] - started, "decode": times[-1] - times[0],
             "tokens": final.completion_tokens, "times": times, "counts": counts, "text": "".join(text),
             "cached": final.cached_tokens}
+
+
+# A typical schema whose one string is long enough that every answer runs to the requested length: the rows
+# then compare the same number of decode steps, with and without the grammar's mask.
+LONG_JSON = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                              "text": {"type": "string", "minLength": 2000, "maxLength": 2000},
+                                              "score": {"type": "integer"}},
+             "required": ["title", "text", "score"], "additionalProperties": False}
+
+
+async def constrained_measures(client, new_tokens: int, batch: int) -> dict:
+    """``batch`` concurrent /stream answers constrained by a JSON schema, against the same unconstrained,
+    alternately (best of two each)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "doc", "schema": LONG_JSON}}
+
+    async def streams(extra):
+        return await asyncio.gather(*(one_stream(client, m, new_tokens, extra) for m in prompts(batch)))
+
+    await streams({"response_format": fmt})  # compiles the schema once (then cached)
+    free, constrained = [], []
+    for _ in range(2):
+        free.append(await best_of(1, lambda: streams({})))
+        constrained.append(await best_of(1, lambda: streams({"response_format": fmt})))
+    rate = lambda runs: max(sum(r["tokens"] for r in results) / wall for results, wall in runs)  # noqa: E731
+    return {"free_tps": rate(free), "constrained_tps": rate(constrained)}
+
+
+def grammar_compile_seconds(path: Path) -> dict:
+    """In-process: wrapping the tokenizer for llguidance (once per server), compiling LONG_JSON cold, then
+    a request's copy of the cached grammar."""
+    from executor.grammar import Grammars, parse_response_format
+    from executor.model import load
+
+    loaded = load(str(path))
+    grammars = Grammars(loaded.tokenizer, loaded.model.get_output_embeddings().weight.shape[0],
+                        loaded.eos_token_ids)
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "doc", "schema": LONG_JSON}})
+    started = time.perf_counter()
+    grammars._llg_tokenizer()
+    tokenizer_s = time.perf_counter() - started
+    started = time.perf_counter()
+    grammars.row_grammar(fmt)
+    cold_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(100):
+        grammars.row_grammar(fmt)
+    return {"grammar_tokenizer_s": tokenizer_s, "grammar_cold_s": cold_s,
+            "grammar_cached_s": (time.perf_counter() - started) / 100}
 
 
 async def best_of(times: int, measure) -> tuple:
@@ -406,6 +455,7 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
     many, concurrent_wall = await best_of(2, lambda: asyncio.gather(*(one_stream(client, m, new_tokens)
                                                                        for m in prompts(batch))))
     ttfts = sorted(r["ttft"] for r in many)
+    constrained = await constrained_measures(client, new_tokens, batch)
     stall = await prefill_stall(client, new_tokens * 2)
 
     docs = DocList[Prompt]([Prompt(message=m, gen_conf=gen_conf(new_tokens)) for m in prompts(batch)])
@@ -442,7 +492,7 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
         "streamN_tps": sum(r["tokens"] for r in many) / concurrent_wall,
         "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         "chat_tps": sum(a.completion_tokens for a in answers) / chat_wall,
-        **stall, **job, **long, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
+        **stall, **job, **long, **constrained, "rss_before": rss_before, "rss_after": rss_after, "rss_requests": rss_requests, "rss_wall": rss_wall,
     }
 
 
@@ -529,6 +579,12 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
         (f"OpenAI API, {batch} concurrent streams, aggregate", f"{srv['openaiN_tps']:.1f} tok/s",
          f"{srv['openaiN_tps'] / ref['static_tps']:.2f}x static batch, {srv['openaiN_tps'] / srv['streamN_tps']:.2f}x "
          "/stream", ">= 0.95x /stream"),
+        (f"/stream, {batch} concurrent answers constrained by a JSON schema (response_format), aggregate",
+         f"{srv['constrained_tps']:.1f} tok/s", f"{srv['constrained_tps'] / srv['free_tps']:.2f}x the same unconstrained "
+         f"({srv['free_tps']:.1f} tok/s)", ">= 0.85x"),
+        ("JSON schema compile: tokenizer wrap (once per server) / schema cold / cached copy",
+         f"{ref['grammar_tokenizer_s'] * 1000:.0f} / {ref['grammar_cold_s'] * 1000:.1f} / "
+         f"{ref['grammar_cached_s'] * 1000:.2f} ms", "", ""),
         *long_prompt_rows(ref, srv, batch, new_tokens),
         (f"executor RSS over {srv['rss_requests']} requests",
          f"{srv['rss_before'] / mb:.0f} -> {srv['rss_after'] / mb:.0f} MiB", f"{rss_growth * 100:+.1f}%", "< 10%"),
@@ -566,6 +622,7 @@ def main() -> int:
         stop_server(server)
     srv |= peer_measures(path, args.new_tokens, args.clients, tokenizer) if not args.no_peer else {}
     ref["warm_prefill_s"], ref["turn_prefill_s"] = prefill_seconds(path, [srv["warm_ids"], srv["turn_ids"]])
+    ref |= grammar_compile_seconds(path)
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
     ref["hf_cb_tps"] = transformers_continuous_batching(path, tokenizer, args.clients, args.new_tokens)
     print(table(ref, srv, args.clients, args.new_tokens))

@@ -615,9 +615,12 @@ class Engine:
         self._remove_rows(leaving)
 
     def _choose_tokens(self, sequences, logits: torch.Tensor) -> list:
-        """Next token of each row: the row's own processors, then greedy or its own seeded sampling."""
+        """Next token of each row: its grammar's mask (before top-k/top-p, which would otherwise keep only
+        tokens the grammar forbids), the row's own processors, then greedy or its own seeded sampling."""
         scores = logits.float()
         for row, sequence in enumerate(sequences):
+            if sequence.settings.grammar is not None:
+                sequence.settings.grammar.mask(scores[row])
             if sequence.ids_buffer is not None:
                 length = len(sequence.prompt_ids) + len(sequence.generated)
                 row_scores = scores[row:row + 1]
@@ -625,6 +628,8 @@ class Engine:
                 for processor in sequence.processors:
                     row_scores = processor(sequence.ids_buffer[:, :length], row_scores)
                 scores[row:row + 1] = row_scores
+            if sequence.settings.grammar is not None:
+                sequence.settings.grammar.keep_an_end(scores[row])
         chosen = scores.argmax(dim=-1)
         for row, sequence in enumerate(sequences):
             if sequence.do_sample:
@@ -638,12 +643,19 @@ class Engine:
         if token in self.eos_token_ids:
             self._finish(sequence, "stop")
             return False
+        grammar_goes_on = True
+        if sequence.settings.grammar is not None:
+            try:
+                grammar_goes_on = sequence.settings.grammar.advance(token)
+            except RuntimeError as error:  # e.g. the grammar's work bound ran out: this request fails alone
+                self._finish_with_error(sequence, EngineError(f"response_format: {error}"))
+                return False
         sequence.generated.append(token)
         self._timestamp(sequence)
         if sequence.ids_buffer is not None:
             sequence.ids_buffer[0, len(sequence.prompt_ids) + len(sequence.generated) - 1] = token
         text = sequence.detok.push(token)
-        if sequence.detok.stopped:
+        if sequence.detok.stopped or not grammar_goes_on:  # a complete grammar ends the answer
             self._finish(sequence, "stop", text)
             return False
         if len(sequence.generated) >= sequence.max_new_tokens:

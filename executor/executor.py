@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+from dataclasses import replace
 from typing import Optional
 
 from docarray import DocList
@@ -20,6 +21,7 @@ from schemas import Generation, Prompt
 
 from . import jina_compat
 from .engine import Engine, EngineConfig, EngineError
+from .grammar import Grammars
 from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
@@ -107,6 +109,9 @@ class TokenStreamingExecutor(Executor):
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
             self.engine.metrics = EngineMetrics(registry, self.engine.load)
         self._call_preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._grammar_compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self.grammars = Grammars(loaded.tokenizer, loaded.model.get_output_embeddings().weight.shape[0],
+                                 loaded.eos_token_ids)
         self.engine.start()
         self._warm_up()
         self.openai_server = None
@@ -167,7 +172,11 @@ class TokenStreamingExecutor(Executor):
     async def pieces(self, doc: Prompt, endpoint: str):
         """One Generation per new piece of text; closing the iterator cancels the generation."""
         with self._error_boundary(endpoint):
-            prompt_ids, settings = self._prepare(doc)
+            if doc.gen_conf and "response_format" in doc.gen_conf:  # compiling a grammar takes a while
+                prompt_ids, settings = await asyncio.get_running_loop().run_in_executor(
+                    self._grammar_compiler, self._prepare, doc)
+            else:
+                prompt_ids, settings = self._prepare(doc)
             async for event in self.engine.stream(prompt_ids, settings, label=endpoint):
                 if event.text or event.finish_reason:
                     yield _generation(event.text, event)
@@ -192,7 +201,11 @@ class TokenStreamingExecutor(Executor):
         return self._fit(prompt_ids, settings)
 
     def _fit(self, prompt_ids: list, settings):
-        return prompt_ids, fit_to_context(settings, len(prompt_ids), self.limits)
+        settings = fit_to_context(settings, len(prompt_ids), self.limits)
+        if settings.response_format is not None:  # compiled here, off the event loop and the engine thread
+            settings = replace(settings, grammar=self.grammars.row_grammar(settings.response_format,
+                                                                           "gen_conf.response_format"))
+        return prompt_ids, settings
 
     @contextlib.contextmanager
     def _error_boundary(self, endpoint: str):
@@ -211,6 +224,7 @@ class TokenStreamingExecutor(Executor):
         if self.openai_server:
             self.openai_server.stop()
         self._call_preparer.shutdown(wait=False, cancel_futures=True)
+        self._grammar_compiler.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         super().close()
 

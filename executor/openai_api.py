@@ -36,10 +36,15 @@ IGNORED_PARAMETERS = {"user", "metadata", "store", "service_tier", "parallel_too
 # Accepted only at their "off" value: anything else would change the answer's meaning, so it is refused.
 OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
               "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-              "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+              "function_call": (None, "none", "auto"),
               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "modalities": (None, ["text"]),
               "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
 FINISH_REASONS = {"stop": "stop", "length": "length", "time_limit": "length"}
+# vLLM's guided decoding keys -> the response_format they stand for.
+GUIDED = {"guided_json": lambda schema: {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}},
+          "guided_regex": lambda pattern: {"type": "regex", "pattern": pattern},
+          "guided_choice": lambda choices: {"type": "choice", "choices": choices}}
+FORMAT_PARAMETERS = ("response_format", *GUIDED)
 
 
 class APIError(Exception):
@@ -66,7 +71,7 @@ def gen_conf_from(body: dict) -> tuple[dict, dict]:
             if value not in OFF_VALUES[name]:
                 raise APIError(400, f"{name}={json.dumps(value)[:200]} is not supported by this server; leave it "
                                "out", param=name, code="unsupported_parameter")
-        elif name not in SAMPLING_PARAMETERS and name not in IGNORED_PARAMETERS:
+        elif name not in SAMPLING_PARAMETERS and name not in IGNORED_PARAMETERS and name not in FORMAT_PARAMETERS:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
                            code="unrecognized_argument")
     if body.get("n") not in (None, 1):
@@ -78,10 +83,28 @@ def gen_conf_from(body: dict) -> tuple[dict, dict]:
     for name, key in SAMPLING_PARAMETERS.items():
         if body.get(name) is not None:
             gen_conf[key], names[key] = body[name], name
+    _response_format(body, gen_conf, names)
     temperature = body.get("temperature")
     if temperature is None or (isinstance(temperature, (int, float)) and temperature > 0):
         gen_conf["do_sample"] = True  # OpenAI samples unless temperature is 0 (its default is 1)
     return gen_conf, names
+
+
+def _response_format(body: dict, gen_conf: dict, names: dict) -> None:
+    """``response_format`` (validated by the Executor: gen_conf.response_format) or one of vLLM's guided_*."""
+    asked = [name for name in FORMAT_PARAMETERS if body.get(name) is not None]
+    if len(asked) > 1:
+        raise APIError(400, f"give one of {' or '.join(asked)}, not several", param=asked[1])
+    if not asked:
+        return
+    name, value = asked[0], body[asked[0]]
+    if name == "guided_json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise APIError(400, f"guided_json is not a JSON schema: {error}", param=name) from None
+    gen_conf["response_format"] = value if name == "response_format" else GUIDED[name](value)
+    names["response_format"] = name
 
 
 def text_of(content, field: str) -> str:
@@ -133,6 +156,9 @@ def openai_param(field: str | None, names: dict, messages_name: str) -> str | No
         return None
     if field.startswith("gen_conf."):
         key = field.split(".", 1)[1]
+        head, _, rest = key.partition(".")  # response_format.json_schema.schema
+        if head in names and rest:
+            return names[head] if names[head] != head else key
         return names.get(key, key)
     if field.startswith("message"):
         return messages_name + field[len("message"):] if messages_name == "messages" else messages_name

@@ -9,7 +9,7 @@ no processor for them), applied to the generated tokens only.
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -65,6 +65,8 @@ class SamplingSettings:
     seed: int | None = None
     stop: tuple = ()
     raw_prompt: bool = False  # the one message's content is the prompt itself, without the chat template
+    response_format: object = None  # grammar.ResponseFormat: the answer is constrained to it
+    grammar: object = field(default=None, compare=False)  # grammar.RowGrammar: this request's, once compiled
 
 
 # field -> (type, low, high, settings attribute). ``low``/``high`` are inclusive unless noted in
@@ -88,7 +90,7 @@ _NUMERIC_FIELDS = {
 }
 EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
 BOOLEAN_FIELDS = ("do_sample", "raw_prompt")
-ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop"]))
+ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop", "response_format"]))
 
 
 def _range_text(name, low, high) -> str:
@@ -150,6 +152,10 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
             values[name] = raw
         elif name == "stop":
             values["stop"] = _check_stop(raw)
+        elif name == "response_format":
+            from .grammar import parse_response_format  # (grammar.py raises this module's RequestError)
+
+            values["response_format"] = parse_response_format(raw, "gen_conf.response_format")
         else:
             kind, low, high, attribute = _NUMERIC_FIELDS[name]
             if attribute in ("max_new_tokens", "min_new_tokens"):

@@ -33,6 +33,8 @@ MUTANTS = [
     ("a shared block being computed is waited for", "executor/engine.py", "            if self._waits_for_a_shared_block(sequence, context, claimed):\n                continue\n", "", "tests/unit/test_prefix_caching.py -k once"),
     ("budget bounds the rows", "executor/kv_cache.py", "    rows = min(max_rows, budget // (columns * bytes_per_token))", "    rows = max_rows", "tests/unit/test_prefix_caching.py -k burst"),
     ("sliding windows through the mask (all layers kept)", "executor/engine.py", "        cache = DynamicCache()\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "        cache = DynamicCache(config=self.model.config)\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "tests/unit/test_architectures.py -k 'mistral or gemma'"),
+    ("response_format masks each step", "executor/engine.py", "                sequence.settings.grammar.mask(scores[row])\n", "                pass\n", "tests/unit/test_grammar.py"),
+    ("response_format nesting bound", "executor/grammar.py", "if deepest > MAX_NESTING:", "if False:", "tests/unit/test_grammar.py -k too_large"),
     ("stream cancellation on disconnect (OpenAI)", "executor/jina_compat.py", "                answer.cancel()\n", "", "tests/e2e/test_openai.py -k full_queue"),
 ]
 missed = 0

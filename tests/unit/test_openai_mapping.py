@@ -1,5 +1,7 @@
 """OpenAI request -> Prompt, and Executor error -> OpenAI error: the pure part of executor/openai_api.py."""
 
+import json
+
 import pytest
 
 from executor.openai_api import APIError, api_error_from_backend, chat_prompt, completion_prompts, gen_conf_from
@@ -20,7 +22,8 @@ def test_temperature_has_openai_meaning(temperature, samples):
 
 @pytest.mark.parametrize("body, param", [
     ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"frobnicate": 1}, "frobnicate"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"guided_json": "{not json"}, "guided_json"), ({"frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
 ])
 def test_unsupported_or_unknown_parameters_are_refused_by_name(body, param):
@@ -31,6 +34,22 @@ def test_unsupported_or_unknown_parameters_are_refused_by_name(body, param):
 
 def test_off_values_of_unsupported_parameters_are_accepted():
     gen_conf_from({"logprobs": False, "tools": [], "response_format": {"type": "text"}, "logit_bias": {}})
+
+
+def test_response_format_and_vllms_guided_keys_become_gen_conf_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert gen_conf_from({"response_format": fmt})[0]["response_format"] == fmt
+    gen_conf, names = gen_conf_from({"guided_json": json.dumps(schema)})
+    assert gen_conf["response_format"]["json_schema"]["schema"] == schema and names["response_format"] == "guided_json"
+    assert gen_conf_from({"guided_regex": "[0-9]+"})[0]["response_format"] == {"type": "regex", "pattern": "[0-9]+"}
+    assert gen_conf_from({"guided_choice": ["a", "b"]})[0]["response_format"] == {"type": "choice", "choices": ["a", "b"]}
+    # The Executor's error on the nested field, in the client's terms.
+    message = "gen_conf.response_format.pattern='(' is not allowed: cannot be compiled"
+    error = api_error_from_backend("RequestError", message, {"response_format": "guided_regex"}, "messages")
+    assert error.param == "guided_regex" and error.message.startswith("guided_regex=")
+    error = api_error_from_backend("RequestError", message, {"response_format": "response_format"}, "messages")
+    assert error.param == "response_format.pattern"
 
 
 def test_messages_with_text_parts_and_completion_prompts():

@@ -1,0 +1,117 @@
+"""Structured outputs through a real server: OpenAI's response_format (and vLLM's guided_* keys) with the
+official `openai` package, and gen_conf.response_format through the Jina Client on /chat and /stream. A random
+model writes gibberish unless constrained: every answer here parses and validates."""
+
+import ast
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+from docarray import DocList
+from pydantic import BaseModel, conint, constr
+
+from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_process, stream_doc
+from schemas import Prompt
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+          "required": ["name", "age"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+class Person(BaseModel):
+    name: constr(max_length=16)  # an unbounded string lets a random model write until max_tokens
+    age: conint(ge=0, le=130)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models):
+    grpc_port, openai_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(grpc_port),
+            "--openai-port", str(openai_port), "--max_batch_size", "8"]
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        yield {"grpc": grpc_port, "openai": openai_port, "model": str(tiny_models["chat"]),
+               "client": openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="none", max_retries=0)}
+
+
+def json_schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+def test_parse_with_a_pydantic_model(served):
+    completion = served["client"].chat.completions.parse(model=served["model"], messages=ASK, response_format=Person,
+                                                         max_tokens=120, seed=1)
+    assert isinstance(completion.choices[0].message.parsed, Person)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_schema_answers_sampled_with_seeds_validate_whole_and_streamed(served, seed):
+    client, fmt = served["client"], json_schema_format(PERSON)
+    whole = client.chat.completions.create(model=served["model"], messages=ASK, response_format=fmt, seed=seed,
+                                           max_tokens=120)
+    jsonschema.validate(json.loads(whole.choices[0].message.content), PERSON)
+    chunks = client.chat.completions.create(model=served["model"], messages=ASK, response_format=fmt, seed=seed,
+                                            max_tokens=120, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content, "the same seed, streamed or not"
+
+
+def test_json_object_and_vllms_guided_keys(served):
+    client = served["client"]
+    answer = client.chat.completions.create(model=served["model"], messages=ASK, max_tokens=150,
+                                            response_format={"type": "json_object"}, temperature=0)
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    regex = client.completions.create(model=served["model"], prompt="Code:", max_tokens=20, temperature=0,
+                                      extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", regex.choices[0].text), regex.choices[0].text
+    choice = client.chat.completions.create(model=served["model"], messages=ASK, max_tokens=20,
+                                            extra_body={"guided_choice": ["red", "green"]})
+    assert choice.choices[0].message.content in ("red", "green")
+
+
+def test_an_invalid_schema_is_a_400_naming_response_format(served):
+    with pytest.raises(openai.BadRequestError) as raised:
+        served["client"].chat.completions.create(model=served["model"], messages=ASK, max_tokens=10,
+                                                 response_format=json_schema_format({"type": "object",
+                                                                                     "properties": 7}))
+    assert raised.value.body["param"].startswith("response_format"), raised.value.body
+    with pytest.raises(openai.BadRequestError) as raised:
+        served["client"].chat.completions.create(model=served["model"], messages=ASK, max_tokens=10,
+                                                 extra_body={"guided_regex": "(unclosed"})
+    assert raised.value.body["param"] == "guided_regex", raised.value.body
+
+
+def test_jina_gen_conf_response_format_on_chat_and_stream(served):
+    prompts = DocList[Prompt]([
+        Prompt(message=ASK, gen_conf={"response_format": {"type": "regex", "pattern": "[0-9]{4}"}, "max_new_tokens": 10}),
+        Prompt(message=ASK, gen_conf={"response_format": {"type": "choice", "choices": ["up", "down"]},
+                                      "max_new_tokens": 10, "do_sample": True, "seed": 4}),
+        Prompt(message=ASK, gen_conf={"max_new_tokens": 10}),  # free text beside them
+    ])
+    answers = run(post_chat(served["grpc"], prompts))
+    assert re.fullmatch("[0-9]{4}", answers[0].text) and answers[1].text in ("up", "down")
+    assert answers[0].finish_reason == answers[1].finish_reason == "stop"
+    pieces = run(stream_doc(served["grpc"], Prompt(message=ASK, gen_conf={
+        "response_format": json_schema_format(PERSON), "max_new_tokens": 120})))
+    jsonschema.validate(json.loads("".join(p.text for p in pieces)), PERSON)
+    with pytest.raises(Exception, match="gen_conf.response_format"):
+        run(post_chat(served["grpc"], DocList[Prompt]([Prompt(message=ASK, gen_conf={"response_format": "json"})])))
+
+
+def test_the_readme_examples_run_as_written(served, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Structured outputs"):readme.index("## Many users at once")]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(examples) == 2
+    for code in examples:
+        code = (code.replace("localhost:12345", f"127.0.0.1:{served['grpc']}")
+                .replace("localhost:8000", f"127.0.0.1:{served['openai']}").replace('model="demo"', f"model={served['model']!r}"))
+        exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    texts = ast.literal_eval(printed[0])
+    assert isinstance(json.loads(texts[0]), dict) and texts[1] in ("yes", "no") and re.fullmatch("[0-9]{4}", texts[2])
+    assert "name=" in printed[1] and "age=" in printed[1]
