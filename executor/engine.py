@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -60,6 +60,17 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # With settings.logprobs: one TokenLogprob per token since the previous event (not EOS).
+    logprobs: list | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the scores it was chosen from, and the most likely ones."""
+
+    token_id: int
+    logprob: float
+    top: list  # [(token_id, logprob)], most likely first, settings.top_logprobs of them
 
 
 class EngineError(RuntimeError):
@@ -95,6 +106,8 @@ class _Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    chosen_logprob: TokenLogprob | None = None  # of the token being accepted
+    pending_logprobs: list = field(default_factory=list)  # accepted since the last event
 
     @property
     def max_new_tokens(self) -> int:
@@ -208,6 +221,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         pieces = [[] for _ in requests]
+        logprobs = [[] for _ in requests]
         finals = [None] * len(requests)
         remaining = [len(requests)]
 
@@ -221,8 +235,10 @@ class Engine:
                     loop.call_soon_threadsafe(settle, event)
                     return
                 pieces[index].append(event.text)
+                if event.logprobs:
+                    logprobs[index].extend(event.logprobs)
                 if event.finish_reason:
-                    finals[index] = event
+                    finals[index] = replace(event, logprobs=logprobs[index]) if event.logprobs is not None else event
                     remaining[0] -= 1
                     if remaining[0] == 0:
                         loop.call_soon_threadsafe(settle)
@@ -635,7 +651,11 @@ class Engine:
             if sequence.do_sample:
                 probs = torch.softmax(scores[row], dim=-1)
                 chosen[row] = torch.multinomial(probs, 1, generator=sequence.generator)[0]
-        return chosen.tolist()
+        tokens = chosen.tolist()
+        for row, sequence in enumerate(sequences):
+            if sequence.settings.logprobs:
+                sequence.chosen_logprob = _logprob_of(scores[row], tokens[row], sequence.settings.top_logprobs)
+        return tokens
 
     # ---- per-token bookkeeping --------------------------------------------------------------------
     def _accept_token(self, sequence: _Sequence, token: int) -> bool:
@@ -651,6 +671,8 @@ class Engine:
                 self._finish_with_error(sequence, EngineError(f"response_format: {error}"))
                 return False
         sequence.generated.append(token)
+        if sequence.chosen_logprob is not None:
+            sequence.pending_logprobs.append(sequence.chosen_logprob)
         self._timestamp(sequence)
         if sequence.ids_buffer is not None:
             sequence.ids_buffer[0, len(sequence.prompt_ids) + len(sequence.generated) - 1] = token
@@ -663,8 +685,15 @@ class Engine:
             return False
         if text:
             self._emit(sequence, TokenEvent(text, None, len(sequence.prompt_ids), len(sequence.generated),
-                                            sequence.cached_tokens))
+                                            sequence.cached_tokens, self._take_logprobs(sequence)))
         return True
+
+    @staticmethod
+    def _take_logprobs(sequence: _Sequence):
+        if not sequence.settings.logprobs:
+            return None
+        taken, sequence.pending_logprobs = sequence.pending_logprobs, []
+        return taken
 
     def _timestamp(self, sequence: _Sequence) -> None:
         now = time.monotonic()
@@ -681,7 +710,7 @@ class Engine:
         text += sequence.detok.flush()
         self._log_outcome(sequence, reason)
         self._emit(sequence, TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated),
-                                        sequence.cached_tokens))
+                                        sequence.cached_tokens, self._take_logprobs(sequence)))
 
     def _finish_with_error(self, sequence: _Sequence, error: BaseException) -> None:
         self._log_outcome(sequence, f"error:{type(error).__name__}")
@@ -731,6 +760,14 @@ class Engine:
         for sequence in pending:
             if not sequence.finished:
                 self._finish_with_error(sequence, error)
+
+
+def _logprob_of(scores: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-softmax of the scores the token was chosen from (after the row's mask and processors)."""
+    logprobs = torch.log_softmax(scores, dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(token, float(logprobs[token]),
+                        list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
 
 
 def _model_context(model) -> int:

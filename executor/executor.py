@@ -167,7 +167,7 @@ class TokenStreamingExecutor(Executor):
             prepared = await asyncio.get_running_loop().run_in_executor(
                 self._call_preparer, lambda: [self._prepare(doc) for doc in docs])
             answers = await self.engine.complete(prepared, label=endpoint)
-        return [_generation(text, last) for text, last in answers]
+        return [_generation(text, last, self.tokenizer) for text, last in answers]
 
     async def pieces(self, doc: Prompt, endpoint: str):
         """One Generation per new piece of text; closing the iterator cancels the generation."""
@@ -179,7 +179,7 @@ class TokenStreamingExecutor(Executor):
                 prompt_ids, settings = self._prepare(doc)
             async for event in self.engine.stream(prompt_ids, settings, label=endpoint):
                 if event.text or event.finish_reason:
-                    yield _generation(event.text, event)
+                    yield _generation(event.text, event, self.tokenizer)
 
     def _prepare(self, doc: Prompt):
         """Validate and tokenize one prompt; raises RequestError naming the field."""
@@ -229,6 +229,17 @@ class TokenStreamingExecutor(Executor):
         super().close()
 
 
-def _generation(text: str, event) -> Generation:
+def _generation(text: str, event, tokenizer) -> Generation:
     return Generation(text=text, finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
-                      completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens)
+                      completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens,
+                      logprobs=None if event.logprobs is None else [_logprob_entry(e, tokenizer) for e in event.logprobs])
+
+
+def _logprob_entry(logprob, tokenizer) -> dict:
+    """OpenAI's shape of one token's log-probability (token text as the tokenizer decodes it alone)."""
+    def token(token_id, value):
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {**token(logprob.token_id, logprob.logprob),
+            "top_logprobs": [token(token_id, value) for token_id, value in logprob.top]}

@@ -34,7 +34,7 @@ SAMPLING_PARAMETERS = {"max_tokens": "max_new_tokens", "max_completion_tokens": 
 IGNORED_PARAMETERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
                       "stream", "n", "model", "messages", "prompt"}
 # Accepted only at their "off" value: anything else would change the answer's meaning, so it is refused.
-OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+OFF_VALUES = {"logit_bias": (None, {}),
               "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
               "function_call": (None, "none", "auto"),
               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "modalities": (None, ["text"]),
@@ -64,9 +64,11 @@ class Settings:
 
 
 # ---- requests -> Prompt ----------------------------------------------------------------------------------
-def gen_conf_from(body: dict) -> tuple[dict, dict]:
+def gen_conf_from(body: dict, kind: str = "chat") -> tuple[dict, dict]:
     """(gen_conf, gen_conf key -> the OpenAI name the client used) from an OpenAI request body."""
     for name, value in body.items():
+        if name in ("logprobs", "top_logprobs"):
+            continue
         if name in OFF_VALUES:
             if value not in OFF_VALUES[name]:
                 raise APIError(400, f"{name}={json.dumps(value)[:200]} is not supported by this server; leave it "
@@ -84,10 +86,29 @@ def gen_conf_from(body: dict) -> tuple[dict, dict]:
         if body.get(name) is not None:
             gen_conf[key], names[key] = body[name], name
     _response_format(body, gen_conf, names)
+    _logprobs(body, kind, gen_conf, names)
     temperature = body.get("temperature")
     if temperature is None or (isinstance(temperature, (int, float)) and temperature > 0):
         gen_conf["do_sample"] = True  # OpenAI samples unless temperature is 0 (its default is 1)
     return gen_conf, names
+
+
+def _logprobs(body: dict, kind: str, gen_conf: dict, names: dict) -> None:
+    """Chat: ``logprobs: true`` and ``top_logprobs: N``; completions: ``logprobs: N`` (both ranges checked by
+    the Executor as gen_conf.logprobs / gen_conf.top_logprobs)."""
+    asked, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "chat":
+        if asked not in (None, False):
+            gen_conf["logprobs"], names["logprobs"] = asked, "logprobs"
+        if top is not None:
+            gen_conf["top_logprobs"], names["top_logprobs"] = top, "top_logprobs"
+        return
+    if top is not None:
+        raise APIError(400, "top_logprobs is a chat completions parameter; completions take logprobs: N",
+                       param="top_logprobs")
+    if asked is not None:  # OpenAI: an integer, the number of most likely tokens to list
+        gen_conf["logprobs"] = True
+        gen_conf["top_logprobs"], names["top_logprobs"] = asked, "logprobs"
 
 
 def _response_format(body: dict, gen_conf: dict, names: dict) -> None:
@@ -129,7 +150,7 @@ def chat_prompt(body: dict) -> tuple[Prompt, dict]:
                            param=f"messages[{index}]")
         converted.append({"role": message.get("role"),
                           "content": text_of(message.get("content"), f"messages[{index}].content")})
-    gen_conf, names = gen_conf_from(body)
+    gen_conf, names = gen_conf_from(body, "chat")
     return Prompt(message=converted, gen_conf=gen_conf), names
 
 
@@ -140,7 +161,7 @@ def completion_prompts(body: dict) -> tuple[list[Prompt], dict]:
     if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
         raise APIError(400, "prompt must be a non-empty string or a list of non-empty strings (token lists are "
                        "not supported)", param="prompt")
-    gen_conf, names = gen_conf_from(body)
+    gen_conf, names = gen_conf_from(body, "completion")
     return [Prompt(message=[{"role": "user", "content": text}], gen_conf={**gen_conf, "raw_prompt": True})
             for text in texts], names
 
@@ -330,7 +351,8 @@ async def complete(settings: Settings, backend: ExecutorBackend, request, kind: 
     if not body.get("stream"):
         answers = await backend.answers(prompts, names, shape.messages_name, request.url.path)
         return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers),
-                             "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False)
+                             "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False,
+                                                      logprobs=answer.logprobs)
                                          for index, answer in enumerate(answers)]})
     pieces = backend.streams(prompts, names, shape.messages_name, request.url.path)
     first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
@@ -353,15 +375,32 @@ class Shape:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.kind == "chat" else ""),
                 "created": self.created, "model": self.model_id}
 
-    def choice(self, index: int, text: str | None, finish_reason, chunk: bool) -> dict:
+    def choice(self, index: int, text: str | None, finish_reason, chunk: bool, logprobs=None, offset: int = 0) -> dict:
+        """``logprobs``: the Generation's entries (None when not asked); ``offset``: where ``text`` starts in
+        the answer (completions' text_offset)."""
         reason = FINISH_REASONS.get(finish_reason, finish_reason)
         if self.kind == "completion":
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
-        if chunk:
-            return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
+            return {"index": index, "text": text or "", "logprobs": _completion_logprobs(logprobs, offset),
                     "finish_reason": reason}
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        shown = None if logprobs is None else {"content": logprobs, "refusal": None}
+        if chunk:
+            return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": shown,
+                    "finish_reason": reason}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": shown,
                 "finish_reason": reason}
+
+
+def _completion_logprobs(entries, offset: int):
+    """The legacy completions shape: parallel lists, top_logprobs as {token: logprob}."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def _usage(lasts) -> dict:
@@ -378,14 +417,15 @@ async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
         payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    lasts = [None] * count
+    lasts, offsets = [None] * count, [0] * count
     if shape.kind == "chat":
         yield event([shape.choice(0, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
     try:
         async for index, piece in prepend(first, pieces):
             lasts[index] = piece
             if piece.text:
-                yield event([shape.choice(index, piece.text, None, True)])
+                yield event([shape.choice(index, piece.text, None, True, piece.logprobs, offsets[index])])
+                offsets[index] += len(piece.text)
             if piece.finish_reason:
                 yield event([shape.choice(index, None if shape.kind == "chat" else "", piece.finish_reason, True)])
     except APIError as error:  # after the first piece: report it in the stream, then end it

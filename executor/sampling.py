@@ -65,6 +65,8 @@ class SamplingSettings:
     seed: int | None = None
     stop: tuple = ()
     raw_prompt: bool = False  # the one message's content is the prompt itself, without the chat template
+    logprobs: bool = False  # report each token's log-probability
+    top_logprobs: int = 0  # and this many most likely tokens at each step
     response_format: object = None  # grammar.ResponseFormat: the answer is constrained to it
     grammar: object = field(default=None, compare=False)  # grammar.RowGrammar: this request's, once compiled
 
@@ -85,11 +87,12 @@ _NUMERIC_FIELDS = {
     "presence_penalty": (float, -2.0, 2.0, "presence_penalty"),
     "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
     "seed": (int, 0, 2**63 - 1, "seed"),
+    "top_logprobs": (int, 0, 20, "top_logprobs"),
     "num_beams": (int, 1, 1, None),
     "num_return_sequences": (int, 1, 1, None),
 }
 EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
-BOOLEAN_FIELDS = ("do_sample", "raw_prompt")
+BOOLEAN_FIELDS = ("do_sample", "raw_prompt", "logprobs")
 ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop", "response_format"]))
 
 
@@ -164,6 +167,8 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
             if attribute:
                 values[attribute] = checked
     settings = SamplingSettings(**values)
+    if settings.top_logprobs and not settings.logprobs:
+        raise RequestError("gen_conf.top_logprobs", settings.top_logprobs, "needs gen_conf.logprobs: true")
     if settings.max_new_tokens is not None and settings.min_new_tokens > settings.max_new_tokens:
         raise RequestError("gen_conf.min_new_tokens", settings.min_new_tokens,
                            f"must not exceed max_new_tokens ({settings.max_new_tokens})")

@@ -22,3 +22,5 @@ class Generation(BaseDoc):
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     cached_tokens: Optional[int] = None
+    # With gen_conf.logprobs: per token of this text, {"token", "logprob", "bytes", "top_logprobs": [...]}.
+    logprobs: Optional[list[dict]] = None

@@ -1,6 +1,7 @@
-"""Structured outputs through a real server: OpenAI's response_format (and vLLM's guided_* keys) with the
-official `openai` package, and gen_conf.response_format through the Jina Client on /chat and /stream. A random
-model writes gibberish unless constrained: every answer here parses and validates."""
+"""Structured outputs and log-probabilities through a real server: OpenAI's response_format (and vLLM's
+guided_* keys) and logprobs with the official `openai` package, gen_conf.response_format and gen_conf.logprobs
+through the Jina Client on /chat and /stream. A random model writes gibberish unless constrained: every
+answer here parses and validates."""
 
 import ast
 import json
@@ -9,7 +10,7 @@ import re
 import jsonschema
 import openai
 import pytest
-from docarray import DocList
+from docarray import BaseDoc, DocList
 from pydantic import BaseModel, conint, constr
 
 from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_process, stream_doc
@@ -115,3 +116,42 @@ def test_the_readme_examples_run_as_written(served, capsys):
     texts = ast.literal_eval(printed[0])
     assert isinstance(json.loads(texts[0]), dict) and texts[1] in ("yes", "no") and re.fullmatch("[0-9]{4}", texts[2])
     assert "name=" in printed[1] and "age=" in printed[1]
+
+
+def test_chat_logprobs_whole_streamed_and_through_jina_agree(served):
+    client = served["client"]
+    asked = dict(model=served["model"], messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                 extra_body={"min_tokens": 8})
+    whole = client.chat.completions.create(**asked).choices[0].logprobs.content
+    assert len(whole) == 8
+    for entry in whole:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+        assert (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob) == (entry.token, entry.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    streamed = [e for chunk in client.chat.completions.create(**asked, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+    gen_conf = {"max_new_tokens": 8, "min_new_tokens": 8, "logprobs": True, "top_logprobs": 2}
+    [jina] = run(post_chat(served["grpc"], DocList[Prompt]([Prompt(message=ASK, gen_conf=gen_conf)])))
+    assert [(e["token"], round(e["logprob"], 5)) for e in jina.logprobs] == [(e.token, round(e.logprob, 5)) for e in whole]
+
+    class TextOnly(BaseDoc):
+        text: str = ""
+
+    [plain] = run(post_chat(served["grpc"], DocList[Prompt]([Prompt(message=ASK, gen_conf=gen_conf)]),
+                            generation_cls=TextOnly))
+    assert plain.text == jina.text, "a client that declares only text keeps working"
+
+
+def test_completions_logprobs_in_the_legacy_shape(served):
+    answer = served["client"].completions.create(model=served["model"], prompt="Once upon", max_tokens=5,
+                                                 temperature=0, logprobs=3, extra_body={"min_tokens": 5})
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
+    assert all(len(top) <= 3 and max(top.values()) == chosen
+               for top, chosen in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+    with pytest.raises(openai.BadRequestError) as raised:
+        served["client"].chat.completions.create(model=served["model"], messages=ASK, max_tokens=4, logprobs=True,
+                                                 top_logprobs=21)
+    assert raised.value.body["param"] == "top_logprobs"

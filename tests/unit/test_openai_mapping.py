@@ -21,7 +21,7 @@ def test_temperature_has_openai_meaning(temperature, samples):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"n": 3}, "n"), ({"echo": True}, "echo"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"), ({"frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
@@ -50,6 +50,16 @@ def test_response_format_and_vllms_guided_keys_become_gen_conf_response_format()
     assert error.param == "guided_regex" and error.message.startswith("guided_regex=")
     error = api_error_from_backend("RequestError", message, {"response_format": "response_format"}, "messages")
     assert error.param == "response_format.pattern"
+
+
+def test_logprobs_of_chat_and_of_completions():
+    assert gen_conf_from({"logprobs": True, "top_logprobs": 3})[0].items() >= {"logprobs": True, "top_logprobs": 3}.items()
+    assert "logprobs" not in gen_conf_from({"logprobs": False})[0]
+    gen_conf, names = gen_conf_from({"logprobs": 2}, "completion")
+    assert gen_conf["logprobs"] is True and gen_conf["top_logprobs"] == 2 and names["top_logprobs"] == "logprobs"
+    with pytest.raises(APIError) as raised:
+        gen_conf_from({"top_logprobs": 2}, "completion")
+    assert raised.value.param == "top_logprobs"
 
 
 def test_messages_with_text_parts_and_completion_prompts():
