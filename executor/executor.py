@@ -172,7 +172,7 @@ class TokenStreamingExecutor(Executor):
     async def pieces(self, doc: Prompt, endpoint: str):
         """One Generation per new piece of text; closing the iterator cancels the generation."""
         with self._error_boundary(endpoint):
-            if doc.gen_conf and "response_format" in doc.gen_conf:  # compiling a grammar takes a while
+            if doc.gen_conf and {"response_format", "tool_choice"} & set(doc.gen_conf):  # grammars take a while
                 prompt_ids, settings = await asyncio.get_running_loop().run_in_executor(
                     self._grammar_compiler, self._prepare, doc)
             else:
@@ -193,7 +193,7 @@ class TokenStreamingExecutor(Executor):
                                    "gen_conf.raw_prompt is true: its content is the prompt, sent without the chat template")
             return self._fit(encode_raw_prompt(self.tokenizer, messages[0]["content"]), settings)
         try:
-            prompt_ids = encode_prompt(self.tokenizer, messages, max_chars=self.max_rendered_chars)
+            prompt_ids = encode_prompt(self.tokenizer, messages, max_chars=self.max_rendered_chars, tools=settings.tools)
         except PromptTooLong as error:
             raise RequestError("message", f"<{len(messages)} messages>", str(error)) from None
         except Exception as error:  # noqa: BLE001 - a template that refuses these messages (e.g. role order)

@@ -125,6 +125,8 @@ class Grammars:
                 grammar = matcher_class.grammar_from_json_schema(response_format.spec, defaults=JSON_OPTIONS)
             elif response_format.kind == "regex":
                 grammar = matcher_class.grammar_from_regex(response_format.spec)
+            elif response_format.kind == "lark":  # built by the server (tool calls), never sent by a client
+                grammar = matcher_class.grammar_from_lark(response_format.spec)
             else:
                 choices = json.loads(response_format.spec)
                 grammar = matcher_class.grammar_from_lark(

@@ -109,20 +109,30 @@ def context_length(model, tokenizer) -> int | None:
     return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
-def render_prompt(tokenizer, messages: list) -> str:
-    """The chat template, or the fallback when the tokenizer has none."""
+def render_prompt(tokenizer, messages: list, tools=None) -> str:
+    """The chat template, or the fallback when the tokenizer has none. ``tools`` (tools.Tools) go through the
+    template when it knows tools, else into the messages (executor/tools.py)."""
+    from .tools import for_template, plain_messages, template_knows_tools
+
     template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    extra = {}
+    if template_knows_tools(template):
+        messages = for_template(messages)
+        if tools is not None:
+            extra["tools"] = tools.for_template
+    else:
+        messages = plain_messages(messages, tools)
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                         tokenize=False)
+                                         tokenize=False, **extra)
 
 
 class PromptTooLong(ValueError):
     """The chat template's output is larger than the server allows."""
 
 
-def encode_prompt(tokenizer, messages: list, max_chars: int | None = None) -> list:
+def encode_prompt(tokenizer, messages: list, max_chars: int | None = None, tools=None) -> list:
     """Token ids of the rendered chat; ``max_chars`` bounds what the template may produce."""
-    text = render_prompt(tokenizer, messages)
+    text = render_prompt(tokenizer, messages, tools)
     if max_chars is not None and len(text) > max_chars:
         raise PromptTooLong(f"the chat template produced {len(text)} characters; at most {max_chars} are allowed")
     # The template already holds any BOS it wants, as in apply_chat_template(tokenize=True).

@@ -29,13 +29,13 @@ log = logging.getLogger("jina_llm_stream.openai")
 SAMPLING_PARAMETERS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                        "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
-                       "min_tokens": "min_new_tokens"}  # min_tokens: vLLM's extension
+                       "min_tokens": "min_new_tokens",  # min_tokens: vLLM's extension
+                       "tools": "tools", "tool_choice": "tool_choice"}
 # Accepted and without effect here.
 IGNORED_PARAMETERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
                       "stream", "n", "model", "messages", "prompt"}
 # Accepted only at their "off" value: anything else would change the answer's meaning, so it is refused.
-OFF_VALUES = {"logit_bias": (None, {}),
-              "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+OFF_VALUES = {"logit_bias": (None, {}), "functions": (None, []),
               "function_call": (None, "none", "auto"),
               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "modalities": (None, ["text"]),
               "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
@@ -45,6 +45,7 @@ GUIDED = {"guided_json": lambda schema: {"type": "json_schema", "json_schema": {
           "guided_regex": lambda pattern: {"type": "regex", "pattern": pattern},
           "guided_choice": lambda choices: {"type": "choice", "choices": choices}}
 FORMAT_PARAMETERS = ("response_format", *GUIDED)
+MAX_CHOICES = 8  # n: answers per prompt
 
 
 class APIError(Exception):
@@ -76,9 +77,7 @@ def gen_conf_from(body: dict, kind: str = "chat") -> tuple[dict, dict]:
         elif name not in SAMPLING_PARAMETERS and name not in IGNORED_PARAMETERS and name not in FORMAT_PARAMETERS:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
                            code="unrecognized_argument")
-    if body.get("n") not in (None, 1):
-        raise APIError(400, f"n={json.dumps(body['n'])[:50]} is not supported: this server returns one choice "
-                       "per request (n=1)", param="n", code="unsupported_parameter")
+    choices_per_prompt(body)
     if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     gen_conf, names = {}, {}
@@ -93,10 +92,36 @@ def gen_conf_from(body: dict, kind: str = "chat") -> tuple[dict, dict]:
     return gen_conf, names
 
 
+def choices_per_prompt(body: dict) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n={json.dumps(n)[:50]} is not allowed: 1 <= n <= {MAX_CHOICES}", param="n",
+                       code="invalid_value")
+    return n
+
+
+def with_n_choices(prompts: list, n: int) -> list:
+    """Each prompt ``n`` times in a row (choice index = prompt index x n + j), all queued as one call; with a
+    seed, choice j samples with seed + j (n different answers, each reproducible). The copies share their
+    prompt's prefill through the prefix cache (from 64 tokens on; a shorter prompt is recomputed)."""
+    copies = []
+    for prompt in prompts:
+        for j in range(n):
+            gen_conf = dict(prompt.gen_conf)
+            if j and isinstance(gen_conf.get("seed"), int):
+                gen_conf["seed"] += j
+            copies.append(Prompt(message=prompt.message, gen_conf=gen_conf))
+    return copies
+
+
 def _logprobs(body: dict, kind: str, gen_conf: dict, names: dict) -> None:
     """Chat: ``logprobs: true`` and ``top_logprobs: N``; completions: ``logprobs: N`` (both ranges checked by
     the Executor as gen_conf.logprobs / gen_conf.top_logprobs)."""
     asked, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "completion" and body.get("tools"):
+        raise APIError(400, "tools are a chat completions parameter (/v1/chat/completions)", param="tools")
     if kind == "chat":
         if asked not in (None, False):
             gen_conf["logprobs"], names["logprobs"] = asked, "logprobs"
@@ -148,8 +173,12 @@ def chat_prompt(body: dict) -> tuple[Prompt, dict]:
         if not isinstance(message, dict):
             raise APIError(400, f"messages[{index}] must be an object with role and content",
                            param=f"messages[{index}]")
-        converted.append({"role": message.get("role"),
-                          "content": text_of(message.get("content"), f"messages[{index}].content")})
+        content = message.get("content")
+        if not (content is None and message.get("tool_calls")):  # an assistant's calls may come without text
+            content = text_of(content, f"messages[{index}].content")
+        # The tool fields of OpenAI's history: validated by the Executor with the rest of the message.
+        converted.append({"role": message.get("role"), "content": content,
+                          **{key: message[key] for key in ("tool_calls", "tool_call_id", "name") if key in message}})
     gen_conf, names = gen_conf_from(body, "chat")
     return Prompt(message=converted, gen_conf=gen_conf), names
 
@@ -347,25 +376,44 @@ async def complete(settings: Settings, backend: ExecutorBackend, request, kind: 
     authorize(settings, request)
     body = await read_body(settings, request)
     prompts, names = build_prompts(body)
-    shape = Shape(kind, settings.model_id)
-    if not body.get("stream"):
+    prompts = with_n_choices(prompts, choices_per_prompt(body))
+    shape = Shape(kind, settings.model_id, tools_of(body, shape_kind=kind))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if not body.get("stream") or shape.calls_tools:  # calls are found in whole answers
         answers = await backend.answers(prompts, names, shape.messages_name, request.url.path)
+        if body.get("stream"):
+            return StreamingResponse(_sse_of_whole(shape, answers, include_usage), media_type="text/event-stream")
         return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers),
                              "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False,
                                                       logprobs=answer.logprobs)
                                          for index, answer in enumerate(answers)]})
     pieces = backend.streams(prompts, names, shape.messages_name, request.url.path)
     first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(_sse(shape, len(prompts), first, pieces, include_usage), media_type="text/event-stream")
 
 
 # ---- responses --------------------------------------------------------------------------------------------
+def tools_of(body: dict, shape_kind: str):
+    """The request's tools (tools.Tools) when answers may hold calls to find, else None."""
+    from .sampling import RequestError
+    from .tools import parse_tools
+
+    if shape_kind != "chat" or not body.get("tools"):
+        return None
+    try:
+        tools = parse_tools(body.get("tools"), body.get("tool_choice"), field="gen_conf")
+    except RequestError as error:
+        raise api_error_from_backend("RequestError", str(error), {"tools": "tools", "tool_choice": "tool_choice"},
+                                     "messages") from None
+    return tools if tools is not None and tools.choice != "none" else None
+
+
 class Shape:
     """The JSON of chat completions and of (text) completions."""
 
-    def __init__(self, kind: str, model_id: str):
-        self.kind, self.model_id = kind, model_id
+    def __init__(self, kind: str, model_id: str, tools=None):
+        self.kind, self.model_id, self.tools = kind, model_id, tools
+        self.calls_tools = tools is not None
         self.messages_name = "messages" if kind == "chat" else "prompt"
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -383,6 +431,13 @@ class Shape:
             return {"index": index, "text": text or "", "logprobs": _completion_logprobs(logprobs, offset),
                     "finish_reason": reason}
         shown = None if logprobs is None else {"content": logprobs, "refusal": None}
+        if self.calls_tools and not chunk:
+            from .tools import parse_tool_calls
+
+            content, calls = parse_tool_calls(text or "", self.tools)
+            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            return {"index": index, "message": message, "logprobs": shown,
+                    "finish_reason": "tool_calls" if calls else reason}
         if chunk:
             return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": shown,
                     "finish_reason": reason}
@@ -412,6 +467,27 @@ def _usage(lasts) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+async def _sse_of_whole(shape: Shape, answers: list, include_usage: bool):
+    """A stream of answers that may call tools: their calls are found once each answer is complete, then
+    sent as one tool-call delta per call (OpenAI's chunk shapes)."""
+    def event(choices: list, **extra) -> str:
+        payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    for index, answer in enumerate(answers):
+        whole = shape.choice(index, answer.text, answer.finish_reason, chunk=False, logprobs=answer.logprobs)
+        message = whole["message"]
+        yield event([shape.choice(index, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
+        if message["content"]:
+            yield event([shape.choice(index, message["content"], None, True, answer.logprobs)])
+        for position, call in enumerate(message.get("tool_calls", [])):
+            yield event([shape.choice(index, None, None, True) | {"delta": {"tool_calls": [{"index": position, **call}]}}])
+        yield event([shape.choice(index, None, None, True) | {"finish_reason": whole["finish_reason"]}])
+    if include_usage:
+        yield event([], usage=_usage(answers))
+    yield "data: [DONE]\n\n"
+
+
 async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
     def event(choices: list, **extra) -> str:
         payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
@@ -419,7 +495,8 @@ async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
 
     lasts, offsets = [None] * count, [0] * count
     if shape.kind == "chat":
-        yield event([shape.choice(0, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
+        for index in range(count):
+            yield event([shape.choice(index, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
     try:
         async for index, piece in prepend(first, pieces):
             lasts[index] = piece

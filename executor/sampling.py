@@ -67,6 +67,7 @@ class SamplingSettings:
     raw_prompt: bool = False  # the one message's content is the prompt itself, without the chat template
     logprobs: bool = False  # report each token's log-probability
     top_logprobs: int = 0  # and this many most likely tokens at each step
+    tools: object = None  # tools.Tools: functions the model may call (rendered by the chat template)
     response_format: object = None  # grammar.ResponseFormat: the answer is constrained to it
     grammar: object = field(default=None, compare=False)  # grammar.RowGrammar: this request's, once compiled
 
@@ -93,7 +94,8 @@ _NUMERIC_FIELDS = {
 }
 EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
 BOOLEAN_FIELDS = ("do_sample", "raw_prompt", "logprobs")
-ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop", "response_format"]))
+ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop", "response_format", "tools",
+                                      "tool_choice"]))
 
 
 def _range_text(name, low, high) -> str:
@@ -159,6 +161,8 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
             from .grammar import parse_response_format  # (grammar.py raises this module's RequestError)
 
             values["response_format"] = parse_response_format(raw, "gen_conf.response_format")
+        elif name in ("tools", "tool_choice"):
+            continue  # together, below
         else:
             kind, low, high, attribute = _NUMERIC_FIELDS[name]
             if attribute in ("max_new_tokens", "min_new_tokens"):
@@ -166,6 +170,8 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
             checked = _check_number(name, raw, kind, low, high)
             if attribute:
                 values[attribute] = checked
+    if "tools" in gen_conf or "tool_choice" in gen_conf:
+        _tools_into(values, gen_conf.get("tools"), gen_conf.get("tool_choice"))
     settings = SamplingSettings(**values)
     if settings.top_logprobs and not settings.logprobs:
         raise RequestError("gen_conf.top_logprobs", settings.top_logprobs, "needs gen_conf.logprobs: true")
@@ -173,6 +179,20 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
         raise RequestError("gen_conf.min_new_tokens", settings.min_new_tokens,
                            f"must not exceed max_new_tokens ({settings.max_new_tokens})")
     return settings
+
+
+def _tools_into(values: dict, tools, tool_choice) -> None:
+    """``tools`` for the template; with tool_choice required or named, the answer is constrained to a call."""
+    from .grammar import ResponseFormat
+    from .tools import call_grammar, parse_tools
+
+    parsed = parse_tools(tools, tool_choice)
+    values["tools"] = parsed
+    if parsed is not None and parsed.constrained:
+        if values.get("response_format") is not None:
+            raise RequestError("gen_conf.tool_choice", tool_choice, "not together with response_format: a forced "
+                               "tool call has its own format")
+        values["response_format"] = ResponseFormat("lark", call_grammar(parsed))
 
 
 def fit_to_context(settings: SamplingSettings, prompt_tokens: int, limits: Limits) -> SamplingSettings:
@@ -209,18 +229,46 @@ def validate_messages(message, limits: Limits) -> list:
     total_chars = 0
     for index, item in enumerate(message):
         field = f"message[{index}]"
-        if not isinstance(item, dict) or set(item) != {"role", "content"}:
-            raise RequestError(field, item, 'an object with exactly the keys "role" and "content"')
+        extra = MESSAGE_TOOL_KEYS.get(item.get("role"), set()) if isinstance(item, dict) else set()
+        if not isinstance(item, dict) or not {"role", "content"} <= set(item) <= {"role", "content"} | extra:
+            raise RequestError(field, item, 'an object with the keys "role" and "content" (assistant: also '
+                               '"tool_calls"; tool: also "tool_call_id" and "name")')
         role, content = item["role"], item["content"]
         if role not in ALLOWED_ROLES:
             raise RequestError(f"{field}.role", role, f"one of {', '.join(ALLOWED_ROLES)}")
-        if not isinstance(content, str):
-            raise RequestError(f"{field}.content", content, "a string")
-        total_chars += len(content)
+        if not isinstance(content, str) and not (content is None and item.get("tool_calls")):
+            raise RequestError(f"{field}.content", content, "a string (null only beside tool_calls)")
+        total_chars += len(content or "") + _check_tool_fields(item, field)
         if total_chars > limits.max_prompt_chars:
             raise RequestError("message", f"<more than {limits.max_prompt_chars} characters>",
                                f"at most {limits.max_prompt_chars} characters of content in all")
-    return [{"role": item["role"], "content": item["content"]} for item in message]
+    return [{**item, "content": item["content"] or ""} for item in message]
+
+
+MESSAGE_TOOL_KEYS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}
+
+
+def _check_tool_fields(item: dict, field: str) -> int:
+    """Characters of the tool fields (counted with the content); RequestError when malformed."""
+    size = 0
+    for key in ("tool_call_id", "name"):
+        if key in item:
+            if not isinstance(item[key], str) or len(item[key]) > 256:
+                raise RequestError(f"{field}.{key}", item[key], "a string of at most 256 characters")
+            size += len(item[key])
+    calls = item.get("tool_calls")
+    if calls is None:
+        return size
+    allowed = 'a list of {"id": str, "type": "function", "function": {"name": str, "arguments": JSON string or object}}'
+    if not isinstance(calls, list) or len(calls) > 64:
+        raise RequestError(f"{field}.tool_calls", calls, allowed)
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), (str, dict)):
+            raise RequestError(f"{field}.tool_calls[{index}]", call, allowed)
+        size += len(function["name"]) + len(str(function["arguments"]))
+    return size
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):

@@ -43,3 +43,34 @@ def build_tiny_models(root: Path) -> dict:
         "plain": build_gpt2(root / "plain", build_tokenizer(chat_template=None), n_layer=2, n_embd=64, n_head=4,
                             n_positions=512, initializer_range=0.2, seed=1),
     }
+
+
+TOOL_CALL_ANSWER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def build_tool_calling_model(root: Path, messages: list, tools: list) -> Path:
+    """A tiny model trained until it answers ``messages`` (offered ``tools``, rendered as the server renders
+    them) with TOOL_CALL_ANSWER: a model that calls a tool of its own accord (tool_choice auto)."""
+    import torch
+
+    from executor.demo_model import new_gpt2, save
+    from executor.model import render_prompt
+    from executor.tools import parse_tools
+
+    tokenizer = build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE, texts=[_DEMO_CORPUS, TOOL_CALL_ANSWER])
+    prompt = tokenizer(render_prompt(tokenizer, messages, parse_tools(tools, "auto")), add_special_tokens=False)
+    answer = tokenizer(TOOL_CALL_ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt["input_ids"] + answer])
+    labels = ids.clone()
+    labels[0, :len(prompt["input_ids"])] = -100  # learn the answer only
+    model = new_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=512, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(300):
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    return save(model.eval(), tokenizer, root / "tool-caller")

@@ -35,6 +35,7 @@ MUTANTS = [
     ("sliding windows through the mask (all layers kept)", "executor/engine.py", "        cache = DynamicCache()\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "        cache = DynamicCache(config=self.model.config)\n        logits = self._prefill_logits(input_ids, mask, positions, cache)", "tests/unit/test_architectures.py -k 'mistral or gemma'"),
     ("response_format masks each step", "executor/engine.py", "                sequence.settings.grammar.mask(scores[row])\n", "                pass\n", "tests/unit/test_grammar.py"),
     ("response_format nesting bound", "executor/grammar.py", "if deepest > MAX_NESTING:", "if False:", "tests/unit/test_grammar.py -k too_large"),
+    ("tool_choice required constrains the answer", "executor/sampling.py", "    if parsed is not None and parsed.constrained:", "    if False:", "tests/unit/test_tools.py -k required"),
     ("stream cancellation on disconnect (OpenAI)", "executor/jina_compat.py", "                answer.cancel()\n", "", "tests/e2e/test_openai.py -k full_queue"),
 ]
 missed = 0

@@ -71,3 +71,23 @@ def test_without_logprobs_nothing_is_computed_and_top_logprobs_needs_logprobs(en
         parse_gen_conf({"top_logprobs": 2}, LIMITS)
     with pytest.raises(RequestError, match="gen_conf.top_logprobs"):
         parse_gen_conf({"logprobs": True, "top_logprobs": 21}, LIMITS)
+
+
+def test_sampled_logprobs_are_of_the_scores_after_temperature_and_top_k(engine, lm):
+    gen_conf = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": True, "seed": 3, "temperature": 0.7,
+                "top_k": 5, "logprobs": True, "top_logprobs": 5}
+    prompt_ids, settings = request(lm, "Sample something", gen_conf)
+    [(_, last)] = asyncio.run(engine.complete([(prompt_ids, settings)]))
+    tokens = [entry.token_id for entry in last.logprobs]
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([list(prompt_ids) + tokens])).logits[0, len(prompt_ids) - 1:-1].float()
+    scores = logits.clone()
+    scores[:, list(lm.eos_token_ids)] = float("-inf")
+    scores = scores / 0.7
+    kept = torch.topk(scores, 5).indices
+    masked = torch.full_like(scores, float("-inf")).scatter(1, kept, scores.gather(1, kept))
+    expected = torch.log_softmax(masked, dim=-1)
+    for step, entry in enumerate(last.logprobs):
+        assert entry.token_id in kept[step].tolist(), "sampled among the top 5"
+        assert abs(entry.logprob - float(expected[step, entry.token_id])) < 1e-4
+        assert abs(sum(torch.tensor([v for _, v in entry.top]).exp().tolist()) - 1) < 1e-4, "the 5 kept share all"

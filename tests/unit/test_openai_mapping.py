@@ -21,7 +21,7 @@ def test_temperature_has_openai_meaning(temperature, samples):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 3}, "n"), ({"echo": True}, "echo"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"n": True}, "n"), ({"echo": True}, "echo"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"), ({"frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
@@ -50,6 +50,17 @@ def test_response_format_and_vllms_guided_keys_become_gen_conf_response_format()
     assert error.param == "guided_regex" and error.message.startswith("guided_regex=")
     error = api_error_from_backend("RequestError", message, {"response_format": "response_format"}, "messages")
     assert error.param == "response_format.pattern"
+
+
+def test_n_choices_are_copies_in_order_with_their_own_seeds():
+    from executor.openai_api import Prompt, with_n_choices
+
+    prompts = [Prompt(message=[{"role": "user", "content": t}], gen_conf={"seed": 5}) for t in ("a", "b")]
+    copies = with_n_choices(prompts, 3)
+    assert [(p.message[0]["content"], p.gen_conf["seed"]) for p in copies] == [
+        ("a", 5), ("a", 6), ("a", 7), ("b", 5), ("b", 6), ("b", 7)]
+    unseeded = with_n_choices([Prompt(message=[{"role": "user", "content": "a"}], gen_conf={})], 2)
+    assert all("seed" not in p.gen_conf for p in unseeded)
 
 
 def test_logprobs_of_chat_and_of_completions():
