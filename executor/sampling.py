@@ -242,7 +242,8 @@ def validate_messages(message, limits: Limits) -> list:
         if total_chars > limits.max_prompt_chars:
             raise RequestError("message", f"<more than {limits.max_prompt_chars} characters>",
                                f"at most {limits.max_prompt_chars} characters of content in all")
-    return [{**item, "content": item["content"] or ""} for item in message]
+    return [{"role": item["role"], "content": item["content"] or "",
+             **{key: item[key] for key in MESSAGE_TOOL_KEYS.get(item["role"], ()) if key in item}} for item in message]
 
 
 MESSAGE_TOOL_KEYS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}

@@ -122,8 +122,8 @@ def test_stop_and_seed(api):
 @pytest.mark.parametrize("kwargs, param, words", [
     ({"temperature": 9}, "temperature", "0.0 <= temperature <= 2.0"),
     ({"max_tokens": 0}, "max_tokens", "1 <= max_tokens"),
-    ({"n": 2}, "n", "n=1"),
-    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"n": 9}, "n", "1 <= n <= 8"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0 <= top_logprobs <= 20"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "one of system, user"),
     ({"extra_body": {"beam_width": 3}}, "beam_width", "Unrecognized request argument"),
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "must be an object"),

@@ -21,7 +21,7 @@ def test_temperature_has_openai_meaning(temperature, samples):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"n": True}, "n"), ({"echo": True}, "echo"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"n": True}, "n"), ({"echo": True}, "echo"), ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"), ({"frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
