@@ -145,3 +145,20 @@ def test_compiled_grammars_are_cached_and_a_hostile_pattern_is_bounded(grammars)
     except RequestError as error:
         assert "response_format" in str(error)
     assert time.perf_counter() - started < 10, "compiling a hostile pattern is bounded"
+
+
+def test_stop_strings_and_cancellation_work_with_a_grammar(engine, lm, grammars):
+    stopped = request(lm, grammars, {"response_format": {"type": "regex", "pattern": "abc-def"}, "stop": ["-"],
+                                     "max_new_tokens": 20})
+    [(text, last)] = answer(engine, [stopped])
+    assert text == "abc" and last.finish_reason == "stop", "the stop string ends the answer before the format does"
+
+    async def leave_after_the_first_piece():
+        prompt_ids, settings = request(lm, grammars, {"response_format": schema_format(PERSON), "max_new_tokens": 120})
+        async for _ in engine.stream(prompt_ids, settings):
+            return  # the client leaves: the row is cancelled with its grammar
+
+    asyncio.run(leave_after_the_first_piece())
+    [(text, last)] = answer(engine, [request(lm, grammars, {"response_format": schema_format(PERSON),
+                                                            "max_new_tokens": 120, "do_sample": True, "seed": 9})])
+    jsonschema.validate(json.loads(text), PERSON)  # a new request starts its own grammar from the beginning
