@@ -172,7 +172,7 @@ class TokenStreamingExecutor(Executor):
     async def pieces(self, doc: Prompt, endpoint: str):
         """One Generation per new piece of text; closing the iterator cancels the generation."""
         with self._error_boundary(endpoint):
-            if doc.gen_conf and {"response_format", "tool_choice"} & set(doc.gen_conf):  # grammars take a while
+            if isinstance(doc.gen_conf, dict) and {"response_format", "tool_choice"} & doc.gen_conf.keys():  # slow
                 prompt_ids, settings = await asyncio.get_running_loop().run_in_executor(
                     self._grammar_compiler, self._prepare, doc)
             else:
@@ -203,8 +203,9 @@ class TokenStreamingExecutor(Executor):
     def _fit(self, prompt_ids: list, settings):
         settings = fit_to_context(settings, len(prompt_ids), self.limits)
         if settings.response_format is not None:  # compiled here, off the event loop and the engine thread
-            settings = replace(settings, grammar=self.grammars.row_grammar(settings.response_format,
-                                                                           "gen_conf.response_format"))
+            forced_call = settings.tools is not None and settings.tools.constrained
+            field = "gen_conf.tools" if forced_call else "gen_conf.response_format"
+            settings = replace(settings, grammar=self.grammars.row_grammar(settings.response_format, field))
         return prompt_ids, settings
 
     @contextlib.contextmanager

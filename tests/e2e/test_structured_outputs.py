@@ -227,6 +227,11 @@ def test_bad_tools_are_400s_naming_the_parameter(served):
         client.chat.completions.create(model=served["model"], messages=ASK, max_tokens=4, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert raised.value.body["param"] == "tool_choice", raised.value.body
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=served["model"], messages=ASK, max_tokens=4, tools=[broken],
+                                       tool_choice="required")
+    assert raised.value.body["param"] == "tools", raised.value.body
 
 
 def test_the_readme_tool_call_example_runs_as_written(served, capsys):
