@@ -423,6 +423,14 @@ class Shape:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.kind == "chat" else ""),
                 "created": self.created, "model": self.model_id}
 
+    def chunk_event(self, choices: list, include_usage: bool, **extra) -> str:
+        """One server-sent event of a streamed answer (``usage: null`` on each chunk when usage is asked for)."""
+        payload = {**self.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def role_chunk(self, index: int) -> dict:
+        return self.choice(index, None, None, True) | {"delta": {"role": "assistant", "content": ""}}
+
     def choice(self, index: int, text: str | None, finish_reason, chunk: bool, logprobs=None, offset: int = 0) -> dict:
         """``logprobs``: the Generation's entries (None when not asked); ``offset``: where ``text`` starts in
         the answer (completions' text_offset)."""
@@ -471,13 +479,12 @@ async def _sse_of_whole(shape: Shape, answers: list, include_usage: bool):
     """A stream of answers that may call tools: their calls are found once each answer is complete, then
     sent as one tool-call delta per call (OpenAI's chunk shapes)."""
     def event(choices: list, **extra) -> str:
-        payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return shape.chunk_event(choices, include_usage, **extra)
 
     for index, answer in enumerate(answers):
         whole = shape.choice(index, answer.text, answer.finish_reason, chunk=False, logprobs=answer.logprobs)
         message = whole["message"]
-        yield event([shape.choice(index, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
+        yield event([shape.role_chunk(index)])
         if message["content"]:
             yield event([shape.choice(index, message["content"], None, True, answer.logprobs)])
         for position, call in enumerate(message.get("tool_calls", [])):
@@ -490,13 +497,12 @@ async def _sse_of_whole(shape: Shape, answers: list, include_usage: bool):
 
 async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
     def event(choices: list, **extra) -> str:
-        payload = {**shape.envelope(True), "choices": choices, **({"usage": None} if include_usage else {}), **extra}
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return shape.chunk_event(choices, include_usage, **extra)
 
     lasts, offsets = [None] * count, [0] * count
     if shape.kind == "chat":
         for index in range(count):
-            yield event([shape.choice(index, None, None, True) | {"delta": {"role": "assistant", "content": ""}}])
+            yield event([shape.role_chunk(index)])
     try:
         async for index, piece in prepend(first, pieces):
             lasts[index] = piece
