@@ -20,14 +20,15 @@ from jina import Executor, requests
 from schemas import Generation, Prompt
 
 from . import jina_compat
-from .engine import Engine, EngineConfig, EngineError
+from .engine import Engine, EngineConfig
+from .errors import EngineError, RequestError, ServerBusyError
 from .grammar import Grammars
 from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
 from .model import ModelLoadError, PromptTooLong, encode_prompt, encode_raw_prompt, load
-from .sampling import Limits, RequestError, ServerBusyError, fit_to_context, parse_gen_conf, validate_messages
+from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
 log = logging.getLogger("jina_llm_stream.executor")

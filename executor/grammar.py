@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling import RequestError
+from .errors import RequestError
 
 FORMAT_KINDS = ("text", "json_object", "json_schema", "regex", "choice")
 MAX_SPEC_CHARS = 65_536  # a schema's JSON, a pattern, or the choices together
@@ -181,7 +181,3 @@ class RowGrammar:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()[:200]}")
         return not self.matcher.is_stopped()
-
-    @property
-    def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None

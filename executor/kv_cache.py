@@ -204,7 +204,7 @@ class _BatchLayer(CacheLayerMixin):
 
 class BatchKV(Cache):
     """The running batch's KV cache (see the module docstring). Rows ``[0, rows)`` are in use, in the
-    order of the engine's list of running sequences; ``column`` is where the next step writes."""
+    order of the model runner's list of running sequences; ``column`` is where the next step writes."""
 
     def __init__(self, shapes: list, max_rows: int, columns: int, device):
         self.max_rows, self.columns = max_rows, columns
@@ -293,7 +293,7 @@ class BatchKV(Cache):
 
     def remove_rows(self, indices) -> list:
         """Free these rows; the last rows move into the holes. Returns, for each remaining row, the index it
-        had before (the engine reorders its own per-row lists the same way)."""
+        had before (the model runner reorders its own per-row lists the same way)."""
         order = list(range(self.rows))
         for index in sorted(set(indices), reverse=True):
             last = len(order) - 1
@@ -505,8 +505,3 @@ class PrefixCache:
             self._leaves.move_to_end(parent, last=False)  # it was last used when its last child was
         self.evictions += 1
         return victim.index
-
-    def clear(self) -> None:
-        self._root = _Block((), None, -1)
-        self._free = list(range(self.capacity - 1, -1, -1))
-        self._leaves.clear()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .tools import for_template, plain_messages, template_knows_tools
+
 log = logging.getLogger("jina_llm_stream.model")
 
 # Used when a tokenizer has no chat template of its own (gpt2 has none). Rendered by transformers'
@@ -28,7 +30,6 @@ class LoadedModel:
     eos_token_ids: tuple
     context_length: int | None
     name: str
-    is_demo: bool = False
 
 
 class ModelLoadError(RuntimeError):
@@ -60,8 +61,7 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     """Load a model and its tokenizer by hub name or local path; the demo model when no name is given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    is_demo = not model_name
-    if is_demo:
+    if not model_name:
         from .demo_model import ensure_demo_model
 
         model_name = str(ensure_demo_model(cache_dir) if cache_dir else ensure_demo_model())
@@ -89,7 +89,7 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     if not eos_ids:
         log.warning("model %s defines no EOS token: answers end only at max_new_tokens or a stop string", model_name)
     log.info("loaded %s on %s as %s", model_name, next(model.parameters()).device, next(model.parameters()).dtype)
-    return LoadedModel(model, tokenizer, eos_ids, context_length(model, tokenizer), model_name, is_demo)
+    return LoadedModel(model, tokenizer, eos_ids, context_length(model, tokenizer), model_name)
 
 
 def eos_token_ids(model, tokenizer) -> tuple:
@@ -100,9 +100,12 @@ def eos_token_ids(model, tokenizer) -> tuple:
     return tuple(dict.fromkeys(ids))
 
 
-def context_length(model, tokenizer) -> int | None:
+def context_length(model, tokenizer=None) -> int | None:
+    """The model's context length from its (text) config, else the tokenizer's ``model_max_length``; None
+    when neither says. The one reader of these attributes: callers apply their own caps."""
+    config = model.config.get_text_config(decoder=True)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, name, None)
+        value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     value = getattr(tokenizer, "model_max_length", None)
@@ -112,8 +115,6 @@ def context_length(model, tokenizer) -> int | None:
 def render_prompt(tokenizer, messages: list, tools=None) -> str:
     """The chat template, or the fallback when the tokenizer has none. ``tools`` (tools.Tools) go through the
     template when it knows tools, else into the messages (executor/tools.py)."""
-    from .tools import for_template, plain_messages, template_knows_tools
-
     template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
     extra = {}
     if template_knows_tools(template):

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from schemas import Prompt
 
+from .errors import RequestError
 from .jina_compat import CancelOnDisconnect, ServiceError, first_of, invalid_json_message, prepend
+from .tools import parse_tools
 
 log = logging.getLogger("jina_llm_stream.openai")
 
@@ -395,9 +397,6 @@ async def complete(settings: Settings, backend: ExecutorBackend, request, kind: 
 # ---- responses --------------------------------------------------------------------------------------------
 def tools_of(body: dict, shape_kind: str):
     """The request's tools (tools.Tools) when answers may hold calls to find, else None."""
-    from .sampling import RequestError
-    from .tools import parse_tools
-
     if shape_kind != "chat" or not body.get("tools"):
         return None
     try:

@@ -14,7 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from .sampling import RequestError
+from .errors import RequestError
 
 MAX_TOOLS = 64
 MAX_TOOLS_CHARS = 65_536

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TEST_LIMITS, grpc_client, post_chat, run
-from executor.sampling import ALLOWED_GEN_CONF_KEYS
+from executor.validation import ALLOWED_GEN_CONF_KEYS
 from schemas import Generation, Prompt
 
 # Bounded numbers: huge ones fail in the Jina client's own protobuf encoding, before reaching the server.

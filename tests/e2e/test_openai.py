@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from conftest import PYTHON, ROOT, free_port, serve_process
-from executor.sampling import DEFAULT_MAX_NEW_TOKENS
+from executor.validation import DEFAULT_MAX_NEW_TOKENS
 
 KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "Hello, how are you? 😀"}]

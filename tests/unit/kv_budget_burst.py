@@ -14,7 +14,7 @@ import torch
 
 from executor.engine import Engine, EngineConfig
 from executor.model import load
-from executor.sampling import Limits, fit_to_context, parse_gen_conf
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 
 def main(model_path: str, budget: int) -> None:

@@ -13,7 +13,7 @@ import transformers as T
 
 from executor.detok import decode
 from executor.engine import Engine, EngineConfig
-from executor.sampling import Limits, fit_to_context, parse_gen_conf
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 NEW_TOKENS = 20
 WINDOW = 8  # sliding window of the sliding layers: far shorter than the prompts and answers

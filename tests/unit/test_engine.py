@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from executor.detok import decode
-from executor.engine import Engine, EngineConfig, EngineError
+from executor.engine import Engine, EngineConfig
+from executor.errors import EngineError, ServerBusyError
 from executor.model import encode_prompt, load
-from executor.sampling import Limits, ServerBusyError, fit_to_context, parse_gen_conf
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 PROMPTS = [
     [{"role": "user", "content": "Hello, how are you?"}],

@@ -12,7 +12,8 @@ from dataclasses import replace
 from executor.engine import Engine, EngineConfig
 from executor.grammar import MAX_NESTING, MAX_SPEC_CHARS, Grammars, ResponseFormat, parse_response_format
 from executor.model import encode_prompt, load
-from executor.sampling import Limits, RequestError, fit_to_context, parse_gen_conf
+from executor.errors import RequestError
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 130},

@@ -7,7 +7,8 @@ import torch
 
 from executor.engine import Engine, EngineConfig
 from executor.model import encode_prompt, load
-from executor.sampling import Limits, RequestError, fit_to_context, parse_gen_conf
+from executor.errors import RequestError
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 LIMITS = Limits(context_length=512)
 

@@ -7,7 +7,7 @@ import torch
 
 from executor.engine import Engine, EngineConfig
 from executor.model import encode_prompt, load
-from executor.sampling import Limits, fit_to_context, parse_gen_conf
+from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 SYSTEM = ("You answer questions about the passages below. Passage one: the river runs north past the old mill. "
           "Passage two: the mill was built of stone in a dry summer. Passage three: the town grew around it. ")
@@ -168,14 +168,14 @@ def test_a_full_prefix_cache_evicts_old_blocks_and_answers_stay_exact(lm, plain)
     # Shrink the prefix cache to a few blocks: every new prompt has to evict.
     from executor.kv_cache import PrefixCache
 
-    engine._prefix = PrefixCache(engine._shapes, blocks=6, block_size=16, device=engine.device)
+    engine.kv.prefix = PrefixCache(engine.kv.shapes, blocks=6, block_size=16, device=engine.device)
     try:
         prompts = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"{i} " * 20 + "tell me"}])
                    for i in range(6)]
         for prompt_ids in prompts + prompts[:2]:
             assert asyncio.run(ask(engine, lm, prompt_ids))[0] == asyncio.run(ask(plain, lm, prompt_ids))[0]
-        assert engine._prefix.evictions > 0
-        assert len(engine._prefix) <= 6
+        assert engine.kv.prefix.evictions > 0
+        assert len(engine.kv.prefix) <= 6
     finally:
         engine.shutdown()
 
@@ -188,7 +188,7 @@ def test_a_burst_of_long_requests_against_a_small_budget_waits_for_rows_and_all_
     decode = engine._decode_step
 
     def watching():
-        busiest["rows"] = max(busiest["rows"], engine._batch.rows)
+        busiest["rows"] = max(busiest["rows"], engine.kv.batch.rows)
         decode()
 
     engine._decode_step = watching

@@ -11,7 +11,8 @@ import pytest
 from executor.engine import Engine, EngineConfig
 from executor.grammar import Grammars
 from executor.model import encode_prompt, load, render_prompt
-from executor.sampling import Limits, RequestError, fit_to_context, parse_gen_conf, validate_messages
+from executor.errors import RequestError
+from executor.validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 from executor.tools import parse_tool_calls, parse_tools
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

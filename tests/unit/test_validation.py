@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from executor.sampling import (ALLOWED_GEN_CONF_KEYS, Limits, RequestError, SamplingSettings, fit_to_context,
-                               parse_gen_conf, to_generation_config, validate_messages)
+from executor.errors import RequestError
+from executor.sampling import to_generation_config
+from executor.validation import (ALLOWED_GEN_CONF_KEYS, Limits, SamplingSettings, fit_to_context, parse_gen_conf,
+                                 validate_messages)
 from transformers import GenerationConfig
 
 LIMITS = Limits(max_new_tokens_limit=256, max_prompt_tokens=100, max_prompt_chars=1000, max_messages=8,

@@ -1,0 +1,122 @@
+"""The KV manager: which keys and values a sequence gets from where, and which it leaves behind.
+
+The policy over ``kv_cache.py``'s storage (vLLM's ``KVCacheManager``, SGLang's radix-cache request hooks):
+a prompt takes the longest cached prefix (``reuse_cached_prefix``), the blocks it computes are remembered as
+soon as they are computed (``remember_prefill``), a row's blocks are remembered before it leaves the batch
+(``remember_rows``), a prompt waits for a shared block that an earlier prompt is computing
+(``waits_for_a_shared_block``), and a sequence that leaves gives its staged row back (``release``). The
+memory plan, made once at start, decides how many rows the batch has and how many blocks the cache keeps.
+"""
+
+import logging
+
+from .kv_cache import BatchKV, PrefixCache, StagedKV, plan_kv_memory, probe_layer_shapes
+
+log = logging.getLogger("jina_llm_stream.kv_manager")
+
+# A prefill forward pass costs about as much as ~50 prompt tokens on its own (it reads every weight). A
+# cached prefix shorter than this is cheaper to recompute in the pass that prefills short prompts together
+# than to reuse in a pass of its own (a batch job's prompts often share just the chat template's first block).
+MIN_REUSED_TOKENS = 64
+
+
+class KVManager:
+    """The running batch's storage (``batch``), the prefix cache (``prefix``, None when off or out of
+    budget) and the rules between them and the sequences."""
+
+    def __init__(self, model, device, cache_kwarg: str, kv_cache_memory, max_rows: int, max_context: int,
+                 block_size: int, prefix_caching: bool):
+        self.block_size = block_size
+        self.shapes = shapes = probe_layer_shapes(model, device, cache_kwarg)
+        self.plan = plan_kv_memory(kv_cache_memory, sum(s.bytes_per_token for s in shapes), max_rows, max_context,
+                                   device, block_size, prefix_caching)
+        log.info("%s", self.plan.describe())
+        if prefix_caching and not self.plan.prefix_blocks:
+            log.warning("prefix caching is on but the KV cache budget leaves no room for it: no prefix is reused")
+        self.batch = BatchKV(shapes, self.plan.rows, self.plan.columns, device)
+        self.prefix = (PrefixCache(shapes, self.plan.prefix_blocks, block_size, device)
+                       if self.plan.prefix_blocks else None)
+
+    # -- a sequence's own cache --
+    def stage(self, sequence) -> None:
+        """Give a sequence about to be prefilled a free row of the storage, if it has none yet."""
+        if sequence.cache is None:
+            sequence.cache = self.batch.stage()
+
+    def release(self, sequence) -> None:
+        """A sequence leaving before it joined the batch (finished, failed, preempted) frees its staged row;
+        what it computed is forgotten (``prefilled`` 0), what the prefix cache got stays there."""
+        if isinstance(sequence.cache, StagedKV):
+            self.batch.unstage(sequence.cache)
+        sequence.cache = None
+
+    def forget_computed(self, sequence) -> None:
+        """A preempted sequence: its row is gone, its context is recomputed when it gets one back."""
+        self.release(sequence)
+        sequence.prefilled = 0
+
+    # -- the prefix cache --
+    def reuse_cached_prefix(self, sequence, context: list) -> None:
+        """Extend the sequence's own cache with the cached blocks that follow what it has (at least the last
+        context token is left to compute: its logits choose the first new token)."""
+        size = self.block_size
+        if self.prefix is None or sequence.prefilled % size:
+            return
+        path = self.prefix.match(context, len(context) - 1)
+        have = sequence.prefilled // size
+        if len(path) <= have or (have == 0 and len(path) * size < MIN_REUSED_TOKENS):
+            return
+        self.stage(sequence)
+        self.prefix.read_into(path, have, sequence.cache)
+        if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
+            sequence.cached_tokens += (len(path) - have) * size
+        sequence.prefilled = len(path) * size
+
+    def remember_prefill(self, sequence, context: list) -> None:
+        """The whole blocks of what the sequence has computed so far, for prompts that come after it."""
+        if self.prefix is not None:
+            self.prefix.insert(context, sequence.prefilled, sequence.cache.tokens)
+
+    def remember_rows(self, running: list, indices) -> None:
+        """Rows about to leave the batch: keep their whole blocks (prompt and answer) for later prompts."""
+        if self.prefix is None:
+            return
+        for index in indices:
+            sequence, length = running[index], self.batch.lengths[index]
+            self.prefix.insert(sequence.tokens()[:length], length,
+                               lambda a, b, row=index: self.batch.row_kv(row, a, b))
+
+    # -- prompts that arrive together and share blocks compute them once --
+    def claimed_blocks(self, prefilling: list) -> dict:
+        """Each block some prefilling prompt has yet to compute -> the first prompt (oldest) computing it."""
+        claimed = {}
+        if self.prefix is None:
+            return claimed
+        for sequence in prefilling:
+            hashes = self._block_hashes(sequence, sequence.context_ids())
+            for block_hash in hashes[sequence.prefilled // self.block_size:]:
+                claimed.setdefault(block_hash, sequence)
+        return claimed
+
+    def waits_for_a_shared_block(self, sequence, context: list, claimed: dict) -> bool:
+        """The next block of this prompt is being computed by an earlier prompt: take it from the cache later
+        instead of computing it twice."""
+        if self.prefix is None or sequence.prefilled % self.block_size:
+            return False
+        size = self.block_size
+        hashes = self._block_hashes(sequence, context)
+        index = sequence.prefilled // size
+        shared = 0  # blocks from here on that an earlier prompt is computing
+        while index + shared < len(hashes) and (index + shared + 1) * size < len(context) \
+                and claimed.get(hashes[index + shared], sequence) is not sequence:
+            shared += 1  # (the block holding the last token is computed by each prompt: its logits are needed)
+        return shared > 0 and (index + shared) * size >= MIN_REUSED_TOKENS
+
+    def _block_hashes(self, sequence, context: list) -> list:
+        if not sequence.block_hashes or sequence.block_hashes[0] != len(context):
+            size, hashes, running = self.block_size, [], 0
+            for start in range(0, len(context) - size + 1, size):
+                running = hash((running, tuple(context[start:start + size])))
+                hashes.append(running)
+            sequence.block_hashes = (len(context), hashes)
+        return sequence.block_hashes[1]
