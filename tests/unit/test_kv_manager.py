@@ -1,0 +1,104 @@
+"""executor/kv_manager.py on its own (a tiny random model built here gives the cache's shapes): what a prompt
+takes from the prefix cache, what is remembered and when a prompt waits for a block being computed."""
+
+from array import array
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from executor.kv_manager import MIN_REUSED_TOKENS, KVManager
+from executor.model_runner import cache_kwarg
+from executor.sequence import Sequence
+from executor.validation import SamplingSettings
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def kv(model):
+    return KVManager(model, CPU, cache_kwarg(model), kv_cache_memory=None, max_rows=4, max_context=128,
+                     block_size=16, prefix_caching=True)
+
+
+def sequence(tokens) -> Sequence:
+    return Sequence(request_id=0, prompt_ids=array("i", tokens), settings=SamplingSettings(max_new_tokens=8),
+                    emit=None, detok=None)
+
+
+def computed(kv, tokens) -> Sequence:
+    """A sequence whose whole context was computed: each token's keys say which token it is."""
+    seq = sequence(tokens)
+    kv.stage(seq)
+    seq.cache.write([(torch.tensor(tokens, dtype=torch.float32).view(1, -1, 1).expand(s.kv_heads, -1, s.key_dim),
+                      torch.zeros((s.kv_heads, len(tokens), s.value_dim))) for s in kv.shapes], 0)
+    seq.prefilled = len(tokens)
+    return seq
+
+
+def staged_keys(seq, count) -> list:
+    keys, _ = seq.cache.tokens(0, count)[0]
+    return keys[0, :, 0].tolist()
+
+
+def test_a_prompt_takes_the_whole_cached_blocks_of_its_prefix(kv):
+    shared = list(range(1, 81))  # 5 blocks
+    first = computed(kv, shared + [90, 91])
+    kv.remember_prefill(first, first.context_ids())
+    second = sequence(shared + [92, 93, 94])
+    kv.reuse_cached_prefix(second, second.context_ids())
+    assert second.prefilled == second.cached_tokens == 80
+    assert staged_keys(second, 80) == [float(t) for t in shared]
+
+
+def test_the_last_prompt_token_is_always_computed_and_short_prefixes_are_not_reused(kv):
+    tokens = list(range(1, 81))
+    kv.remember_prefill(computed(kv, tokens), tokens)
+    same = sequence(tokens)
+    kv.reuse_cached_prefix(same, same.context_ids())
+    assert same.prefilled == 64  # not 80: the last token's logits choose the first new token
+    short = sequence(tokens[:MIN_REUSED_TOKENS - 16] + [95] * 40)  # 3 cached blocks: cheaper to recompute
+    kv.reuse_cached_prefix(short, short.context_ids())
+    assert short.prefilled == 0 and short.cache is None
+
+
+def test_a_prompt_waits_for_the_blocks_an_earlier_prompt_is_computing(kv):
+    shared = list(range(1, 97))  # 6 blocks
+    first, second = sequence(shared + [1, 2, 3]), sequence(shared + [4, 5, 6])
+    claimed = kv.claimed_blocks([first, second])
+    assert not kv.waits_for_a_shared_block(first, first.context_ids(), claimed)
+    assert kv.waits_for_a_shared_block(second, second.context_ids(), claimed)
+    other = sequence(list(range(2, 98)) + [7])
+    assert not kv.waits_for_a_shared_block(other, other.context_ids(), kv.claimed_blocks([first, other]))
+
+
+def test_rows_leaving_the_batch_leave_their_prompt_and_answer_blocks_behind(kv):
+    tokens = list(range(1, 40))
+    seq = computed(kv, tokens)
+    kv.batch.join(seq.cache, len(tokens))
+    seq.cache, seq.generated = None, list(range(40, 60))  # 19 more tokens cached as it decoded
+    for _ in range(20):
+        kv.batch.start_step(1)
+        kv.batch.end_step(1)
+    kv.remember_rows([seq], [0])
+    assert len(kv.prefix.match(seq.tokens(), 64)) == 3  # 58 tokens cached: 3 whole blocks
+    assert kv.prefix.match(tokens, 32)[0].tokens == tuple(range(1, 17))
+
+
+def test_release_gives_the_staged_row_back_and_a_preempted_sequence_starts_over(kv):
+    sequences = [computed(kv, [1, 2, 3]) for _ in range(kv.batch.max_rows)]
+    with pytest.raises(RuntimeError, match="no free row"):
+        kv.stage(sequence([4]))
+    kv.release(sequences[0])
+    assert sequences[0].cache is None
+    kv.stage(sequence([4]))  # its row is free again
+    kv.forget_computed(sequences[1])
+    assert sequences[1].prefilled == 0 and sequences[1].cache is None
