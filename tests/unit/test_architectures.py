@@ -2,7 +2,8 @@
 
 For each: a /chat-style call of four prompts of different lengths (one batch, rows joining and leaving)
 equals each prompt streamed alone, which equals ``model.generate`` with the model's own cache (for
-sliding-window layers, transformers' sliding cache: the window is smaller than the prompts here).
+sliding-window layers, transformers' sliding cache: the window is smaller than the prompts here). And a
+prefix-cache hit far longer than the window changes no answer of a sliding-window or a hybrid model.
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import transformers as T
 
 from executor.detok import decode
 from executor.engine import Engine, EngineConfig
+from executor.kv_manager import MIN_REUSED_TOKENS
 from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 NEW_TOKENS = 20
@@ -41,13 +43,31 @@ def configs(vocab_size):
         "starcoder2": (T.Starcoder2Config(**common, sliding_window=None), T.Starcoder2ForCausalLM),
         "granite": (T.GraniteConfig(**common), T.GraniteForCausalLM),
         "mistral_sliding_window": (T.MistralConfig(**common, sliding_window=WINDOW), T.MistralForCausalLM),
-        "gemma2_hybrid": (T.Gemma2Config(**common, head_dim=16, sliding_window=WINDOW), T.Gemma2ForCausalLM),
-        "gemma3_hybrid": (T.Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW), T.Gemma3ForCausalLM),
+        # Gemma's input embeddings are scaled up by sqrt(hidden_size): with the output head tied to them, a tiny
+        # random Gemma repeats the prompt's last token whatever came before (an answer no cache bug could change).
+        "gemma2_hybrid": (T.Gemma2Config(**common, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False),
+                          T.Gemma2ForCausalLM),
+        # Gemma 3's default pattern (one global layer in six) would make both of two layers sliding.
+        "gemma3_hybrid": (T.Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False,
+                                             layer_types=["sliding_attention", "full_attention"]),
+                          T.Gemma3ForCausalLM),
     }
 
 
 TEXTS = ["The quick brown fox jumps over the lazy dog and runs away", "Hello",
          "Numbers 1 2 3 4 5 6 7 8 9 10 11 12 13 and more words to make this the longest prompt", "café 🦄"]
+
+
+def build_model(name, tokenizer):
+    config, model_class = configs(len(tokenizer))[name]
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    if name.endswith("_hybrid"):  # the point of these cases: sliding and global layers in one model
+        assert sorted(set(model.config.layer_types)) == ["full_attention", "sliding_attention"], \
+            model.config.layer_types
+    if name.endswith(("_hybrid", "_sliding_window")):
+        assert model.config.sliding_window == WINDOW
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +89,7 @@ def generate_alone(model, prompt_ids, tokenizer) -> str:
 @pytest.mark.parametrize("prefill_chunk", [16, 64])
 @pytest.mark.parametrize("name", list(configs(1)))
 def test_batched_answers_equal_streamed_singles_equal_generate(name, prefill_chunk, tokenizer):
-    config, model_class = configs(len(tokenizer))[name]
-    torch.manual_seed(0)
-    model = model_class(config).eval()
+    model = build_model(name, tokenizer)
     engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, prefill_chunk=prefill_chunk)).start()
     limits = Limits(context_length=256)
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
@@ -89,3 +107,47 @@ def test_batched_answers_equal_streamed_singles_equal_generate(name, prefill_chu
     assert batched == alone
     assert alone == [generate_alone(model, p, tokenizer) for p in prompts]
     assert batched_steps < 2 * NEW_TOKENS, "the call's four prompts shared decode steps (alone: 4 x 20 steps)"
+
+
+PASSAGE = ("Jina serves machine learning models as microservices over gRPC, HTTP and WebSocket. A language model "
+           "predicts the next token from the tokens before it; streaming sends each piece of text to the client as "
+           "soon as it is decoded. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. The river runs north past the old mill, "
+           "built of stone. ")
+QUESTION, SHORT_QUESTION = "The quick brown fox jumps over the lazy dog?", "Where?"
+
+
+# 16: the first prompt is prefilled (and its blocks cached) chunk by chunk; 256: in one pass.
+@pytest.mark.parametrize("prefill_chunk", [16, 256])
+@pytest.mark.parametrize("name", ["mistral_sliding_window", "gemma3_hybrid"])
+def test_a_prefix_cache_hit_longer_than_the_sliding_window_changes_no_answer(name, prefill_chunk, tokenizer):
+    """The last prompt shares a ~100-token passage with the first: it takes the passage's whole blocks, many
+    windows long, from the prefix cache and computes only its last few tokens, and answers as ``model.generate``
+    does. The hybrid model's global layer attends to every cached token; the sliding layers to the last ones."""
+    model = build_model(name, tokenizer)
+    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, prefill_chunk=prefill_chunk)).start()
+    limits = Limits(context_length=256)
+    first, last = (tokenizer(PASSAGE + question)["input_ids"] for question in (QUESTION, SHORT_QUESTION))
+    # In between, a prompt without the passage in front: a row that held the first prompt then holds other keys
+    # and values at the passage's positions, so what the last prompt reuses must come from the prefix cache.
+    between = tokenizer(QUESTION + " " + PASSAGE)["input_ids"]
+    shared = next(i for i, (a, b) in enumerate(zip(first, last)) if a != b)
+
+    async def ask(prompt_ids):
+        setting = fit_to_context(parse_gen_conf({"max_new_tokens": NEW_TOKENS}, limits), len(prompt_ids), limits)
+        events = [event async for event in engine.stream(prompt_ids, setting)]
+        return "".join(event.text for event in events), events[-1].cached_tokens
+
+    try:
+        answers = [asyncio.run(ask(p)) for p in (first, between, last)]
+    finally:
+        engine.shutdown()
+    size, hit = engine.config.block_size, answers[-1][1]
+    assert [cached for _, cached in answers] == [0, 0, shared // size * size], "the shared prefix's whole blocks"
+    assert hit >= max(MIN_REUSED_TOKENS, 4 * WINDOW), "a hit of several windows"
+    # The last prompt ends a few tokens after the passage's last whole block: the tokens it computes attend, in
+    # every layer, to keys and values from the prefix cache (after a longer tail, a model whose every layer
+    # slides would hardly look back that far).
+    assert len(last) - hit < WINDOW, "the computed tokens' windows reach into the cached blocks"
+    texts = [text for text, _ in answers]
+    assert texts[0] != texts[2], "both questions end in '?': the answers depend on more than the last token"
+    assert texts == [generate_alone(model, p, tokenizer) for p in (first, between, last)]
