@@ -288,6 +288,9 @@ class Engine:
         """Queue depth and batch size right now."""
         return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._rows)}
 
+    def kv_copies(self) -> dict:  # what the running batch's KV cache copied (BatchKV.copy_stats), for metrics
+        return self._batch.copy_stats()
+
     def _cancel(self, sequences) -> None:
         """Cancel from any thread: waiting sequences leave the queue now (a cancelled call leaves nothing
         behind), active ones are dropped by the engine before its next step."""
