@@ -13,6 +13,10 @@ offline on synthetic text) once, then measures, in one run:
   the peer    `transformers serve --continuous-batching` (bench/peer.py, a venv of its own): the same
               RAG-shaped and short requests through its OpenAI API
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
+The server runs with --monitoring: the KV cache's copy counters (bytes copied per join, per leave, moves of
+the live columns) during the RAG-shaped burst are read from its Prometheus endpoint.
+
+    bench/bench.py --only rag   # the RAG-shaped burst and its KV copies only (no references, no peer): ~2 min
 """
 
 import argparse
@@ -21,6 +25,7 @@ import copy
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -300,14 +305,46 @@ def all_decoding_rate(results: list) -> float:
     return tokens / (end - start) if end > start else float("nan")
 
 
-async def long_prompt_measures(client, tokenizer, new_tokens: int, batch: int) -> dict:
-    """RAG-shaped burst, warm-prefix request, 6th chat turn, long-context decode: all through /stream."""
-    from executor.model import encode_prompt
+def kv_copies(metrics_port: int, settle_s: float = 10.0) -> dict:
+    """The KV cache's copy counters (executor/metrics.py) from the server's Prometheus endpoint, e.g.
+    ``copied_bytes_join``, ``rows_leave``, ``moves_step``; read once every row that joined has left (a row
+    leaves the batch just after its last piece is sent)."""
+    import httpx
 
+    deadline = time.monotonic() + settle_s
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/", timeout=10).text
+        found = {f"{m[1]}_{m[2]}": float(m[3])
+                 for m in re.finditer(r'^jina_llm_stream_kv_(\w+)_total\{\w+="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+        if not found:
+            raise SystemExit(f"no jina_llm_stream_kv_* metrics on port {metrics_port}: is the server --monitoring?")
+        if found["rows_join"] == found["rows_leave"] or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+async def rag_burst(client, tokenizer, new_tokens: int, batch: int, metrics_port=None) -> dict:
+    """``batch`` concurrent RAG-shaped prompts through /stream, and what the KV cache copied meanwhile."""
     rag, warm = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
+    before = kv_copies(metrics_port) if metrics_port else None
     started = time.perf_counter()
     burst = await asyncio.gather(*(one_stream(client, m, new_tokens) for m in rag))
     wall = time.perf_counter() - started
+    found = {"rag_tps": sum(r["tokens"] for r in burst) / wall,
+             "rag_ttft_p50": statistics.median(r["ttft"] for r in burst),
+             "rag_cached": statistics.median(r["cached"] for r in burst), "rag_warm": warm}
+    if before is not None:
+        after = kv_copies(metrics_port)
+        found["rag_kv"] = {name: after[name] - before.get(name, 0.0) for name in after}
+    return found
+
+
+async def long_prompt_measures(client, tokenizer, new_tokens: int, batch: int, metrics_port=None) -> dict:
+    """RAG-shaped burst, warm-prefix request, 6th chat turn, long-context decode: all through /stream."""
+    from executor.model import encode_prompt
+
+    rag = await rag_burst(client, tokenizer, new_tokens, batch, metrics_port)
+    warm = rag.pop("rag_warm")
     warm_result = await one_stream(client, warm, 16)
 
     messages = [{"role": "system", "content": "You are a helpful assistant. Keep the conversation going."}]
@@ -319,9 +356,7 @@ async def long_prompt_measures(client, tokenizer, new_tokens: int, batch: int) -
 
     long = await asyncio.gather(*(one_stream(client, m, LONG_NEW_TOKENS)
                                   for m in workloads.long_prompts(tokenizer, batch, LONG_CONTEXT, 3)))
-    return {"rag_tps": sum(r["tokens"] for r in burst) / wall,
-            "rag_ttft_p50": statistics.median(r["ttft"] for r in burst),
-            "rag_cached": statistics.median(r["cached"] for r in burst),
+    return {**rag,
             "warm_ttft": warm_result["ttft"], "warm_cached": warm_result["cached"],
             "warm_ids": encode_prompt(tokenizer, warm),
             "turn_ttft": answer["ttft"], "turn_cached": answer["cached"], "turn_ids": encode_prompt(tokenizer, last_turn),
@@ -467,7 +502,8 @@ async def server_measures(port: int, new_tokens: int, batch: int, rss_requests: 
 
     from transformers import AutoTokenizer
 
-    long = await long_prompt_measures(client, AutoTokenizer.from_pretrained(server.model_path), new_tokens, batch)
+    long = await long_prompt_measures(client, AutoTokenizer.from_pretrained(server.model_path), new_tokens, batch,
+                                      server.metrics_port)
 
     executor = executor_process(server)
     rss_before = executor.memory_info().rss
@@ -521,6 +557,7 @@ def long_prompt_rows(ref: dict, srv: dict, batch: int, new_tokens: int) -> list:
             ("transformers serve (peer), 1 client, decode rate", f"{srv['peer_openai1_tps']:.1f} tok/s",
              f"this server's OpenAI API: {srv['openai1_tps'] / srv['peer_openai1_tps']:.2f}x", ""),
         ]
+    rows += kv_copy_rows(f"the /stream RAG burst ({batch} prompts)", srv.get("rag_kv"), srv.get("kv_token_bytes"), ref)
     warm_share = srv["warm_cached"] / len(srv["warm_ids"])
     turn_share = srv["turn_cached"] / len(srv["turn_ids"])
     rows += [
@@ -537,6 +574,87 @@ def long_prompt_rows(ref: dict, srv: dict, batch: int, new_tokens: int) -> list:
          f"{srv['long_decode_tps'] / ref['long_static_tps']:.2f}x model.generate with the static cache "
          f"({ref['long_static_tps']:.1f} tok/s)", ">= 0.9x"),
     ]
+    return rows
+
+
+MOVE_ROWS, ROW_TOKENS, LEAVE_COLUMNS = 8, 870, 900  # about the RAG burst's forced moves and leaves
+
+
+def kv_copy_seconds(path: Path) -> dict:
+    """In-process, on the bench model's KV rows: a row of ``ROW_TOKENS`` joining ``MOVE_ROWS`` running rows
+    without a move, one a token longer (the running rows move first), and a leave that copies the last row's
+    ``LEAVE_COLUMNS`` columns. Seconds and bytes (BatchKV's own counts) of each, best of five (a copy that
+    shares the CPU with other work can take 10x longer)."""
+    from transformers import AutoConfig
+
+    from executor.kv_cache import BatchKV, LayerShape
+
+    config = AutoConfig.from_pretrained(path)
+    head_dim = config.n_embd // config.n_head
+    batch = BatchKV([LayerShape(config.n_head, head_dim, head_dim, torch.float32)] * config.n_layer,
+                    MOVE_ROWS + 2, LEAVE_COLUMNS + 64, torch.device("cpu"))  # 10 rows, 0.7 GB
+    tokens = [(torch.randn(config.n_head, LEAVE_COLUMNS, head_dim),) * 2 for _ in range(config.n_layer)]
+    found = {}
+
+    def timed(name, cause, operation):
+        before = batch.copied_bytes[cause]
+        started = time.perf_counter()
+        operation()
+        seconds = time.perf_counter() - started
+        if seconds < found.get(f"kv_{name}_s", float("inf")):
+            found[f"kv_{name}_s"], found[f"kv_{name}_bytes"] = seconds, batch.copied_bytes[cause] - before
+
+    def join(length):
+        return lambda: batch.add_row([(keys[:, :length], values[:, :length]) for keys, values in tokens], length)
+
+    with torch.inference_mode():
+        for _ in range(MOVE_ROWS):
+            join(ROW_TOKENS)()
+        for attempt in range(5):
+            timed("join", "join", join(ROW_TOKENS))
+            batch.remove_rows([batch.rows - 1])  # the last row: nothing to copy
+            timed("join_move", "join", join(ROW_TOKENS + 1 + attempt))  # the write column is one shorter
+            batch.remove_rows([batch.rows - 1])
+        join(LEAVE_COLUMNS)()
+        for _ in range(5):
+            join(ROW_TOKENS)()
+            timed("leave", "leave", lambda: batch.remove_rows([0]))
+    return found
+
+
+def kv_copy_rows(what: str, kv, token_bytes, timings=None) -> list:
+    """What the KV cache copied during ``what`` (``kv_copies`` deltas): per join, per leave, the moves; and
+    what such copies take in-process (``kv_copy_seconds``)."""
+    if not kv:
+        return []
+    mib = 1 << 20
+
+    def size(value: float, per: float = 1) -> str:
+        value = value / per if per else 0.0
+        tokens = f" ({value / token_bytes:.0f} tokens)" if token_bytes else ""
+        return f"{value / mib:.1f} MiB{tokens}"
+
+    joins, leaves, moves = kv["rows_join"], kv["rows_leave"], kv["moves_join"]
+    own = kv["copied_bytes_join"] - kv["moved_bytes_join"]
+    total = sum(value for name, value in kv.items() if name.startswith("copied_bytes_"))
+    rows = [
+        (f"KV cache copies in {what}: per join (its own tokens + the moves of every running row it forced)",
+         size(kv["copied_bytes_join"], joins),
+         f"{joins:.0f} joins: own tokens {size(own, joins)} per join; {moves:.0f} forced a move, "
+         f"{size(kv['moved_bytes_join'], moves)} each; prompts being prefilled moved out of the row a join took: "
+         f"{kv['copied_bytes_staged'] / mib:.1f} MiB", ""),
+        (f"KV cache copies in {what}: per leave (the last row, up to the write column, into the leaving row's "
+         "place)", size(kv["copied_bytes_leave"], leaves), f"{leaves:.0f} leaves", ""),
+        (f"KV cache copies in {what}: moves of the live columns at a step (end of storage, compaction)",
+         f"{kv['moves_step']:.0f}, {kv['copied_bytes_move'] / mib:.1f} MiB",
+         f"all copies: {total / mib:.0f} MiB{f' ({total / token_bytes:.0f} tokens)' if token_bytes else ''}", ""),
+    ]
+    if timings:
+        rows.append((f"KV cache copies in-process, this machine: a {ROW_TOKENS}-token row joining {MOVE_ROWS} rows / "
+                     f"one token longer (the {MOVE_ROWS} rows move first) / a leave copying {LEAVE_COLUMNS} columns",
+                     " / ".join(f"{timings[f'kv_{name}_s'] * 1000:.0f} ms" for name in ("join", "join_move", "leave")),
+                     " / ".join(f"{timings[f'kv_{name}_bytes'] / mib:.0f} MiB" for name in ("join", "join_move", "leave")),
+                     ""))
     return rows
 
 
@@ -596,6 +714,54 @@ def table(ref: dict, srv: dict, batch: int, new_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def start_bench_server(path: Path, port: int, clients: int, log_path: Path, flags=()):
+    """The server under test, with --monitoring (the KV cache's copy counters); ``model_path``,
+    ``metrics_port`` and ``kv_token_bytes`` (from its KV plan's log line) set on the returned process."""
+    metrics_port = free_port()
+    server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(clients),
+                           "--monitoring", "--port-monitoring", str(metrics_port), *flags], log_path)
+    server.model_path, server.metrics_port = path, metrics_port
+    plan = re.search(r"(\d+) bytes per token", log_path.read_text(errors="replace"))
+    server.kv_token_bytes = int(plan[1]) if plan else None
+    return server
+
+
+def rag_only(path: Path, new_tokens: int, batch: int) -> int:
+    """``--only rag``: the RAG-shaped burst through /stream and what the KV cache copied during it."""
+    from jina import Client
+    from transformers import AutoTokenizer
+
+    from executor.model import encode_prompt
+
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
+    port = free_port()
+    server = start_bench_server(path, port, batch, log_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    async def measure():
+        client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+        for _ in range(2):  # warm-up, as server_measures
+            await one_stream(client, prompts(1)[0], 8)
+        return await rag_burst(client, tokenizer, new_tokens, batch, server.metrics_port)
+
+    try:
+        rag = asyncio.run(measure())
+    finally:
+        stop_server(server)
+    lengths = [len(encode_prompt(tokenizer, m)) for m in workloads.rag_prompts(tokenizer, batch, RAG_SEED)[0]]
+    what = (f"{batch} concurrent RAG-shaped prompts ({min(lengths)}-{max(lengths)} tokens, about "
+            f"{rag['rag_cached'] / statistics.median(lengths):.0%} shared), {new_tokens} new tokens")
+    rows = [(f"/stream, {what}", f"{rag['rag_tps']:.1f} tok/s", "", ""),
+            (f"/stream, {batch} RAG-shaped prompts, TTFT p50", f"{rag['rag_ttft_p50'] * 1000:.0f} ms", "", ""),
+            *kv_copy_rows(f"the /stream RAG burst ({batch} prompts)", rag["rag_kv"], server.kv_token_bytes,
+                          kv_copy_seconds(path))]
+    print(f"--only rag: GPT-2-small shape (124M, random weights, fp32); {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}; {server.kv_token_bytes} bytes of keys and values per token\n")
+    print("| measure | value | detail | target |\n| --- | --- | --- | --- |")
+    print("\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -603,26 +769,30 @@ def main() -> int:
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--job-prompts", type=int, default=1000)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
+    parser.add_argument("--only", choices=["rag"], help="rag: only the /stream RAG-shaped burst and the KV cache's "
+                        "copies during it (no references, no peer, no other rows)")
     args = parser.parse_args()
     path = build_bench_model()
+    if args.only == "rag":
+        return rag_only(path, args.new_tokens, args.clients)
     ref = references(path, args.new_tokens, args.clients)
     port, openai_port = free_port(), free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
-    server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", str(args.clients),
-                           "--openai-port", str(openai_port)], log_path)
+    server = start_bench_server(path, port, args.clients, log_path, ["--openai-port", str(openai_port)])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    server.model_path = path
     try:
         srv = asyncio.run(server_measures(port, args.new_tokens, args.clients, args.rss_requests, args.job_prompts,
                                           server))
         srv |= asyncio.run(openai_measures(openai_port, str(path), args.new_tokens, args.clients, tokenizer))
     finally:
         stop_server(server)
+    srv["kv_token_bytes"] = server.kv_token_bytes
     srv |= peer_measures(path, args.new_tokens, args.clients, tokenizer) if not args.no_peer else {}
     ref["warm_prefill_s"], ref["turn_prefill_s"] = prefill_seconds(path, [srv["warm_ids"], srv["turn_ids"]])
     ref |= grammar_compile_seconds(path)
+    ref |= kv_copy_seconds(path)
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
     ref["hf_cb_tps"] = transformers_continuous_batching(path, tokenizer, args.clients, args.new_tokens)
     print(table(ref, srv, args.clients, args.new_tokens))

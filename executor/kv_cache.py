@@ -8,9 +8,30 @@ per layer for keys and one for values. The rows of the batch share a write colum
 every row's new key and value at that column, in place, and attention reads a view of the columns written
 so far (no copy of what is cached). Each row's tokens are right-aligned to the write column (left padding,
 masked out by the 2D attention mask), so the model's own mask code (causal, sliding window, ALiBi from the
-padding mask) works unchanged for every architecture. A row joining copies its own tokens in; a row leaving
-is replaced by the last row (one row's copy). When the write column reaches the end of the storage, the
-live columns move back to the start: at most once every ``margin`` steps, a copy of the live tokens.
+padding mask) works unchanged for every architecture.
+
+A decode step copies nothing already cached; rows joining and leaving do, and so do the moves of the live
+columns (the columns from the longest row's first token to the write column), which copy every row.
+``copied_bytes`` counts it all by cause, in bytes of keys and values (a token is ``token_bytes``: keys and
+values of every layer; the attention mask's 8 bytes a column are left out), with ``joins``, ``leaves``,
+``moves`` (``step_moves`` of them at a step) and ``join_moved_bytes`` beside it (``copy_stats()``):
+
+- ``join``: a row joining copies its own tokens in from the row it was prefilled in (once more, into a
+  temporary, when that row or the one it takes is about to be overwritten). A row longer than the write
+  column, or one joining when the write column is at the end of the storage, first moves the live columns
+  of every running row (rows x live width tokens), counted here too.
+- ``staged``: a prompt still being prefilled in the row a joining one takes moves to the freed row (its
+  tokens so far).
+- ``leave``: a row leaving is replaced by the last row, copied up to the write column, its padding
+  included (one row x the write column); the last row leaving copies nothing.
+- ``move``: at a step, the live columns move back to the start when the write column reaches the end of
+  the storage (at most once every ``margin`` steps: a move leaves at least ``margin`` columns free, as no
+  row is longer than ``max_context``), and also when the columns before the longest row, which every row
+  attends to masked, pass a quarter of the live width and 16 columns (after the longest row left, say):
+  rows x live width tokens, whatever the cause.
+
+A move reads its source through a temporary clone, so its memory traffic is twice what it counts. The
+README ("Long prompts") has what ``make bench`` measured on its RAG-shaped burst.
 
 ``PrefixCache`` keeps the keys and values of whole blocks of tokens after their requests are gone, in a
 tree of blocks keyed by their tokens under their parent block (SGLang's radix cache, at vLLM's block
@@ -172,6 +193,9 @@ def plan_kv_memory(memory, bytes_per_token: int, max_rows: int, max_context: int
 
 
 # ---- the running batch ----------------------------------------------------------------------------------
+COPY_CAUSES = ("join", "staged", "leave", "move")  # the keys of BatchKV.copied_bytes (module docstring)
+
+
 class _BatchLayer(CacheLayerMixin):
     """One layer of ``BatchKV``: writes the step's keys and values at the shared column, returns a view."""
 
@@ -218,7 +242,13 @@ class BatchKV(Cache):
                               torch.zeros((max_rows, s.kv_heads, columns, s.value_dim), dtype=s.dtype, device=device))
                   for s in shapes]
         super().__init__(layers=layers)
-        self.moves = 0  # times the live columns were moved back to the start (for tests)
+        self.moves = 0  # times the live columns were moved (for tests), at a join or at a step
+        # What was copied (module docstring), counted with integer arithmetic only: bytes by cause, rows that
+        # joined and left, moves at a step (``moves - step_moves`` were forced by a joining row, and moved
+        # ``join_moved_bytes`` of the bytes counted under "join").
+        self.token_bytes = sum(s.bytes_per_token for s in shapes)
+        self.copied_bytes = dict.fromkeys(COPY_CAUSES, 0)
+        self.joins = self.leaves = self.step_moves = self.join_moved_bytes = 0
 
     # -- steps --
     def start_step(self, width: int = 1) -> torch.Tensor:
@@ -226,7 +256,10 @@ class BatchKV(Cache):
         # Columns before the longest row are attended to (masked) by every row: move them away once they are
         # a quarter of the live width (a copy of the live tokens, against a quarter more attention per step).
         if self.column + width > self.columns or self._leading_waste() > max(16, self._live_width() // 4):
-            self._move_live_columns_to_start()
+            copied = self._move_live_columns_to_start()
+            if copied:
+                self.copied_bytes["move"] += copied
+                self.step_moves += 1
         self.mask[:self.rows, self.column:self.column + width] = 1
         return self.mask[:self.rows, :self.column + width]
 
@@ -255,6 +288,7 @@ class BatchKV(Cache):
         kv = staged.tokens(0, length)
         if target == staged.row or target in self._staged:
             kv = [(keys.clone(), values.clone()) for keys, values in kv]  # its row is about to be written
+            self.copied_bytes["join"] += length * self.token_bytes
         self.unstage(staged)
         other = self._staged.get(target)
         if other is not None:  # another prompt is being prefilled in that row: it moves to the freed one
@@ -265,6 +299,7 @@ class BatchKV(Cache):
         for layer in self.layers:
             layer.keys[row, :, :staged.filled].copy_(layer.keys[staged.row, :, :staged.filled])
             layer.values[row, :, :staged.filled].copy_(layer.values[staged.row, :, :staged.filled])
+        self.copied_bytes["staged"] += staged.filled * self.token_bytes
         del self._staged[staged.row]
         staged.row = row
         self._staged[row] = staged
@@ -280,7 +315,9 @@ class BatchKV(Cache):
         if self.rows == 0:
             self.column = length
         elif self.column < length or self.column + 1 > self.columns:
-            self._move_live_columns_to_start(at_least=length)
+            moved = self._move_live_columns_to_start(at_least=length)
+            self.copied_bytes["join"] += moved
+            self.join_moved_bytes += moved
         row, start = self.rows, self.column - length
         for layer, (keys, values) in zip(self.layers, layer_kv):
             layer.keys[row, :, start:self.column].copy_(keys)
@@ -289,6 +326,8 @@ class BatchKV(Cache):
         self.mask[row, start:self.column] = 1
         self.lengths[row] = length
         self.rows += 1
+        self.copied_bytes["join"] += length * self.token_bytes
+        self.joins += 1
         return row
 
     def remove_rows(self, indices) -> list:
@@ -299,12 +338,20 @@ class BatchKV(Cache):
             last = len(order) - 1
             if index != last:
                 self._copy_row(last, index)
+                self.copied_bytes["leave"] += self.column * self.token_bytes
                 order[index] = order[last]
             order.pop()
+            self.leaves += 1
         self.rows = len(order)
         if self.rows == 0:
             self.column = 0
         return order
+
+    def copy_stats(self) -> dict:
+        """A snapshot of the copy counters (safe to call from another thread: plain integers)."""
+        return {"copied_bytes": dict(self.copied_bytes), "joins": self.joins, "leaves": self.leaves,
+                "moves": self.moves, "step_moves": self.step_moves, "join_moved_bytes": self.join_moved_bytes,
+                "token_bytes": self.token_bytes}
 
     def row_kv(self, row: int, start: int, end: int) -> list:
         """Per layer ``(keys, values)`` views of tokens ``[start, end)`` of ``row`` (its own positions)."""
@@ -314,7 +361,7 @@ class BatchKV(Cache):
 
     # -- internals --
     def _copy_row(self, source: int, target: int) -> None:
-        width = self.column
+        width = self.column  # the whole row up to the write column, its padding too
         for layer in self.layers:
             layer.keys[target, :, :width].copy_(layer.keys[source, :, :width])
             layer.values[target, :, :width].copy_(layer.values[source, :, :width])
@@ -327,14 +374,15 @@ class BatchKV(Cache):
     def _leading_waste(self) -> int:
         return self.column - self._live_width()
 
-    def _move_live_columns_to_start(self, at_least: int = 0) -> None:
-        """Move every row's tokens so that the write column becomes max(live width, ``at_least``)."""
+    def _move_live_columns_to_start(self, at_least: int = 0) -> int:
+        """Move every row's tokens so that the write column becomes max(live width, ``at_least``). Returns the
+        bytes of keys and values moved (0 when nothing moved)."""
         live = self._live_width()
         new_column = max(live, at_least)
         shift = self.column - new_column  # > 0: move left, < 0: move right
         if shift == 0 or self.rows == 0:
             self.column = new_column
-            return
+            return 0
         source = slice(self.column - live, self.column)
         target = slice(new_column - live, new_column)
         for layer in self.layers:
@@ -345,6 +393,7 @@ class BatchKV(Cache):
         self.mask[:self.rows, target] = mask
         self.column = new_column
         self.moves += 1
+        return self.rows * live * self.token_bytes
 
 
 # ---- a prompt being prefilled --------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Prometheus metrics of the engine, registered in Jina's own registry (``--monitoring``)."""
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -8,7 +10,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class EngineMetrics:
     """Called by the engine thread; each call is a few microseconds."""
 
-    def __init__(self, registry, load):
+    def __init__(self, registry, load, kv_copies=None):
         prefix = "jina_llm_stream"
         self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Time from request to its first token",
                               buckets=_LATENCY_BUCKETS, registry=registry)
@@ -25,6 +27,8 @@ class EngineMetrics:
                       registry=registry)
         queue.set_function(lambda: load()["waiting"])
         batch.set_function(lambda: load()["running"] + load()["prefilling"])
+        if kv_copies is not None:
+            registry.register(_KVCopies(prefix, kv_copies))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -37,3 +41,35 @@ class EngineMetrics:
         self.prompt.inc(prompt_tokens)
         self.cached.inc(cached_tokens)
         self.generated.inc(new_tokens)
+
+
+class _KVCopies(Collector):
+    """What the running batch's KV cache copied (``BatchKV.copy_stats``), read when scraped: the engine only
+    adds integers."""
+
+    def __init__(self, prefix: str, stats):
+        self.prefix, self.stats = prefix, stats
+
+    def collect(self):
+        stats = self.stats()
+        copied = CounterMetricFamily(f"{self.prefix}_kv_copied_bytes", "Bytes of keys and values the running "
+                                     "batch's KV cache copied, by cause: join (a row's own tokens and any move of "
+                                     "the live columns it forced), staged (a prompt being prefilled moved to "
+                                     "another row), leave (the last row moved into a leaving row's place), move "
+                                     "(the live columns moved at a step)", labels=["cause"])
+        for cause, value in stats["copied_bytes"].items():
+            copied.add_metric([cause], value)
+        rows = CounterMetricFamily(f"{self.prefix}_kv_rows", "Rows that joined or left the running batch",
+                                   labels=["event"])
+        rows.add_metric(["join"], stats["joins"])
+        rows.add_metric(["leave"], stats["leaves"])
+        moves = CounterMetricFamily(f"{self.prefix}_kv_moves", "Moves of the running batch's live columns (each "
+                                    "copies every row), forced by a joining row or at a step", labels=["at"])
+        moves.add_metric(["join"], stats["moves"] - stats["step_moves"])
+        moves.add_metric(["step"], stats["step_moves"])
+        moved = CounterMetricFamily(f"{self.prefix}_kv_moved_bytes", "Bytes those moves copied (at a join: a part "
+                                    "of kv_copied_bytes{cause=\"join\"}; at a step: all of cause=\"move\")",
+                                    labels=["at"])
+        moved.add_metric(["join"], stats["join_moved_bytes"])
+        moved.add_metric(["step"], stats["copied_bytes"]["move"])
+        return [copied, rows, moves, moved]

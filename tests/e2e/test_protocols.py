@@ -211,11 +211,15 @@ def test_prometheus_metrics(server):
         time.sleep(0.5)
     for name in ("jina_llm_stream_time_to_first_token_seconds_bucket", "jina_llm_stream_inter_token_latency_seconds",
                  "jina_llm_stream_generated_tokens_total", "jina_llm_stream_prompt_tokens_total",
-                 "jina_llm_stream_cached_prompt_tokens_total", "jina_llm_stream_requests_total", "jina_llm_stream_queue_depth", "jina_llm_stream_batch_size"):
+                 "jina_llm_stream_cached_prompt_tokens_total", "jina_llm_stream_requests_total", "jina_llm_stream_queue_depth", "jina_llm_stream_batch_size",
+                 "jina_llm_stream_kv_copied_bytes_total", "jina_llm_stream_kv_rows_total"):
         assert name in text, name
     generated = [line for line in text.splitlines() if line.startswith("jina_llm_stream_generated_tokens_total")]
     assert float(generated[0].split()[-1]) > 0
     assert 'outcome="length"' in text or 'outcome="stop"' in text
+    joined = [line for line in text.splitlines()
+              if line.startswith('jina_llm_stream_kv_copied_bytes_total{cause="join"}')]
+    assert float(joined[0].split()[-1]) > 0, "a row joined the batch (the warm-up's at least): its tokens were copied"
 
 
 def test_health_and_one_log_line_per_request_without_prompt_text(server):

@@ -1,0 +1,56 @@
+"""executor/metrics.py on its own: the engine's metrics in a registry of their own, as a scrape reads them."""
+
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+from executor.kv_cache import BatchKV, LayerShape
+from executor.metrics import EngineMetrics
+
+SHAPES = [LayerShape(kv_heads=2, key_dim=3, value_dim=3, dtype=torch.float32)] * 2  # 96 bytes a token
+CPU = torch.device("cpu")
+
+
+def tokens(length: int) -> list:
+    return [(torch.ones(2, length, 3), torch.ones(2, length, 3)) for _ in SHAPES]
+
+
+def test_kv_copies_are_counters_by_cause_read_from_the_batch_at_each_scrape():
+    registry = CollectorRegistry()
+    batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
+    EngineMetrics(registry, lambda: {"waiting": 0, "prefilling": 0, "running": batch.rows}, batch.copy_stats)
+    value = registry.get_sample_value
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "join"}) == 0
+    batch.add_row(tokens(3), 3)
+    batch.add_row(tokens(5), 5)  # longer than the write column: the running row's 3 tokens move first
+    batch.add_row(tokens(2), 2)
+    batch.remove_rows([0])  # the last row fills the hole: 5 columns
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "join"}) == (3 + 3 + 5 + 2) * 96
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "leave"}) == 5 * 96
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "move"}) == 0
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "staged"}) == 0
+    assert value("jina_llm_stream_kv_rows_total", {"event": "join"}) == 3
+    assert value("jina_llm_stream_kv_rows_total", {"event": "leave"}) == 1
+    assert value("jina_llm_stream_kv_moves_total", {"at": "join"}) == 1
+    assert value("jina_llm_stream_kv_moves_total", {"at": "step"}) == 0
+    assert value("jina_llm_stream_kv_moved_bytes_total", {"at": "join"}) == 3 * 96
+    assert value("jina_llm_stream_kv_moved_bytes_total", {"at": "step"}) == 0
+    batch.add_row(tokens(30), 30)  # 2 rows x 5 live tokens move for it
+    batch.remove_rows([2])  # the 30-token row leaves (the last row: no copy); 25 columns of padding remain
+    batch.start_step(1)  # compaction: 2 rows x 5 live tokens move back
+    assert value("jina_llm_stream_kv_moves_total", {"at": "join"}) == 2
+    assert value("jina_llm_stream_kv_moves_total", {"at": "step"}) == 1
+    assert value("jina_llm_stream_kv_moved_bytes_total", {"at": "join"}) == (3 + 10) * 96
+    assert value("jina_llm_stream_kv_moved_bytes_total", {"at": "step"}) == 10 * 96
+    assert value("jina_llm_stream_kv_copied_bytes_total", {"cause": "move"}) == 10 * 96
+    text = generate_latest(registry).decode()
+    assert "# TYPE jina_llm_stream_kv_copied_bytes_total counter" in text
+    assert 'jina_llm_stream_kv_copied_bytes_total{cause="leave"} 480.0' in text
+    assert value("jina_llm_stream_batch_size") == 2
+    assert value("jina_llm_stream_kv_rows_total", {"event": "leave"}) == 2
+
+
+def test_without_a_kv_cache_the_other_metrics_stand_alone():
+    registry = CollectorRegistry()
+    EngineMetrics(registry, lambda: {"waiting": 1, "prefilling": 0, "running": 0})
+    assert registry.get_sample_value("jina_llm_stream_queue_depth") == 1
+    assert registry.get_sample_value("jina_llm_stream_kv_copied_bytes_total", {"cause": "join"}) is None
