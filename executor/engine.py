@@ -223,8 +223,9 @@ class Engine(AsyncCalls):
         return {"waiting": len(self.scheduler.waiting), "prefilling": len(self.scheduler.prefilling),
                 "running": len(self.runner.running)}
 
-    def kv_copies(self) -> dict:  # what the running batch's KV cache copied (BatchKV.copy_stats), for metrics
-        return self._batch.copy_stats()
+    def kv_copies(self) -> dict:
+        """What the running batch's KV storage copied (BatchKV.copy_stats), for metrics."""
+        return self.kv.batch.copy_stats()
 
     def _cancel(self, sequences) -> None:
         """Cancel from any thread: waiting sequences leave the queue now (a cancelled call leaves nothing
