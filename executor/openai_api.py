@@ -378,20 +378,22 @@ async def complete(settings: Settings, backend: ExecutorBackend, request, kind: 
     authorize(settings, request)
     body = await read_body(settings, request)
     prompts, names = build_prompts(body)
-    prompts = with_n_choices(prompts, choices_per_prompt(body))
+    n = choices_per_prompt(body)
+    prompts = with_n_choices(prompts, n)
     shape = Shape(kind, settings.model_id, tools_of(body, shape_kind=kind))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if not body.get("stream") or shape.calls_tools:  # calls are found in whole answers
         answers = await backend.answers(prompts, names, shape.messages_name, request.url.path)
         if body.get("stream"):
-            return StreamingResponse(_sse_of_whole(shape, answers, include_usage), media_type="text/event-stream")
-        return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers),
+            return StreamingResponse(_sse_of_whole(shape, answers, n, include_usage), media_type="text/event-stream")
+        return JSONResponse({**shape.envelope(chunk=False), "usage": _usage(answers, n),
                              "choices": [shape.choice(index, answer.text, answer.finish_reason, chunk=False,
                                                       logprobs=answer.logprobs)
                                          for index, answer in enumerate(answers)]})
     pieces = backend.streams(prompts, names, shape.messages_name, request.url.path)
     first = await first_of(pieces)  # before the response starts: a refused request is an HTTP error status
-    return StreamingResponse(_sse(shape, len(prompts), first, pieces, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_sse(shape, len(prompts), n, first, pieces, include_usage),
+                             media_type="text/event-stream")
 
 
 # ---- responses --------------------------------------------------------------------------------------------
@@ -465,16 +467,28 @@ def _completion_logprobs(entries, offset: int):
             "text_offset": offsets}
 
 
-def _usage(lasts) -> dict:
-    """Usage summed over the answers, from each answer's last Generation (None for one that never came)."""
-    prompt = sum((last.prompt_tokens or 0) for last in lasts if last)
+def _usage(lasts: list, n: int) -> dict:
+    """Usage of a request, from each choice's last Generation (None for one that never came); ``lasts`` holds
+    ``n`` choices per prompt in a row (with_n_choices). As OpenAI counts it: completion tokens summed over
+    the choices, each prompt counted once however many choices it has."""
     completion = sum((last.completion_tokens or 0) for last in lasts if last)
-    cached = sum((getattr(last, "cached_tokens", 0) or 0) for last in lasts if last)
+    prompt = cached = 0
+    for start in range(0, len(lasts), n):
+        came = [last for last in lasts[start:start + n] if last]
+        if not came:
+            continue
+        prompt += came[0].prompt_tokens or 0  # the n copies are the same prompt, the same tokens
+        # The prompt's cached tokens, once: those of its first choice (the first that came, should one not).
+        # Not the max: the copies are queued in choice order, and choices 1..n-1 reuse the blocks choice 0
+        # computed for this very request (from 64 tokens on), so the max would report a cache hit on a prompt
+        # never seen before. Choice 0's hit is what earlier requests left: what the same request with n=1
+        # reports, and prompt_tokens - cached_tokens stays about what this request's prompt cost to compute.
+        cached += getattr(came[0], "cached_tokens", 0) or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _sse_of_whole(shape: Shape, answers: list, include_usage: bool):
+async def _sse_of_whole(shape: Shape, answers: list, n: int, include_usage: bool):
     """A stream of answers that may call tools: their calls are found once each answer is complete, then
     sent as one tool-call delta per call (OpenAI's chunk shapes)."""
     def event(choices: list, **extra) -> str:
@@ -490,11 +504,11 @@ async def _sse_of_whole(shape: Shape, answers: list, include_usage: bool):
             yield event([shape.choice(index, None, None, True) | {"delta": {"tool_calls": [{"index": position, **call}]}}])
         yield event([shape.choice(index, None, None, True) | {"finish_reason": whole["finish_reason"]}])
     if include_usage:
-        yield event([], usage=_usage(answers))
+        yield event([], usage=_usage(answers, n))
     yield "data: [DONE]\n\n"
 
 
-async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
+async def _sse(shape: Shape, count: int, n: int, first, pieces, include_usage: bool):
     def event(choices: list, **extra) -> str:
         return shape.chunk_event(choices, include_usage, **extra)
 
@@ -515,7 +529,7 @@ async def _sse(shape: Shape, count: int, first, pieces, include_usage: bool):
         yield "data: [DONE]\n\n"
         return
     if include_usage:
-        yield event([], usage=_usage(lasts))
+        yield event([], usage=_usage(lasts, n))
     yield "data: [DONE]\n\n"
 
 

@@ -9,18 +9,24 @@ import time
 import httpx
 from docarray import DocList
 
-from conftest import PYTHON, ROOT, free_port, post_chat, run, serve_deployment, serve_process, stream_doc
+from conftest import (PYTHON, REPEATED_PROMPT, ROOT, free_port, post_chat, run, serve_deployment, serve_process,
+                      stream_doc)
 from schemas import Prompt
 
 HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_new_tokens": 12})
 
 
 def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
+    """Also two flags that are off by default: --log-prompts, and --no-prefix-caching: the same long prompt
+    twice reuses nothing. (With caching on, its second time is a hit: test_protocols.py's
+    test_cached_prompt_tokens_counter_grows_by_each_answers_cached_tokens sends it until it hits.)"""
     port = free_port()
     env = {"JINA_LLM_STREAM_CACHE": str(tmp_path / "cache")}
-    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts"], env=env,
-                       timeout=300) as (process, log):  # the first use trains the demo model (about a minute)
+    with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts", "--no-prefix-caching"],
+                       env=env, timeout=300) as (process, log):  # the first use trains the demo model (about a minute)
         assert process.poll() is None, log.read_text()
+        repeated = [run(post_chat(port, Prompt(**REPEATED_PROMPT)))[0] for _ in range(2)]
+        assert [(a.prompt_tokens > 64, a.cached_tokens) for a in repeated] == [(True, 0), (True, 0)], repeated
         answer = run(post_chat(port, HELLO))[0]
         pieces = run(stream_doc(port, HELLO))
         assert answer.text and "".join(p.text for p in pieces) == answer.text

@@ -53,6 +53,37 @@ def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(api):
                      rf"{second.usage.prompt_tokens_details.cached_tokens} ", api["log"].read_text(errors="replace"))
 
 
+def test_n_choices_count_their_prompt_and_its_cached_tokens_once(api):
+    """OpenAI's usage with n > 1: completion tokens summed over the choices, the prompt counted once, and so
+    are its cached tokens (those of choice 0: the other copies reuse choice 0's prefill, not an earlier
+    request's). Three copies fill the queue of this server; chat and completions, whole and streamed."""
+    three = {"n": 3, "max_tokens": 3, "temperature": 0, "extra_body": {"min_tokens": 3}}
+    usage_chunk = {"stream": True, "stream_options": {"include_usage": True}}
+    # A topic of its own (no earlier request cached it), over 64 tokens: the copies share their prefill.
+    messages = [{"role": "user", "content": "Describe the lighthouse keeper's seven cats and their evening routine. "
+                                            * 2}]
+    fresh = chat(api, messages=messages, **three)
+    alone = chat(api, messages=messages, max_tokens=3, temperature=0)  # the same prompt, n=1, now cached
+    again = list(chat(api, messages=messages, **three, **usage_chunk))[-1].usage
+    prompt = alone.usage.prompt_tokens
+    assert 64 < prompt and alone.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16
+    assert len(fresh.choices) == 3
+    usage = fresh.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt, 9, prompt + 9)
+    assert usage.prompt_tokens_details.cached_tokens == 0, "the copies' reuse of choice 0 is no cache hit"
+    assert (again.prompt_tokens, again.completion_tokens, again.total_tokens) == (prompt, 9, prompt + 9)
+    assert again.prompt_tokens_details.cached_tokens == alone.usage.prompt_tokens_details.cached_tokens
+
+    text = "The lighthouse keeper counted the ships that passed the rocks at night. " * 2
+    whole = api["client"].completions.create(model=api["model"], prompt=text, **three)
+    streamed = list(api["client"].completions.create(model=api["model"], prompt=text, **three, **usage_chunk))
+    tokens = len(AutoTokenizer.from_pretrained(api["model"])(text)["input_ids"])
+    assert tokens > 64 and sorted(c.index for c in whole.choices) == [0, 1, 2]
+    for usage, cached in ((whole.usage, 0), (streamed[-1].usage, (tokens - 1) // 16 * 16)):
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (tokens, 9, tokens + 9)
+        assert usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_models_list(api):
     assert [model.id for model in api["client"].models.list()] == [api["model"]]
     assert api["client"].models.retrieve(api["model"]).id == api["model"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from docarray import DocList
 from jina import Client
 
-from conftest import PYTHON, free_port, run, serve_process
+from conftest import PYTHON, REPEATED_PROMPT, free_port, run, serve_process
 from schemas import Generation, Prompt
 
 GOOD = {"message": [{"role": "user", "content": "Hello, how are you? 😀"}], "gen_conf": {"max_new_tokens": 24}}
@@ -220,6 +220,45 @@ def test_prometheus_metrics(server):
     joined = [line for line in text.splitlines()
               if line.startswith('jina_llm_stream_kv_copied_bytes_total{cause="join"}')]
     assert float(joined[0].split()[-1]) > 0, "a row joined the batch (the warm-up's at least): its tokens were copied"
+
+
+def replica_metrics_ports(server) -> list:
+    """Each replica serves its own registry: --port-monitoring is replica 0's; Jina gives the others random
+    ports, which its start-up summary names ("executor/rep-1    ...:PORT")."""
+    deadline, ports = time.monotonic() + 20, {}
+    while len(ports) < 2 and time.monotonic() < deadline:
+        ports = dict(re.findall(r"executor/rep-(\d+)\s+\.\.\.:(\d+)", server["log"].read_text(errors="replace")))
+        time.sleep(0.1)
+    assert len(ports) == 2 and ports["0"] == str(server["metrics"]), ports
+    return [int(port) for port in ports.values()]
+
+
+def counter_total(ports, name) -> float:
+    """A counter summed over the replicas (what a Prometheus query sums over the scraped targets)."""
+    total = 0.0
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text
+        total += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return total
+
+
+def test_cached_prompt_tokens_counter_grows_by_each_answers_cached_tokens(server):
+    """The counter's value, not only its name: each answer adds its own cached_tokens (a prefix-cache hit
+    included) and prompt_tokens, exactly. The engine counts a request before it sends its last piece, so
+    the counters are up to date when the answer arrives. The same long prompt is sent until it hits the
+    cache: at most three sends, as two of them reach the same replica (of two)."""
+    ports = replica_metrics_ports(server)
+    cached, prompt = "jina_llm_stream_cached_prompt_tokens_total", "jina_llm_stream_prompt_tokens_total"
+    answers = []
+    while len(answers) < 3 and not any(answer.cached_tokens for answer in answers):
+        before = counter_total(ports, cached), counter_total(ports, prompt)
+        answer = jina_post(server, "grpc", REPEATED_PROMPT)[0]
+        answers.append(answer)
+        grown = counter_total(ports, cached) - before[0], counter_total(ports, prompt) - before[1]
+        assert grown == (answer.cached_tokens, answer.prompt_tokens), [(a.cached_tokens, a.prompt_tokens)
+                                                                        for a in answers]
+    hit = answers[-1]
+    assert hit.prompt_tokens > 64 and hit.cached_tokens == (hit.prompt_tokens - 1) // 16 * 16, "no cache hit"
 
 
 def test_health_and_one_log_line_per_request_without_prompt_text(server):

@@ -63,6 +63,39 @@ def test_n_choices_are_copies_in_order_with_their_own_seeds():
     assert all("seed" not in p.gen_conf for p in unseeded)
 
 
+def _last(prompt_tokens, completion_tokens, cached_tokens):
+    from schemas import Generation
+
+    return Generation(text="x", finish_reason="length", prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens, cached_tokens=cached_tokens)
+
+
+def test_usage_counts_each_prompt_and_its_cached_tokens_once_over_its_n_choices():
+    """Two prompts x n=2 in a row (with_n_choices' order): the prompts once each, with choice 0's cached
+    tokens (choice 1 reused choice 0's prefill); completions summed; a choice that never came is skipped."""
+    from executor.openai_api import _usage
+
+    lasts = [_last(100, 3, 0), _last(100, 2, 96), None, _last(20, 3, 0)]
+    assert _usage(lasts, 2) == {"prompt_tokens": 120, "completion_tokens": 8, "total_tokens": 128,
+                                "prompt_tokens_details": {"cached_tokens": 0}}
+    assert _usage([_last(100, 3, 96)] * 3, 3)["prompt_tokens_details"] == {"cached_tokens": 96}
+    assert _usage([_last(100, 3, 96), _last(20, 1, 0)], 1)["prompt_tokens"] == 120  # n=1: one prompt each
+
+
+def test_a_stream_of_whole_answers_reports_the_prompt_once_over_its_n_choices():
+    """With tools the answers are streamed once whole (_sse_of_whole): its usage chunk counts as _usage."""
+    import asyncio
+
+    from executor.openai_api import Shape, _sse_of_whole
+
+    async def events():
+        return [e async for e in _sse_of_whole(Shape("chat", "m"), [_last(100, 3, 96)] * 3, 3, True)]
+
+    usage = json.loads(asyncio.run(events())[-2].removeprefix("data: "))["usage"]
+    assert usage == {"prompt_tokens": 100, "completion_tokens": 9, "total_tokens": 109,
+                     "prompt_tokens_details": {"cached_tokens": 96}}
+
+
 def test_logprobs_of_chat_and_of_completions():
     assert gen_conf_from({"logprobs": True, "top_logprobs": 3})[0].items() >= {"logprobs": True, "top_logprobs": 3}.items()
     assert "logprobs" not in gen_conf_from({"logprobs": False})[0]
