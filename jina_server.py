@@ -1,7 +1,7 @@
 """Command line: serve a Hugging Face causal LM with Jina.
 
-    python jina_server.py                        # the built-in demo model on port 12345 (gRPC)
-    python jina_server.py --model_name gpt2      # any hub name or local folder
+    python jina_server.py                        # the default model (SmolLM2-135M-Instruct) on port 12345 (gRPC)
+    python jina_server.py --model_name gpt2      # any hub name, local folder or GGUF file
     python jina_server.py --protocol grpc http --port 12345 12346 --replicas 2 --monitoring --port-monitoring 9090
     python jina_server.py export kubernetes k8s/ --image my-registry/jina-llm-stream:1.0
 
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 HELP = {
-    "model_name": "Hugging Face hub name or local folder; omit it to serve the built-in demo model",
+    "model_name": "Hugging Face hub name, local folder or GGUF file (dequantized once, cached); omit it to serve "
+                  "the default model, SmolLM2-135M-Instruct",
     "device": "auto (accelerate places the model), cpu, cuda or cuda:N; a missing device is an error",
     "dtype": "auto (the checkpoint's own), float32, float16 or bfloat16",
     "trust_remote_code": "run code shipped with the model (off by default)",
@@ -151,18 +152,19 @@ def serve(args, settings) -> int:
     else:
         server = Deployment(**kwargs)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    if not args.model_name:
-        # Trained on first use (about a minute), before the gateway starts polling an Executor that is still
-        # busy (a warning a second); the Executor then finds it on disk. In a child process: training starts
-        # torch's thread pool, and an Executor that Jina forks from a process with that pool hangs at its
-        # first parallel operation.
+    if not args.model_name or str(args.model_name).lower().endswith(".gguf"):
+        # Dequantized on first use (tens of seconds), before the gateway starts polling an Executor that is
+        # still busy (a warning a second) and before replicas would each do it; the Executors then find the copy
+        # on disk. In a child process: an Executor that Jina forks from a process with torch's thread pool
+        # started hangs at its first parallel operation.
         try:
-            subprocess.run([sys.executable, "-c", "from executor.demo_model import ensure_demo_model; "
-                            "ensure_demo_model()"], cwd=Path(__file__).resolve().parent, check=True)
+            gguf_file = str(Path(args.model_name).expanduser().resolve()) if args.model_name else ""
+            subprocess.run([sys.executable, "-m", "executor.gguf_model", gguf_file],
+                           cwd=Path(__file__).resolve().parent, check=True)
         except KeyboardInterrupt:
             return 0
         except subprocess.CalledProcessError as error:
-            logging.getLogger("jina_llm_stream").error("the demo model could not be built (exit code %d)",
+            logging.getLogger("jina_llm_stream").error("the model could not be prepared (exit code %d)",
                                                        error.returncode)
             return 1
     try:

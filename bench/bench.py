@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizer and GPT-2 builders
 
 import peer  # noqa: E402
 import torch  # noqa: E402
@@ -57,7 +58,7 @@ def build_bench_model() -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from executor.demo_model import DEMO_CHAT_TEMPLATE, build_gpt2
+    from tiny_models import CHATML_TEMPLATE, build_gpt2
 
     print("building the benchmark model (first run only) ...", flush=True)
     rng = random.Random(0)
@@ -72,7 +73,7 @@ def build_bench_model() -> Path:
     core.train_from_iterator(text, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|endoftext|>",
                                         pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    tokenizer.chat_template = CHATML_TEMPLATE
     partial = BENCH_MODEL.with_name(BENCH_MODEL.name + ".partial")
     build_gpt2(partial, tokenizer, n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
     partial.rename(BENCH_MODEL)

@@ -1,6 +1,6 @@
 """Soak test: many clients at once for a while, mixing every kind of request; loopback only, stops by itself.
 
-    make soak                     # 32 clients for 60 s on the demo model
+    make soak                     # 32 clients for 60 s on the default model
     .venv/bin/python bench/soak.py --clients 8 --seconds 10 --model_name PATH
 
 Each client loops until the time is up, choosing at random: a whole answer (/chat), a stream (/stream),
@@ -148,7 +148,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--model_name", default=None, help="default: the embedded demo model")
+    parser.add_argument("--model_name", default=None, help="default: the default model (SmolLM2-135M-Instruct)")
     args = parser.parse_args()
     random.seed(0)
     port = free_port()

@@ -22,3 +22,7 @@ class ServerBusyError(RuntimeError):
 
 class EngineError(RuntimeError):
     """The model failed while working on this request (e.g. out of memory); other requests go on."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the server must not start."""

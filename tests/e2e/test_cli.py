@@ -1,4 +1,4 @@
-"""The CLI, the embedded demo model, config.yml (Deployment and `jina executor`), start-up failures."""
+"""The CLI, the default model, config.yml (Deployment and `jina executor`), start-up failures."""
 
 import json
 import os
@@ -16,27 +16,33 @@ from schemas import Prompt
 HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_new_tokens": 12})
 
 
-def test_cli_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
-    """Also two flags that are off by default: --log-prompts, and --no-prefix-caching: the same long prompt
+def test_cli_serves_the_default_model_and_stops_on_sigterm(tmp_path):
+    """With no --model_name: SmolLM2-135M-Instruct, dequantized from the wheel's GGUF file on this first start
+    (an empty cache folder) and kept there. Also two flags that are off by default: --log-prompts, and --no-prefix-caching: the same long prompt
     twice reuses nothing. (With caching on, its second time is a hit: test_protocols.py's
     test_cached_prompt_tokens_counter_grows_by_each_answers_cached_tokens sends it until it hits.)"""
     port = free_port()
     env = {"JINA_LLM_STREAM_CACHE": str(tmp_path / "cache")}
     with serve_process([PYTHON, "jina_server.py", "--port", str(port), "--log-prompts", "--no-prefix-caching"],
-                       env=env, timeout=300) as (process, log):  # the first use trains the demo model (about a minute)
+                       env=env, timeout=300) as (process, log):  # the first start dequantizes the model
         assert process.poll() is None, log.read_text()
         repeated = [run(post_chat(port, Prompt(**REPEATED_PROMPT)))[0] for _ in range(2)]
         assert [(a.prompt_tokens > 64, a.cached_tokens) for a in repeated] == [(True, 0), (True, 0)], repeated
-        answer = run(post_chat(port, HELLO))[0]
-        pieces = run(stream_doc(port, HELLO))
-        assert answer.text and "".join(p.text for p in pieces) == answer.text
-        sampled = run(post_chat(port, Prompt(message=HELLO.message, gen_conf={"max_new_tokens": 60, "do_sample": True,
-                                                                               "temperature": 0.8, "seed": 1})))[0]
+        question = Prompt(message=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                          gen_conf={"max_new_tokens": 24})
+        answer = run(post_chat(port, question))[0]
+        pieces = run(stream_doc(port, question))
+        assert "Paris" in answer.text and "".join(p.text for p in pieces) == answer.text
+        tell = [{"role": "user", "content": "Tell me about Paris in two sentences."}]
+        sampled = run(post_chat(port, Prompt(message=tell, gen_conf={"max_new_tokens": 60, "do_sample": True,
+                                                                      "temperature": 0.8, "seed": 1})))[0]
         for text in (answer.text, sampled.text):
             assert_reads_as_words(text)
-        assert "DEMO model" in log.read_text() and "word salad" in log.read_text()
-        assert "prompt messages=[{'role': 'user', 'content': 'Hello!'}]" in log.read_text()  # --log-prompts
-        assert (tmp_path / "cache" / "demo-gpt2-v4" / "model.safetensors").exists()
+        assert "serving the default model SmolLM2-135M-Instruct" in log.read_text()
+        assert "dequantizing" in log.read_text() and "dequantized SmolLM2-135M-Instruct.Q4_1.gguf in" in log.read_text()
+        assert "prompt messages=[{'role': 'user', 'content': 'Tell me about Paris in two sentences.'}]" in log.read_text()
+        [copy] = (tmp_path / "cache" / "gguf").glob("SmolLM2-135M-Instruct.Q4_1-*")
+        assert (copy / ".complete").exists() and (copy / "model.safetensors").exists()
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)

@@ -240,7 +240,7 @@ def test_the_readme_curl_example_works_as_written(api):
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"```bash\n(curl [^`]*?/v1/chat/completions[^`]*?)```", readme).group(1)
     command = command.replace("\\\n", " ").replace("http://localhost:8000", api["url"])
-    command = command.replace('"model": "demo"', f'"model": "{api["model"]}"').replace("$JINA_LLM_STREAM_API_KEY", KEY)
+    command = command.replace('"model": "SmolLM2-135M-Instruct"', f'"model": "{api["model"]}"').replace("$JINA_LLM_STREAM_API_KEY", KEY)
     result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and '"chat.completion"' in result.stdout, result.stdout + result.stderr
 

@@ -31,9 +31,9 @@ class Person(BaseModel):
 def served(tmp_path_factory):
     """A tiny chat model (random) with a context long enough for the tools the fallback writes into the
     system message."""
-    from executor.demo_model import DEMO_CHAT_TEMPLATE, build_gpt2, build_tokenizer
+    from tiny_models import CHATML_TEMPLATE, build_gpt2, build_tokenizer
 
-    model = build_gpt2(tmp_path_factory.mktemp("served") / "chat", build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE),
+    model = build_gpt2(tmp_path_factory.mktemp("served") / "chat", build_tokenizer(chat_template=CHATML_TEMPLATE),
                        n_positions=2048, initializer_range=0.2)
     grpc_port, openai_port = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(model), "--port", str(grpc_port),
@@ -116,7 +116,7 @@ def test_the_readme_examples_run_as_written(served, capsys):
     assert len(examples) == 2
     for code in examples:
         code = (code.replace("localhost:12345", f"127.0.0.1:{served['grpc']}")
-                .replace("localhost:8000", f"127.0.0.1:{served['openai']}").replace('model="demo"', f"model={served['model']!r}"))
+                .replace("localhost:8000", f"127.0.0.1:{served['openai']}").replace('model="SmolLM2-135M-Instruct"', f"model={served['model']!r}"))
         exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     texts = ast.literal_eval(printed[0])
@@ -238,7 +238,7 @@ def test_the_readme_tool_call_example_runs_as_written(served, capsys):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Tool calls"):readme.index("## Many users at once")]
     [code] = re.findall(r"```python\n(.*?)```", section, re.S)
-    code = code.replace("localhost:8000", f"127.0.0.1:{served['openai']}").replace('model="demo"', f"model={served['model']!r}")
+    code = code.replace("localhost:8000", f"127.0.0.1:{served['openai']}").replace('model="SmolLM2-135M-Instruct"', f"model={served['model']!r}")
     exec(compile(code, "README.md", "exec"), {})
     name, arguments = capsys.readouterr().out.splitlines()[0].split(" ", 1)
     assert name == "get_weather" and "city" in json.loads(arguments)

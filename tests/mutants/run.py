@@ -38,7 +38,7 @@ MUTANTS = [
     ("tool_choice required constrains the answer", "executor/validation.py", "    if parsed is not None and parsed.constrained:", "    if False:", "tests/unit/test_tools.py -k required"),
     ("stream cancellation on disconnect (OpenAI)", "executor/jina_compat.py", "                answer.cancel()\n", "", "tests/e2e/test_openai.py -k full_queue"),
     ("cached prompt tokens counter counts the cached ones", "executor/metrics.py", "self.cached.inc(cached_tokens)", "self.cached.inc(prompt_tokens)", "tests/e2e/test_protocols.py -k cached_prompt_tokens_counter"),
-    ("--no-prefix-caching reaches the engine", "executor/executor.py", "prefix_caching=prefix_caching,", "prefix_caching=True,", "tests/e2e/test_cli.py -k demo_model"),
+    ("--no-prefix-caching reaches the engine", "executor/executor.py", "prefix_caching=prefix_caching,", "prefix_caching=True,", "tests/e2e/test_cli.py -k default_model"),
     ("n choices count their prompt once (OpenAI usage)", "executor/openai_api.py", "prompt += came[0].prompt_tokens or 0", "prompt += sum(last.prompt_tokens or 0 for last in came)", "tests/e2e/test_openai.py -k n_choices"),
     ("n choices report choice 0's cached tokens", "executor/openai_api.py", "cached += getattr(came[0], \"cached_tokens\", 0) or 0", "cached += max(getattr(last, \"cached_tokens\", 0) or 0 for last in came)", "tests/e2e/test_openai.py -k n_choices"),
     ("streamed usage groups the n choices", "executor/openai_api.py", "usage=_usage(lasts, n)", "usage=_usage(lasts, 1)", "tests/e2e/test_openai.py -k n_choices"),

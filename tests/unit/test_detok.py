@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from executor.detok import IncrementalDetokenizer, decode, held_back_length
-from executor.demo_model import build_tokenizer
+from tiny_models import build_tokenizer
 from helpers import sentencepiece_tokenizer
 
 TEXTS = [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from executor.demo_model import build_tokenizer
+from tiny_models import build_tokenizer
 from executor.model import FALLBACK_CHAT_TEMPLATE, ModelLoadError, encode_prompt, load
 
 

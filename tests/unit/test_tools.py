@@ -35,9 +35,9 @@ TOOLS_TEMPLATE = (
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """A tiny chat model with room for the tools the fallback writes into the system message."""
-    from executor.demo_model import DEMO_CHAT_TEMPLATE, build_gpt2, build_tokenizer
+    from tiny_models import CHATML_TEMPLATE, build_gpt2, build_tokenizer
 
-    path = build_gpt2(tmp_path_factory.mktemp("tools") / "chat", build_tokenizer(chat_template=DEMO_CHAT_TEMPLATE),
+    path = build_gpt2(tmp_path_factory.mktemp("tools") / "chat", build_tokenizer(chat_template=CHATML_TEMPLATE),
                       n_positions=2048, initializer_range=0.2)
     return load(str(path))
 
@@ -116,7 +116,7 @@ def test_history_with_calls_and_tool_answers_renders_with_and_without_tool_suppo
                                                               "arguments": '{"city": "Oslo", "days": 1}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}], LIMITS)
     tools = parse_tools([WEATHER], "auto")
-    plain = render_prompt(lm.tokenizer, history, tools)  # the demo template knows no tools: the fallback
+    plain = render_prompt(lm.tokenizer, history, tools)  # the ChatML test template knows no tools: the fallback
     assert "<tools>" in plain and '"get_weather"' in plain
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call>' in plain
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in plain
