@@ -5,22 +5,19 @@ from array import array
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from executor.kv_manager import MIN_REUSED_TOKENS, KVManager
 from executor.model_runner import cache_kwarg
 from executor.sequence import Sequence
 from executor.validation import SamplingSettings
+from tiny_models import new_llama
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
+    return new_llama()
 
 
 @pytest.fixture
