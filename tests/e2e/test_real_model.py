@@ -106,9 +106,14 @@ def test_a_six_turn_conversation_hits_the_prefix_cache_from_turn_two(served):
     assert cached[0] == 0 and all(tokens > 0 for tokens in cached[1:]), cached
 
 
-def test_the_readme_first_answer_runs_as_written_and_prints_what_it_shows(served, capsys):
+@pytest.mark.parametrize("section", [("## Two commands", "`make test` takes about"),
+                                     ("## Calling it", "The joined pieces of `/stream`")])
+def test_the_readme_examples_run_as_written_and_print_what_they_show(served, capsys, section):
+    """Each ```python block followed by a ```text block: run against this server, it prints that text."""
     readme = (ROOT / "README.md").read_text()
-    first = readme[readme.index("## Two commands"):readme.index("`make test` takes about")]
-    code, shown = re.search(r"```python\n(.*?)```\n\n```text\n(.*?)```", first, re.S).groups()
-    exec(compile(code.replace("localhost:12345", f"127.0.0.1:{served['grpc']}"), "README.md", "exec"), {})
-    assert capsys.readouterr().out == shown
+    text = readme[readme.index(section[0]):readme.index(section[1])]
+    examples = re.findall(r"```python\n((?:(?!```).)*)```\n\n```text\n(.*?)```", text, re.S)
+    assert examples, section
+    for code, shown in examples:
+        exec(compile(code.replace("localhost:12345", f"127.0.0.1:{served['grpc']}"), "README.md", "exec"), {})
+        assert capsys.readouterr().out == shown
