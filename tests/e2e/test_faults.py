@@ -14,8 +14,11 @@ import pytest
 from conftest import PYTHON, free_port, run, serve_process
 from schemas import Generation, Prompt
 
+# Long enough (about 15 s on 2 CPU cores) that every stream is still generating when the last of them shows its
+# first piece: in one CI run all four first pieces reached the client only ~5 s after the engines' first
+# tokens, when 300-token answers had already finished, so the replica was killed after its streams were done.
 LONG = {"message": [{"role": "user", "content": "Tell me everything."}],
-        "gen_conf": {"max_new_tokens": 300, "min_new_tokens": 300, "temperature": 0}}
+        "gen_conf": {"max_new_tokens": 900, "min_new_tokens": 900, "temperature": 0}}
 
 
 async def watched_stream(port, first_piece: asyncio.Event):
