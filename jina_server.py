@@ -133,6 +133,7 @@ def serve(args, settings) -> int:
     from jina import Deployment, Flow
 
     from executor import TokenStreamingExecutor
+    from executor.gguf_model import is_gguf
 
     kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
@@ -152,7 +153,7 @@ def serve(args, settings) -> int:
     else:
         server = Deployment(**kwargs)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    if not args.model_name or str(args.model_name).lower().endswith(".gguf"):
+    if not args.model_name or is_gguf(args.model_name):
         # Dequantized on first use (tens of seconds), before the gateway starts polling an Executor that is
         # still busy (a warning a second) and before replicas would each do it; the Executors then find the copy
         # on disk. In a child process: an Executor that Jina forks from a process with torch's thread pool
