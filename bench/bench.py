@@ -12,11 +12,14 @@ offline on synthetic text) once, then measures, in one run:
               warm-prefix request, the 6th turn of a chat, the decode rate of N rows at ~900 tokens of context
   the peer    `transformers serve --continuous-batching` (bench/peer.py, a venv of its own): the same
               RAG-shaped and short requests through its OpenAI API
+  real model  the default model, SmolLM2-135M-Instruct (its shape differs: 30 layers, 3 key/value heads):
+              raw loop, 1 client, N concurrent, N RAG-shaped, each against its in-process reference
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 The server runs with --monitoring: the KV cache's copy counters (bytes copied per join, per leave, moves of
 the live columns) during the RAG-shaped burst are read from its Prometheus endpoint.
 
     bench/bench.py --only rag   # the RAG-shaped burst and its KV copies only (no references, no peer): ~2 min
+    bench/bench.py --only real  # the real model's rows only: ~5 min
 """
 
 import argparse
@@ -727,6 +730,103 @@ def start_bench_server(path: Path, port: int, clients: int, log_path: Path, flag
     return server
 
 
+# ---- the real model: SmolLM2-135M-Instruct, the default model ----------------------------------------------
+REAL_MODEL = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 30 layers, 3 key/value heads, 49k vocabulary)"
+
+
+def real_model_folder() -> Path:
+    """The default model's dequantized folder (made once, as the server makes it at its first start)."""
+    from executor.gguf_model import default_model_file, dequantized
+
+    return dequantized(default_model_file())
+
+
+def real_model_references(path: Path, new_tokens: int, batch: int) -> dict:
+    """In-process, on the real model: the raw loop (batch 1), model.generate on the short prompts and on the
+    RAG-shaped prompts (static batches of ``batch``)."""
+    from executor.model import encode_prompt, load
+
+    loaded = load(str(path))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = encode_prompt(tokenizer, prompts(1)[0])
+    rag, _ = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
+        out = model(torch.tensor([ids]), use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        raw_tps = max(raw_decode_rate(model, cache, token, new_tokens) for _ in range(2))
+        tokenizer.padding_side = "left"
+        static_tps = max(static_batches_rate(model, tokenizer, batch, new_tokens, 1) for _ in range(2))
+        rag_static_tps = static_batches_rate(model, tokenizer, batch, new_tokens, 1, rag)
+    return {"raw_tps": raw_tps, "static_tps": static_tps, "rag_static_tps": rag_static_tps,
+            "rag_lengths": [len(encode_prompt(tokenizer, m)) for m in rag]}
+
+
+async def real_model_server_measures(port: int, tokenizer, new_tokens: int, batch: int) -> dict:
+    """/stream on the real model: 1 client (best of three), ``batch`` concurrent short streams (best of two),
+    the ``batch`` RAG-shaped prompts."""
+    from jina import Client
+
+    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    for _ in range(2):  # warm-up
+        await one_stream(client, prompts(1)[0], 8)
+    single = [await one_stream(client, prompts(1)[0], new_tokens) for _ in range(3)]
+    best = min(single, key=lambda r: r["total"])
+    many, wall = await best_of(2, lambda: asyncio.gather(*(one_stream(client, m, new_tokens) for m in prompts(batch))))
+    rag = await rag_burst(client, tokenizer, new_tokens, batch)
+    return {"stream1_tps": (best["tokens"] - 1) / best["decode"],
+            "streamN_tps": sum(r["tokens"] for r in many) / wall, **rag}
+
+
+def real_model_measures(new_tokens: int, batch: int) -> dict:
+    """References first (alone on the CPU), then the server serving its default model (no --model_name)."""
+    from transformers import AutoTokenizer
+
+    path = real_model_folder()
+    found = {"ref": real_model_references(path, new_tokens, batch)}
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench-real.log"
+    server = start_server(["--port", str(port), "--max_batch_size", str(batch)], log_path)
+    try:
+        found["srv"] = asyncio.run(real_model_server_measures(port, AutoTokenizer.from_pretrained(path), new_tokens,
+                                                              batch))
+    finally:
+        stop_server(server)
+    return found
+
+
+def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
+    ref, srv = found["ref"], found["srv"]
+    lengths = ref["rag_lengths"]
+    rag = (f"{batch} concurrent RAG-shaped prompts ({min(lengths)}-{max(lengths)} tokens, about "
+           f"{srv['rag_cached'] / statistics.median(lengths):.0%} shared), {new_tokens} new tokens")
+    return [
+        ("real model: raw decode loop with KV cache, batch 1 (reference)", f"{ref['raw_tps']:.1f} tok/s", "1.00x", ""),
+        ("real model: /stream, 1 client, decode rate", f"{srv['stream1_tps']:.1f} tok/s",
+         f"{srv['stream1_tps'] / ref['raw_tps']:.2f}x raw loop", ">= 0.9x"),
+        (f"real model: model.generate, static batch {batch} (reference)", f"{ref['static_tps']:.1f} tok/s", "1.00x", ""),
+        (f"real model: /stream, {batch} concurrent clients, aggregate", f"{srv['streamN_tps']:.1f} tok/s",
+         f"{srv['streamN_tps'] / ref['static_tps']:.2f}x static batch", ">= 0.6x"),
+        (f"real model: model.generate, static batch of the {batch} RAG-shaped prompts (reference)",
+         f"{ref['rag_static_tps']:.1f} tok/s", "1.00x", ""),
+        (f"real model: /stream, {rag}", f"{srv['rag_tps']:.1f} tok/s",
+         f"{srv['rag_tps'] / ref['rag_static_tps']:.2f}x static batch", ">= 1.5x"),
+        (f"real model: /stream, {batch} RAG-shaped prompts, TTFT p50", f"{srv['rag_ttft_p50'] * 1000:.0f} ms", "", ""),
+    ]
+
+
+def print_table(title: str, rows: list) -> None:
+    print(title + "\n\n| measure | value | ratio | target |\n| --- | --- | --- | --- |")
+    print("\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows))
+
+
+def real_only(new_tokens: int, batch: int) -> int:
+    """``--only real``: the real model's rows."""
+    print_table(f"{REAL_MODEL}; {os.cpu_count()} CPUs, torch {torch.__version__}",
+                real_model_rows(real_model_measures(new_tokens, batch), batch, new_tokens))
+    return 0
+
+
 def rag_only(path: Path, new_tokens: int, batch: int) -> int:
     """``--only rag``: the RAG-shaped burst through /stream and what the KV cache copied during it."""
     from jina import Client
@@ -770,9 +870,12 @@ def main() -> int:
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--job-prompts", type=int, default=1000)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
-    parser.add_argument("--only", choices=["rag"], help="rag: only the /stream RAG-shaped burst and the KV cache's "
-                        "copies during it (no references, no peer, no other rows)")
+    parser.add_argument("--only", choices=["rag", "real"], help="rag: only the /stream RAG-shaped burst and the KV "
+                        "cache's copies during it (no references, no peer, no other rows); real: only the real "
+                        "model's rows")
     args = parser.parse_args()
+    if args.only == "real":
+        return real_only(args.new_tokens, args.clients)
     path = build_bench_model()
     if args.only == "rag":
         return rag_only(path, args.new_tokens, args.clients)
@@ -797,6 +900,9 @@ def main() -> int:
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
     ref["hf_cb_tps"] = transformers_continuous_batching(path, tokenizer, args.clients, args.new_tokens)
     print(table(ref, srv, args.clients, args.new_tokens))
+    print()
+    print_table(f"The default model, {REAL_MODEL}, same run:",
+                real_model_rows(real_model_measures(args.new_tokens, args.clients), args.clients, args.new_tokens))
     return 0
 
 
