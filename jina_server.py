@@ -40,6 +40,8 @@ HELP = {
                        "(4GiB, 512MiB), a fraction of free memory (0.5), or auto (GPU: 60%% of free memory; CPU: "
                        "the rows twice over, at most 25%% of available memory)",
     "prefix_caching": "reuse the keys and values of prompt prefixes served before (--no-prefix-caching: off)",
+    "speculate": "most draft tokens a row verifies per step (speculative decoding from the request's own n-grams; "
+                 "greedy answers unchanged, sampled ones keep their distribution); 0: off",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",
     "log_prompts": "log each request's messages and gen_conf (off: prompts are never logged)",
 }

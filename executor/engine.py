@@ -35,12 +35,13 @@ import torch
 from .detok import IncrementalDetokenizer
 from .errors import EngineError
 from .kv_manager import KVManager
-from .model import context_length
+from .model import context_length, sliding_window
 from .model_runner import ModelRunner, cache_kwarg
 from .output import OutputProcessor
 from .sampling import RowSampler, choose_tokens
 from .scheduler import Call, Preempt, PrefillChunk, Scheduler
 from .sequence import Sequence
+from .speculation import Speculator, verify_row
 
 log = logging.getLogger("jina_llm_stream.engine")
 
@@ -59,6 +60,7 @@ class EngineConfig:
     prefix_caching: bool = True
     max_context: int | None = None  # longest prompt + answer a row must hold; None: the model's context
     block_size: int = 16
+    speculate: int = 8  # most draft tokens a row verifies per step (speculation.py); 0: no speculation
 
 
 class RequestHandle:
@@ -165,6 +167,7 @@ class Engine(AsyncCalls):
                                    config.request_timeout)
         self.runner = ModelRunner(model, self.kv, self.device)
         self.output = OutputProcessor(eos_token_ids, self._release)
+        self.speculator = self._speculator(config.speculate)
         self._running = False
         self._thread = None
 
@@ -288,6 +291,16 @@ class Engine(AsyncCalls):
                         continue
                 self.scheduler.start_prefill(sequence)
 
+    def _speculator(self, most: int):
+        if most <= 0:
+            return None
+        window = sliding_window(self.model)
+        if window is not None:
+            log.warning("speculate=%d is off for this model: its sliding-window attention (window %d) counts the "
+                        "storage's columns, which a rejected draft would leave masked inside the window", most, window)
+            return None
+        return Speculator(most)
+
     def _sampler_for(self, sequence) -> RowSampler:
         total = len(sequence.prompt_ids) + sequence.max_new_tokens
         if total > self.max_context:
@@ -360,8 +373,34 @@ class Engine(AsyncCalls):
 
     def _decode_step(self) -> None:
         running = self.runner.running
+        drafts = self.speculator.plan(running) if self.speculator else None
+        started = time.perf_counter()
+        if drafts is not None:
+            self._verify_step(drafts)
+            return
         chosen = choose_tokens([s.sampler for s in running], self.runner.decode())
         self.runner.set_next_tokens([token for token, _ in chosen])
         leaving = [i for i, (s, (token, logprob)) in enumerate(zip(running, chosen))
                    if not self.output.accept(s, token, logprob)]
+        if self.speculator:
+            self.speculator.cost.observe(len(running), time.perf_counter() - started)
+        self.runner.remove_rows(leaving)
+
+    def _verify_step(self, drafts: list) -> None:
+        """A speculative step: every row's next token and draft in one forward pass; each row keeps what its
+        own distribution accepts (speculation.verify_row), the rest leaves the storage."""
+        running, started = self.runner.running, time.perf_counter()
+        logits = self.runner.verify(drafts)
+        kept, next_tokens, leaving = [], [], []
+        for row, (sequence, draft) in enumerate(zip(running, drafts)):
+            accept = lambda token, logprob, s=sequence: self.output.accept(s, token, logprob)  # noqa: E731
+            inputs, token, accepted = verify_row(sequence.sampler, logits[row], draft, accept)
+            if draft:
+                sequence.drafter.record(len(draft), accepted)
+            kept.append(inputs)
+            next_tokens.append(0 if token is None else token)
+            if token is None:
+                leaving.append(row)
+        self.runner.commit(kept, next_tokens)
+        self.speculator.cost.observe(len(running) * logits.shape[1], time.perf_counter() - started)
         self.runner.remove_rows(leaving)

@@ -27,6 +27,7 @@ from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
+from .speculation import MAX_SPECULATE
 from .model import PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
@@ -56,6 +57,7 @@ class TokenStreamingExecutor(Executor):
         request_timeout: float = 300.0,
         kv_cache_memory: str = "auto",
         prefix_caching: bool = True,
+        speculate: int = 8,
         stream_text: str = "delta",
         log_prompts: bool = False,
         openai_port: Optional[int] = None,
@@ -69,6 +71,8 @@ class TokenStreamingExecutor(Executor):
         if stream_text not in STREAM_TEXT_MODES:
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
+        if not 0 <= speculate <= MAX_SPECULATE:
+            raise ValueError(f"speculate={speculate} is not allowed: use 0 (off) to {MAX_SPECULATE} draft tokens per step")
         self.log_prompts = log_prompts
         if max_prompts_per_call > max_queue:
             log.info("max_prompts_per_call=%d is lowered to max_queue=%d: a larger call could never be queued",
@@ -94,6 +98,7 @@ class TokenStreamingExecutor(Executor):
             loaded.model, loaded.tokenizer, loaded.eos_token_ids,
             EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                          request_timeout=request_timeout, kv_cache_memory=memory, prefix_caching=prefix_caching,
+                         speculate=speculate,
                          max_context=min(context, max_prompt_tokens + max_new_tokens_limit)),
         )
         if self.engine.max_context < min(context, max_prompt_tokens + max_new_tokens_limit):

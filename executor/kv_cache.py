@@ -235,7 +235,10 @@ class BatchKV(Cache):
         self.rows = 0
         self.column = 0
         self.mask = torch.zeros((max_rows, columns), dtype=torch.long, device=device)
-        self.lengths = [0] * max_rows  # tokens cached per row, right-aligned to ``column``
+        self.lengths = [0] * max_rows  # columns each row spans, right-aligned to ``column`` (its tokens + holes)
+        # Masked columns inside a row's span: draft tokens a speculative step rejected (``commit_step``). They
+        # are read masked like padding, skipped by ``row_kv`` and squeezed out when the live columns move.
+        self.holes = [0] * max_rows
         self._staged = {}  # row -> StagedKV of a prompt being prefilled there (rows above the running ones)
         # Zeroed, not empty: masked columns are still read by attention, and 0 x NaN would be NaN.
         layers = [_BatchLayer(self, torch.zeros((max_rows, s.kv_heads, columns, s.key_dim), dtype=s.dtype, device=device),
@@ -255,7 +258,9 @@ class BatchKV(Cache):
         """Make room for ``width`` new tokens per row; the attention mask of the step, ``[rows, column+width]``."""
         # Columns before the longest row are attended to (masked) by every row: move them away once they are
         # a quarter of the live width (a copy of the live tokens, against a quarter more attention per step).
-        if self.column + width > self.columns or self._leading_waste() > max(16, self._live_width() // 4):
+        live = self._live_width()
+        if (self.column + width > self.columns or self._leading_waste() > max(16, live // 4)
+                or max(self.holes[:self.rows], default=0) > max(16, live // 4)):
             copied = self._move_live_columns_to_start()
             if copied:
                 self.copied_bytes["move"] += copied
@@ -267,6 +272,22 @@ class BatchKV(Cache):
         self.column += width
         for row in range(self.rows):
             self.lengths[row] += width
+
+    def commit_step(self, width: int, kept: list) -> None:
+        """End a step of ``width`` columns of which row r keeps its first ``kept[r]`` (a speculative step: the
+        rest were rejected drafts). The write column advances by the most any row kept; a row that kept fewer
+        has its other columns masked (holes), so its next token lands right after the write column as usual."""
+        advance = max(kept)
+        kept_mask = torch.arange(width, device=self.mask.device) < torch.tensor(kept, device=self.mask.device)[:, None]
+        self.mask[:self.rows, self.column:self.column + width] = kept_mask.to(self.mask.dtype)
+        self.column += advance
+        for row, row_kept in enumerate(kept):
+            self.lengths[row] += advance
+            self.holes[row] += advance - row_kept
+
+    def held(self, row: int) -> int:
+        """Tokens whose keys and values the row holds (its span without holes)."""
+        return self.lengths[row] - self.holes[row]
 
     # -- prompts being prefilled --
     def stage(self) -> "StagedKV":
@@ -325,6 +346,7 @@ class BatchKV(Cache):
         self.mask[row].zero_()
         self.mask[row, start:self.column] = 1
         self.lengths[row] = length
+        self.holes[row] = 0
         self.rows += 1
         self.copied_bytes["join"] += length * self.token_bytes
         self.joins += 1
@@ -354,10 +376,18 @@ class BatchKV(Cache):
                 "token_bytes": self.token_bytes}
 
     def row_kv(self, row: int, start: int, end: int) -> list:
-        """Per layer ``(keys, values)`` views of tokens ``[start, end)`` of ``row`` (its own positions)."""
+        """Per layer ``(keys, values)`` of tokens ``[start, end)`` of ``row`` (its own positions): views, or
+        copies gathered around its holes."""
         first = self.column - self.lengths[row]
+        if self.holes[row]:
+            columns = self._held_columns(row)[start:end]
+            return [(layer.keys[row, :, columns], layer.values[row, :, columns]) for layer in self.layers]
         return [(layer.keys[row, :, first + start:first + end], layer.values[row, :, first + start:first + end])
                 for layer in self.layers]
+
+    def _held_columns(self, row: int) -> torch.Tensor:
+        first = self.column - self.lengths[row]
+        return self.mask[row, first:self.column].nonzero().squeeze(1) + first
 
     # -- internals --
     def _copy_row(self, source: int, target: int) -> None:
@@ -367,6 +397,24 @@ class BatchKV(Cache):
             layer.values[target, :, :width].copy_(layer.values[source, :, :width])
         self.mask[target].copy_(self.mask[source])
         self.lengths[target] = self.lengths[source]
+        self.holes[target] = self.holes[source]
+
+    def _squeeze_holes(self) -> int:
+        """Right-align each row's held tokens to the write column, without holes. Returns the bytes copied."""
+        copied = 0
+        for row in range(self.rows):
+            if not self.holes[row]:
+                continue
+            columns = self._held_columns(row)
+            held, target = len(columns), slice(self.column - len(columns), self.column)
+            for layer in self.layers:
+                layer.keys[row, :, target] = layer.keys[row, :, columns]  # gathered first: a copy
+                layer.values[row, :, target] = layer.values[row, :, columns]
+            self.mask[row].zero_()
+            self.mask[row, target] = 1
+            self.lengths[row], self.holes[row] = held, 0
+            copied += held * self.token_bytes
+        return copied
 
     def _live_width(self) -> int:
         return max(self.lengths[:self.rows], default=0)
@@ -376,13 +424,14 @@ class BatchKV(Cache):
 
     def _move_live_columns_to_start(self, at_least: int = 0) -> int:
         """Move every row's tokens so that the write column becomes max(live width, ``at_least``). Returns the
-        bytes of keys and values moved (0 when nothing moved)."""
+        bytes of keys and values moved (0 when nothing moved). Holes are squeezed out on the way."""
+        squeezed = self._squeeze_holes()
         live = self._live_width()
         new_column = max(live, at_least)
         shift = self.column - new_column  # > 0: move left, < 0: move right
         if shift == 0 or self.rows == 0:
             self.column = new_column
-            return 0
+            return squeezed
         source = slice(self.column - live, self.column)
         target = slice(new_column - live, new_column)
         for layer in self.layers:
@@ -393,7 +442,7 @@ class BatchKV(Cache):
         self.mask[:self.rows, target] = mask
         self.column = new_column
         self.moves += 1
-        return self.rows * live * self.token_bytes
+        return squeezed + self.rows * live * self.token_bytes
 
 
 # ---- a prompt being prefilled --------------------------------------------------------------------------

@@ -22,6 +22,10 @@ class EngineMetrics:
                               "(a part of the prompt tokens)", registry=registry)
         self.requests = Counter(f"{prefix}_requests", "Finished requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=registry)
+        self.drafted = Counter(f"{prefix}_draft_tokens", "Tokens drafted by speculative decoding (--speculate) "
+                               "and verified", registry=registry)
+        self.draft_accepted = Counter(f"{prefix}_draft_accepted_tokens", "Drafted tokens the model accepted (each "
+                                      "saved a decode step)", registry=registry)
         queue = Gauge(f"{prefix}_queue_depth", "Requests waiting for a batch slot", registry=registry)
         batch = Gauge(f"{prefix}_batch_size", "Requests in the running batch (prefilling or decoding)",
                       registry=registry)
@@ -41,6 +45,10 @@ class EngineMetrics:
         self.prompt.inc(prompt_tokens)
         self.cached.inc(cached_tokens)
         self.generated.inc(new_tokens)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.draft_accepted.inc(accepted)
 
 
 class _KVCopies(Collector):

@@ -117,6 +117,18 @@ def context_length(model, tokenizer=None) -> int | None:
     return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
+def sliding_window(model) -> int | None:
+    """The window of the model's sliding-window attention layers, None when it has none."""
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(kind) for kind in layer_types):
+        return None
+    return window
+
+
 def render_prompt(tokenizer, messages: list, tools=None) -> str:
     """The chat template, or the fallback when the tokenizer has none. ``tools`` (tools.Tools) go through the
     template when it knows tools, else into the messages (executor/tools.py)."""

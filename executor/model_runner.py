@@ -3,8 +3,9 @@
 It owns the batch's order: ``running`` lists the rows' sequences in the order of the KV storage's rows, with
 each row's next position and input token beside it, and only this class changes the three together
 (``join``, ``remove_rows``). Prefill extends one sequence's staged cache by a chunk, or computes several
-short prompts in one padded pass; a decode step returns one logit row per running sequence. It chooses no
-token and emits nothing (vLLM's model runner and persistent batch, transformers' ``ModelRunner``).
+short prompts in one padded pass; a decode step returns one logit row per running sequence, a verify step
+(speculative decoding) the logits of each row's next token and draft, and ``commit`` keeps what was
+accepted. It chooses no token and emits nothing (vLLM's model runner and persistent batch, transformers' ``ModelRunner``).
 """
 
 import inspect
@@ -29,6 +30,7 @@ class ModelRunner:
         self.running: list = []  # sequences of the running batch, in the order of the storage's rows
         self._positions = None  # [rows] position id of each row's next token
         self._next_tokens = None  # [rows, 1] token each row feeds into the next step
+        self._verify_width = 1  # columns of the last ``verify`` step
         self.steps = 0  # decode steps run, for tests and metrics
 
     # -- prefill --
@@ -119,6 +121,31 @@ class ModelRunner:
         self._positions = self._positions + 1
         self.steps += 1
         return output.logits[:, -1, :]
+
+    def verify(self, drafts: list) -> torch.Tensor:
+        """One step in which each row feeds its next token and then its draft (``drafts[r]``, maybe empty):
+        ``[rows, width, vocab]`` logits, position i predicting what follows input i. Rows with a shorter draft
+        are padded (their padding's logits mean nothing). ``commit`` then says what each row keeps."""
+        width = 1 + max(len(draft) for draft in drafts)
+        padded = [draft + [0] * (width - 1 - len(draft)) for draft in drafts]
+        input_ids = torch.cat([self._next_tokens, torch.tensor(padded, dtype=torch.long, device=self.device)], dim=1)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=self.kv.batch.start_step(width),
+            position_ids=self._positions.unsqueeze(1) + torch.arange(width, device=self.device),
+            use_cache=True,
+            **{self._cache_kwarg: self.kv.batch},  # written in place
+        )
+        self._verify_width = width
+        return output.logits
+
+    def commit(self, kept: list, next_tokens: list) -> None:
+        """After ``verify``: row r keeps its first ``kept[r]`` inputs (its next token and the accepted draft
+        tokens; the rejected ones leave the storage) and feeds ``next_tokens[r]`` into the next step."""
+        self.kv.batch.commit_step(self._verify_width, kept)
+        self._positions = self._positions + torch.tensor(kept, dtype=torch.long, device=self.device)
+        self.set_next_tokens(next_tokens)
+        self.steps += 1
 
     def set_next_tokens(self, tokens: list) -> None:
         self._next_tokens = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)

@@ -99,13 +99,17 @@ class OutputProcessor:
         decode_s = now - sequence.first_token_at if sequence.first_token_at else 0.0
         rate = (len(sequence.generated) - 1) / decode_s if decode_s > 0 and len(sequence.generated) > 1 else 0.0
         preempted = f" preempted={sequence.preemptions}" if sequence.preemptions else ""
+        drafter = sequence.drafter
+        drafted = f" drafted={drafter.drafted} accepted={drafter.accepted}" if drafter and drafter.drafted else ""
         log.info("pid=%d request=%s endpoint=%s prompt_tokens=%d cached_tokens=%d new_tokens=%d ttft_ms=%.0f "
-                 "tokens_per_s=%.1f finish=%s%s", os.getpid(), sequence.request_id, sequence.label or "-",
+                 "tokens_per_s=%.1f finish=%s%s%s", os.getpid(), sequence.request_id, sequence.label or "-",
                  len(sequence.prompt_ids), sequence.cached_tokens, len(sequence.generated), ttft, rate, outcome,
-                 preempted)
+                 preempted, drafted)
         if self.metrics:
             self.metrics.finished(sequence.label, outcome, len(sequence.prompt_ids), len(sequence.generated),
                                   sequence.cached_tokens)
+            if drafted:
+                self.metrics.speculated(drafter.drafted, drafter.accepted)
 
     @staticmethod
     def _emit(sequence, event) -> None:

@@ -150,3 +150,20 @@ def logprob_of(scores: torch.Tensor, token: int, top: int) -> TokenLogprob:
     best = torch.topk(logprobs, top) if top else None
     return TokenLogprob(token, float(logprobs[token]),
                         list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
+
+
+def choose_against_draft(sampler: RowSampler, scores: torch.Tensor, draft_token) -> int:
+    """The next token from ``scores`` (``[vocab]``, processed), given a drafted guess (or None): greedy takes
+    the argmax (the draft is kept when it is the argmax); sampling keeps the draft with its probability p and
+    otherwise samples from the distribution without it, renormalised: the token then follows the target
+    distribution exactly, whatever was drafted (speculative sampling with a one-hot draft)."""
+    if not sampler.do_sample:
+        return int(scores.argmax())
+    probs = torch.softmax(scores, dim=-1)
+    if draft_token is not None:
+        if torch.rand((), generator=sampler.generator, device=probs.device) < probs[draft_token]:
+            return draft_token
+        probs[draft_token] = 0.0
+        if not bool(probs.sum() > 0):  # cannot happen (p = 1 is always kept), but never divide by zero
+            return draft_token
+    return int(torch.multinomial(probs, 1, generator=sampler.generator)[0])

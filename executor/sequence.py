@@ -2,7 +2,8 @@
 
 Plain data, no behaviour beyond reading it. The fields are grouped by the room that writes them, so a reader
 can tell who changes what: the request as submitted (nobody), the scheduler's (``scheduler.py``), the KV
-manager's (``kv_manager.py``), sampling's (``sampling.RowSampler``) and the output's (``output.py``).
+manager's (``kv_manager.py``), sampling's (``sampling.RowSampler``), speculation's (``speculation.py``) and
+the output's (``output.py``).
 """
 
 import time
@@ -51,6 +52,9 @@ class Sequence:
     prefilled: int = 0  # context tokens whose keys and values are in ``cache``
     cached_tokens: int = 0  # of them, prompt tokens that came from the prefix cache
     block_hashes: tuple = ()  # (context length, hashes of its whole blocks), for sharing blocks being computed
+
+    # -- speculation's (speculation.py; None for rows that never drafted) --
+    drafter: object = None  # speculation.NgramDrafter: its n-gram index and acceptance record
 
     # -- the output's --
     generated: list = field(default_factory=list)  # accepted token ids

@@ -69,7 +69,7 @@ def test_cli_accepts_every_setting_under_its_one_name():
                                timeout=120).stdout
     for name in ("model_name", "device", "dtype", "max_new_tokens_limit", "max_prompt_tokens", "max_batch_size",
                  "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text", "kv_cache_memory",
-                 "prefix_caching"):
+                 "prefix_caching", "speculate"):
         assert f"--{name}" in help_text
         assert f"--{name}" in help_text and name + ":" in (ROOT / "config.yml").read_text()
     assert "--port" in help_text and "--host" in help_text

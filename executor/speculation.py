@@ -1,0 +1,179 @@
+"""Speculative decoding without a draft model: guesses from the request's own tokens, verified in the batch.
+
+A row's draft is what followed the last time its latest n tokens appeared in its prompt or its answer
+(prompt lookup, the n-gram speculation of llama.cpp and vLLM): an answer that quotes its passages, code that
+repeats its identifiers, JSON that echoes the question. Each row verifies its draft in the same forward pass
+as the other rows (``ModelRunner.verify``), then its tokens are chosen position by position from the model's
+own distribution (``sampling.choose_against_draft``): a greedy answer is the one plain decoding gives, a
+sampled one follows the same distribution. The tokens of a rejected draft leave the storage
+(``BatchKV.commit_step``), so neither the batch nor the prefix cache ever holds them.
+
+Drafting pays only where the drafts are accepted: a verify step computes ``width`` tokens per row instead
+of one. So each row keeps its acceptance record (decayed counts: recent steps weigh most), the batch keeps
+a line fitted to its measured steps (seconds = fixed + per token x tokens in the step), and each step takes
+the width with the most expected tokens per second; width 1 is a plain decode step. Rows that draft
+nothing (no match, a grammar, no room left) ride along at the chosen width.
+"""
+
+from collections import deque
+
+from .sampling import choose_against_draft, logprob_of
+
+MAX_SPECULATE = 32  # the largest --speculate: a step's width grows with it
+NGRAM_SIZES = (3, 2)  # the longest match is tried first
+DECAY = 0.7  # per step: the weight of a row's older acceptance record (a few steps of rejections turn it around)
+PRIOR_ACCEPTANCE = 0.5  # a row's acceptance before it has a record (counts one success and one failure)
+# What one more token in a step costs, as a fraction of a one-row step, until the steps measured say
+# better (2 cores, SmolLM2-135M: ~0.06; a GPU: far less).
+PRIOR_TOKEN_COST = 0.06
+
+
+class NgramDrafter:
+    """One row's n-gram index (the n tokens -> where they last continued) and acceptance record."""
+
+    def __init__(self):
+        self.tokens: list = []
+        self._index = {n: {} for n in NGRAM_SIZES}
+        self.successes = self.trials = 0.0
+        self.drafted = self.accepted = 0  # totals, for the request's log line and metrics
+
+    def sync(self, sequence) -> None:
+        """Index the tokens the sequence gained since the last call (prompt first, then its answer)."""
+        known, prompt = len(self.tokens), sequence.prompt_ids
+        new = list(prompt[known:]) + sequence.generated[max(0, known - len(prompt)):]
+        for token in new:
+            position = len(self.tokens)
+            for n in NGRAM_SIZES:
+                if position >= n:
+                    self._index[n][tuple(self.tokens[position - n:position])] = position
+            self.tokens.append(token)
+
+    def propose(self, most: int) -> list:
+        """Up to ``most`` tokens that followed the latest earlier occurrence of the last n tokens."""
+        if most <= 0:
+            return []
+        for n in NGRAM_SIZES:
+            if len(self.tokens) >= n:
+                start = self._index[n].get(tuple(self.tokens[-n:]))
+                if start is not None:
+                    return self.tokens[start:start + most]
+        return []
+
+    def acceptance(self) -> float:
+        """The chance that a drafted token is kept, from the decayed record."""
+        return (self.successes + PRIOR_ACCEPTANCE) / (self.trials + 1.0)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A verify step kept ``accepted`` of ``drafted`` tokens: each kept one was a success, the first
+        rejected one a failure (the ones after it were never tested)."""
+        self.successes += accepted
+        self.trials += accepted + (accepted < drafted)
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def forget_a_little(self) -> None:
+        self.successes *= DECAY
+        self.trials *= DECAY
+
+
+def expected_kept(acceptance: float, drafted: int) -> float:
+    """Expected accepted tokens of a draft of ``drafted``: each is kept only if all before it were."""
+    return sum(acceptance ** i for i in range(1, drafted + 1))
+
+
+class StepCost:
+    """Seconds per step as fixed + per_token x tokens (rows x width): a least-squares line over recent steps,
+    its slope pulled towards the prior (a fraction of a one-row step) as if ``PRIOR_WEIGHT`` were spread
+    over the steps seen: a few noisy steps (a new shape's first run, another process on the CPU) cannot
+    make tokens look dear or free; many steps of different sizes decide."""
+
+    PRIOR_WEIGHT = 64.0  # tokens squared
+
+    def __init__(self, window: int = 256):
+        self._samples = deque(maxlen=window)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._samples.append((tokens, seconds))
+
+    def estimate(self, tokens: int) -> float:
+        fixed, per_token = self.line()
+        return fixed + per_token * tokens
+
+    def line(self) -> tuple:
+        samples = self._samples
+        if not samples:
+            return 1.0 - PRIOR_TOKEN_COST, PRIOR_TOKEN_COST
+        mean_tokens = sum(t for t, _ in samples) / len(samples)
+        mean_seconds = sum(s for _, s in samples) / len(samples)
+        prior = PRIOR_TOKEN_COST * mean_seconds / (1 + PRIOR_TOKEN_COST * (mean_tokens - 1))
+        spread = sum((t - mean_tokens) ** 2 for t, _ in samples)
+        covariance = sum((t - mean_tokens) * (s - mean_seconds) for t, s in samples)
+        per_token = (covariance + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT)
+        per_token = max(per_token, 0.01 * prior)  # noise must not make tokens look free
+        return max(mean_seconds - per_token * mean_tokens, 0.0), per_token
+
+
+class Speculator:
+    """Chooses each step's drafts and width; ``max_draft`` bounds a row's draft (``--speculate``)."""
+
+    def __init__(self, max_draft: int):
+        self.max_draft = max_draft
+        self.cost = StepCost()
+
+    def plan(self, running: list) -> list | None:
+        """Each row's draft for this step (all cut to the chosen width), or None for a plain step."""
+        drafts, acceptances = [], []
+        for sequence in running:
+            drafter = self._drafter(sequence)
+            if drafter is None:
+                drafts.append([])
+                acceptances.append(0.0)
+                continue
+            drafter.forget_a_little()
+            room = sequence.max_new_tokens - len(sequence.generated) - 1
+            drafts.append(drafter.propose(min(self.max_draft, room)))
+            acceptances.append(drafter.acceptance())
+        longest = max(map(len, drafts), default=0)
+        if not longest:
+            return None
+        width = self.best_width(len(running), drafts, acceptances, longest)
+        return [draft[:width - 1] for draft in drafts] if width > 1 else None
+
+    def best_width(self, rows: int, drafts: list, acceptances: list, longest: int) -> int:
+        best, best_rate = 1, rows / self.cost.estimate(rows)
+        for width in range(2, longest + 2):
+            tokens = rows + sum(expected_kept(p, min(width - 1, len(d))) for d, p in zip(drafts, acceptances))
+            rate = tokens / self.cost.estimate(rows * width)
+            if rate > best_rate:
+                best, best_rate = width, rate
+        return best
+
+    @staticmethod
+    def _drafter(sequence):
+        """The row's drafter, made on first use; None for rows that do not speculate (a grammar decides
+        their tokens one at a time)."""
+        if sequence.settings.grammar is not None:
+            return None
+        if sequence.drafter is None:
+            sequence.drafter = NgramDrafter()
+        sequence.drafter.sync(sequence)
+        return sequence.drafter
+
+
+def verify_row(sampler, logits, draft: list, accept) -> tuple:
+    """Choose one row's tokens position by position against its draft (``logits``: ``[width, vocab]``) and
+    hand each to ``accept(token, logprob)`` (False: the request is finished). Stops at the first token that
+    differs from the draft (the model's own choice there is kept: no step is wasted) or at the end of the
+    draft (its last position gives one more token). Returns (inputs to keep: the row's next token and the
+    accepted drafts, the next input token or None when finished, drafts accepted)."""
+    for position in range(len(draft) + 1):
+        scores = logits[position:position + 1].float()
+        sampler.process(scores)
+        guess = draft[position] if position < len(draft) else None
+        token = choose_against_draft(sampler, scores[0], guess)
+        logprob = logprob_of(scores[0], token, sampler.settings.top_logprobs) if sampler.settings.logprobs else None
+        if not accept(token, logprob):
+            return position + 1, None, position
+        if token != guess:
+            return position + 1, token, position
+    raise AssertionError("unreachable: the last position has no guess")
