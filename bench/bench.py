@@ -13,13 +13,16 @@ offline on synthetic text) once, then measures, in one run:
   the peer    `transformers serve --continuous-batching` (bench/peer.py, a venv of its own): the same
               RAG-shaped and short requests through its OpenAI API
   real model  the default model, SmolLM2-135M-Instruct (its shape differs: 30 layers, 3 key/value heads):
-              raw loop, 1 client, N concurrent, N RAG-shaped, each against its in-process reference
+              raw loop, 1 client, N concurrent, N RAG-shaped, each against its in-process reference; through
+              the OpenAI API with speculation on (the default) and off (--speculate 0): 1 client free text,
+              1 client an answer copying its passage, N short, N RAG-shaped; and the same requests to
+              llama.cpp's llama-server on the same GGUF file (bench/llama_cpp.py builds it once, ~6 min)
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 The server runs with --monitoring: the KV cache's copy counters (bytes copied per join, per leave, moves of
 the live columns) during the RAG-shaped burst are read from its Prometheus endpoint.
 
     bench/bench.py --only rag   # the RAG-shaped burst and its KV copies only (no references, no peer): ~2 min
-    bench/bench.py --only real  # the real model's rows only: ~5 min
+    bench/bench.py --only real  # the real model's rows only: ~15 min (and the llama.cpp build, once)
 """
 
 import argparse
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizer and GPT-2 builders
 
+import llama_cpp  # noqa: E402
 import peer  # noqa: E402
 import torch  # noqa: E402
 import workloads  # noqa: E402
@@ -778,32 +782,75 @@ async def real_model_server_measures(port: int, tokenizer, new_tokens: int, batc
             "streamN_tps": sum(r["tokens"] for r in many) / wall, **rag}
 
 
-def real_model_measures(new_tokens: int, batch: int) -> dict:
-    """References first (alone on the CPU), then the server serving its default model (no --model_name)."""
+def greedy_length(new_tokens: int) -> dict:
+    """Our OpenAI API, greedy (absent, its temperature is OpenAI's 1), exactly ``new_tokens`` long: what the
+    real model's rows ask of both servers (llama_cpp.request_fields is greedy too)."""
+    return {**our_length(new_tokens), "temperature": 0}
+
+
+async def openai_quote(port: int, model: str, new_tokens: int, length=greedy_length) -> dict:
+    """1 client, the answer that copies its passage (best of two): decode rate and tokens."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=900) as http:
+        runs = [await openai_stream(http, url, model, workloads.quote_prompt(), new_tokens, length) for _ in range(2)]
+    best = min(runs, key=lambda r: r["decode"])
+    return {"quote_tps": (best["tokens"] - 1) / best["decode"]}
+
+
+def real_model_server(port: int, openai_port: int, log_name: str, flags=()):
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / log_name
+    return start_server(["--port", str(port), "--openai-port", str(openai_port), "--max_batch_size", "16", *flags],
+                        log_path)
+
+
+def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) -> dict:
+    """References first (alone on the CPU); then the server serving its default model (no --model_name):
+    /stream, and its OpenAI API with speculation on (the default) and off (--speculate 0); then llama.cpp's
+    llama-server on the same GGUF file through its OpenAI API, the same requests."""
     from transformers import AutoTokenizer
 
+    from executor.gguf_model import DEFAULT_MODEL_ID, default_model_file
+
     path = real_model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     found = {"ref": real_model_references(path, new_tokens, batch)}
-    port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench-real.log"
-    server = start_server(["--port", str(port), "--max_batch_size", str(batch)], log_path)
-    try:
-        found["srv"] = asyncio.run(real_model_server_measures(port, AutoTokenizer.from_pretrained(path), new_tokens,
-                                                              batch))
-    finally:
-        stop_server(server)
+    for name, flags in (("on", []), ("off", ["--speculate", "0"])):
+        port, openai_port = free_port(), free_port()
+        server = real_model_server(port, openai_port, f"jina-llm-stream-bench-real-{name}.log", flags)
+        try:
+            if name == "on":
+                found["srv"] = asyncio.run(real_model_server_measures(port, tokenizer, new_tokens, batch))
+            found[name] = asyncio.run(openai_measures(openai_port, DEFAULT_MODEL_ID, new_tokens, batch, tokenizer,
+                                                      length=greedy_length))
+            found[name] |= asyncio.run(openai_quote(openai_port, DEFAULT_MODEL_ID, new_tokens))
+        finally:
+            stop_server(server)
+    if peer_llama:
+        binary = llama_cpp.ensure_binary(CACHE)
+        port = free_port()
+        server = llama_cpp.start(binary, default_model_file(), port,
+                                 Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench-llama.log",
+                                 threads=os.cpu_count())
+        try:
+            found["llama"] = asyncio.run(openai_measures(port, DEFAULT_MODEL_ID, new_tokens, batch, tokenizer,
+                                                         length=llama_cpp.request_fields))
+            found["llama"] |= asyncio.run(openai_quote(port, DEFAULT_MODEL_ID, new_tokens, llama_cpp.request_fields))
+        finally:
+            stop_server(server)
     return found
 
 
 def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
-    ref, srv = found["ref"], found["srv"]
+    ref, srv, on, off = found["ref"], found["srv"], found["on"], found["off"]
     lengths = ref["rag_lengths"]
     rag = (f"{batch} concurrent RAG-shaped prompts ({min(lengths)}-{max(lengths)} tokens, about "
            f"{srv['rag_cached'] / statistics.median(lengths):.0%} shared), {new_tokens} new tokens")
-    return [
+    rows = [
         ("real model: raw decode loop with KV cache, batch 1 (reference)", f"{ref['raw_tps']:.1f} tok/s", "1.00x", ""),
         ("real model: /stream, 1 client, decode rate", f"{srv['stream1_tps']:.1f} tok/s",
-         f"{srv['stream1_tps'] / ref['raw_tps']:.2f}x raw loop", ">= 0.9x"),
+         f"{srv['stream1_tps'] / ref['raw_tps']:.2f}x raw loop", ">= 0.95x"),
         (f"real model: model.generate, static batch {batch} (reference)", f"{ref['static_tps']:.1f} tok/s", "1.00x", ""),
         (f"real model: /stream, {batch} concurrent clients, aggregate", f"{srv['streamN_tps']:.1f} tok/s",
          f"{srv['streamN_tps'] / ref['static_tps']:.2f}x static batch", ">= 0.6x"),
@@ -813,6 +860,24 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
          f"{srv['rag_tps'] / ref['rag_static_tps']:.2f}x static batch", ">= 1.5x"),
         (f"real model: /stream, {batch} RAG-shaped prompts, TTFT p50", f"{srv['rag_ttft_p50'] * 1000:.0f} ms", "", ""),
     ]
+    for what, key, target in (("1 client, free text (decode rate)", "openai1_tps", ">= 0.95x"),
+                              ("1 client, an answer copying its passage (decode rate)", "quote_tps", ">= 2.5x"),
+                              (f"{batch} concurrent short streams, aggregate", "openaiN_tps", ""),
+                              (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", ">= 1.2x")):
+        rows.append((f"speculation (--speculate 8, the default): OpenAI API, {what}",
+                     f"{on[key]:.1f} tok/s", f"{on[key] / off[key]:.2f}x --speculate 0 ({off[key]:.1f} tok/s)", target))
+    llama = found.get("llama")
+    if llama:
+        for what, key, target in (("1 client, free text (decode rate)", "openai1_tps", ">= 0.5x"),
+                                  ("1 client, an answer copying its passage (decode rate)", "quote_tps", ">= 1.0x"),
+                                  (f"{batch} concurrent short streams, aggregate", "openaiN_tps", ">= 1.5x"),
+                                  (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", ">= 2.5x")):
+            rows.append((f"llama.cpp llama-server (peer, same GGUF Q4_1, -t {os.cpu_count()} -np 16): {what}",
+                         f"{llama[key]:.1f} tok/s", f"this server (fp32, speculation on): {on[key] / llama[key]:.2f}x",
+                         target))
+        rows.append(("llama.cpp: 16 RAG-shaped streams, TTFT p50", f"{llama['openai_rag_ttft_p50'] * 1000:.0f} ms",
+                     f"this server: {on['openai_rag_ttft_p50'] * 1000:.0f} ms", ""))
+    return rows
 
 
 def print_table(title: str, rows: list) -> None:

@@ -42,3 +42,18 @@ def long_prompts(tokenizer, count: int, tokens: int, seed: int) -> list:
     """``count`` distinct chats of about ``tokens`` tokens each."""
     rng = random.Random(seed)
     return [[{"role": "user", "content": _words(rng, tokenizer, tokens)}] for _ in range(count)]
+
+
+# Real English for the real model to quote (an answer that copies its passage: what prompt lookup speeds up).
+QUOTE_PASSAGE = (
+    "The lighthouse on Karsk Point was built in 1871 from granite quarried on the island itself. Its lamp was "
+    "first lit with whale oil, then with kerosene, and since 1934 with electricity brought over a cable laid on "
+    "the sea floor. The keeper's house beside the tower holds a small museum: the original lens, the logbooks "
+    "of four generations of keepers, and a barometer that has hung in the same place for more than a century. "
+    "Visitors can climb the 117 steps to the gallery from May to September, when the ferry runs twice a day.")
+
+
+def quote_prompt() -> list:
+    """A chat whose answer, greedy, copies its passage."""
+    return [{"role": "system", "content": "Here is a passage:\n\n" + QUOTE_PASSAGE},
+            {"role": "user", "content": "Copy the passage above word for word."}]
