@@ -32,7 +32,10 @@ def server(tiny_models):
     grpc_port, http_port = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--protocol", "grpc", "http",
             "--port", str(grpc_port), str(http_port), "--max_queue", str(MAX_QUEUE),
-            "--max_prompts_per_call", str(PER_CALL)]
+            "--max_prompts_per_call", str(PER_CALL),
+            # Rows advance one token per step here, so that the big job's rows free up in waves (the preemption
+            # test below waits for a wave); with speculation a row that accepts drafts runs ahead of the others.
+            "--speculate", "0"]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         yield {"grpc": grpc_port, "http": http_port, "log": log}

@@ -161,7 +161,7 @@ def test_jina_client_raises_on_bad_requests_over_each_protocol(server, protocol)
 
 
 STREAM_DONE = re.compile(r"^(\S+ \S+) INFO jina_llm_stream.engine: pid=(\d+) request=\d+ endpoint=/stream "
-                         r"prompt_tokens=\d+ cached_tokens=\d+ new_tokens=(\d+) ttft_ms=(\d+) tokens_per_s=([\d.]+) finish=length$", re.M)
+                         r"prompt_tokens=\d+ cached_tokens=\d+ new_tokens=(\d+) ttft_ms=(\d+) tokens_per_s=([\d.]+) finish=length(?: drafted=\d+ accepted=\d+)?$", re.M)
 
 
 def served_spans(log_text, new_tokens):

@@ -20,10 +20,10 @@ from executor.validation import Limits, fit_to_context, parse_gen_conf
 
 
 # ---- drafts ------------------------------------------------------------------------------------------
-def sequence_of(prompt, generated=(), grammar=None, max_new_tokens=100):
-    settings = SimpleNamespace(grammar=grammar, max_new_tokens=max_new_tokens)
+def sequence_of(prompt, generated=(), grammar=None, max_new_tokens=100, seed=None, do_sample=False):
+    settings = SimpleNamespace(grammar=grammar, max_new_tokens=max_new_tokens, seed=seed)
     return SimpleNamespace(prompt_ids=list(prompt), generated=list(generated), settings=settings, drafter=None,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, sampler=SimpleNamespace(do_sample=do_sample))
 
 
 def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_tokens():
@@ -70,10 +70,11 @@ def test_the_width_follows_acceptance_against_cost():
     assert speculator.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) < 9
 
 
-def test_rows_with_a_grammar_or_no_room_left_do_not_draft():
+def test_rows_with_a_grammar_a_seed_or_no_room_left_do_not_draft():
     speculator = Speculator(8)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     assert speculator.plan([sequence_of(prompt, grammar=object())]) is None
+    assert speculator.plan([sequence_of(prompt, seed=7, do_sample=True)]) is None
     assert speculator.plan([sequence_of(prompt, max_new_tokens=1)]) is None
     plan = speculator.plan([sequence_of(prompt)])  # "3 1 2" continued with 3 1 2 (the end of the prompt)
     assert plan and plan[0] and plan[0] == [3, 1, 2][:len(plan[0])]
@@ -300,11 +301,13 @@ def test_what_a_speculating_row_leaves_in_the_prefix_cache_is_what_plain_decodin
         assert final.cached_tokens >= (len(ids) - 3) // 16 * 16 - 16, (len(ids), final.cached_tokens)
 
 
-def test_sampled_and_seeded_answers_are_reproducible_with_speculation(lm):
+def test_seeded_sampled_answers_are_those_of_plain_decoding(lm, oracle_drafts):
+    """Drafts offered to every row (the oracle), yet a seeded sampled row takes none: its answer is the one
+    --speculate 0 gives, at every run."""
     conf = {"max_new_tokens": 40, "do_sample": True, "temperature": 0.8, "seed": 11}
-    first, _ = answers(lm, 8, conf)
-    second, _ = answers(lm, 8, conf)
-    assert [t for t, _ in first] == [t for t, _ in second]
+    plain, _ = answers(lm, 0, conf)
+    assert [t for t, _ in answers(lm, 8, conf)[0]] == [t for t, _ in plain]
+    assert [t for t, _ in answers(lm, 8, conf)[0]] == [t for t, _ in plain]
 
 
 def test_a_sliding_window_model_does_not_speculate(caplog):
