@@ -226,10 +226,12 @@ def main(argv=None) -> int:
 def checked(parser, argv):
     """Parsed flags; a value the Executor would refuse is refused here, before any model loads."""
     from executor.kv_cache import parse_memory_size
+    from executor.speculation import check_speculate
 
     args = parser.parse_args(argv)
     try:
         parse_memory_size(args.kv_cache_memory)
+        check_speculate(args.speculate)
     except ValueError as error:
         parser.error(str(error))
     return args

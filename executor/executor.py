@@ -27,7 +27,7 @@ from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
-from .speculation import MAX_SPECULATE
+from .speculation import check_speculate
 from .model import PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
@@ -71,8 +71,7 @@ class TokenStreamingExecutor(Executor):
         if stream_text not in STREAM_TEXT_MODES:
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
-        if not 0 <= speculate <= MAX_SPECULATE:
-            raise ValueError(f"speculate={speculate} is not allowed: use 0 (off) to {MAX_SPECULATE} draft tokens per step")
+        check_speculate(speculate)
         self.log_prompts = log_prompts
         if max_prompts_per_call > max_queue:
             log.info("max_prompts_per_call=%d is lowered to max_queue=%d: a larger call could never be queued",

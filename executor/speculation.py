@@ -28,6 +28,11 @@ PRIOR_ACCEPTANCE = 0.5  # a row's acceptance before it has a record (counts one 
 PRIOR_TOKEN_COST = 0.06
 
 
+def check_speculate(speculate: int) -> None:
+    if not 0 <= speculate <= MAX_SPECULATE:
+        raise ValueError(f"speculate={speculate} is not allowed: use 0 (off) to {MAX_SPECULATE} draft tokens per step")
+
+
 class NgramDrafter:
     """One row's n-gram index (the n tokens -> where they last continued) and acceptance record."""
 

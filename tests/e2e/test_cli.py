@@ -83,6 +83,13 @@ def test_a_bad_kv_cache_memory_is_refused_before_the_model_loads():
     assert "kv_cache_memory='4XB' is not a size" in result.stderr and "4GiB" in result.stderr
 
 
+def test_a_speculate_out_of_range_is_refused_before_the_model_loads():
+    result = subprocess.run([PYTHON, "jina_server.py", "--speculate", "99"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "speculate=99 is not allowed: use 0 (off) to 32 draft tokens per step" in result.stderr
+
+
 def test_a_model_that_cannot_be_loaded_stops_start_up_with_a_clear_error(tmp_path):
     port = free_port()
     missing = tmp_path / "no-such-model"
