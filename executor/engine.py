@@ -60,7 +60,7 @@ class EngineConfig:
     prefix_caching: bool = True
     max_context: int | None = None  # longest prompt + answer a row must hold; None: the model's context
     block_size: int = 16
-    speculate: int = 8  # most draft tokens a row verifies per step (speculation.py); 0: no speculation
+    speculate: int = 0  # most draft tokens a row verifies per step (speculation.py); 0: no speculation
 
 
 class RequestHandle:

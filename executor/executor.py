@@ -57,7 +57,7 @@ class TokenStreamingExecutor(Executor):
         request_timeout: float = 300.0,
         kv_cache_memory: str = "auto",
         prefix_caching: bool = True,
-        speculate: int = 8,
+        speculate: int = 0,
         stream_text: str = "delta",
         log_prompts: bool = False,
         openai_port: Optional[int] = None,
