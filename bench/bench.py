@@ -14,7 +14,7 @@ offline on synthetic text) once, then measures, in one run:
               RAG-shaped and short requests through its OpenAI API
   real model  the default model, SmolLM2-135M-Instruct (its shape differs: 30 layers, 3 key/value heads):
               raw loop, 1 client, N concurrent, N RAG-shaped, each against its in-process reference; through
-              the OpenAI API with speculation on (the default) and off (--speculate 0): 1 client free text,
+              the OpenAI API with speculation on (--speculate 8) and off (0, the default): 1 client free text,
               1 client an answer copying its passage, N short, N RAG-shaped; and the same requests to
               llama.cpp's llama-server on the same GGUF file (bench/llama_cpp.py builds it once, ~6 min)
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
@@ -807,7 +807,7 @@ def real_model_server(port: int, openai_port: int, log_name: str, flags=()):
 
 def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) -> dict:
     """References first (alone on the CPU); then the server serving its default model (no --model_name):
-    /stream, and its OpenAI API with speculation on (the default) and off (--speculate 0); then llama.cpp's
+    /stream, and its OpenAI API with speculation on (--speculate 8) and off (0, the default); then llama.cpp's
     llama-server on the same GGUF file through its OpenAI API, the same requests."""
     from transformers import AutoTokenizer
 
@@ -816,7 +816,7 @@ def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) ->
     path = real_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(path)
     found = {"ref": real_model_references(path, new_tokens, batch)}
-    for name, flags in (("on", []), ("off", ["--speculate", "0"])):
+    for name, flags in (("on", ["--speculate", "8"]), ("off", ["--speculate", "0"])):
         port, openai_port = free_port(), free_port()
         server = real_model_server(port, openai_port, f"jina-llm-stream-bench-real-{name}.log", flags)
         try:
@@ -864,7 +864,7 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
                               ("1 client, an answer copying its passage (decode rate)", "quote_tps", ">= 2.5x"),
                               (f"{batch} concurrent short streams, aggregate", "openaiN_tps", ""),
                               (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", ">= 1.2x")):
-        rows.append((f"speculation (--speculate 8, the default): OpenAI API, {what}",
+        rows.append((f"speculation (--speculate 8): OpenAI API, {what}",
                      f"{on[key]:.1f} tok/s", f"{on[key] / off[key]:.2f}x --speculate 0 ({off[key]:.1f} tok/s)", target))
     llama = found.get("llama")
     if llama:
