@@ -145,10 +145,11 @@ class Speculator:
         return [draft[:width - 1] for draft in drafts] if width > 1 else None
 
     def best_width(self, rows: int, drafts: list, acceptances: list, longest: int) -> int:
-        best, best_rate = 1, rows / self.cost.estimate(rows)
+        fixed, per_token = self.cost.line()  # fitted once per step, not once per candidate width
+        best, best_rate = 1, rows / (fixed + per_token * rows)
         for width in range(2, longest + 2):
             tokens = rows + sum(expected_kept(p, min(width - 1, len(d))) for d, p in zip(drafts, acceptances))
-            rate = tokens / self.cost.estimate(rows * width)
+            rate = tokens / (fixed + per_token * rows * width)
             if rate > best_rate:
                 best, best_rate = width, rate
         return best
