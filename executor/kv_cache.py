@@ -378,6 +378,8 @@ class BatchKV(Cache):
     def row_kv(self, row: int, start: int, end: int) -> list:
         """Per layer ``(keys, values)`` of tokens ``[start, end)`` of ``row`` (its own positions): views, or
         copies gathered around its holes."""
+        if not 0 <= start <= end <= self.held(row):  # a short read would broadcast into a block unnoticed
+            raise IndexError(f"tokens [{start}, {end}) of row {row}, which holds {self.held(row)}")
         first = self.column - self.lengths[row]
         if self.holes[row]:
             columns = self._held_columns(row)[start:end]

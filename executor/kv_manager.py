@@ -82,7 +82,8 @@ class KVManager:
         if self.prefix is None:
             return
         for index in indices:
-            sequence, length = running[index], self.batch.lengths[index]
+            # Its held tokens, not its span: a span also counts the holes of rejected drafts.
+            sequence, length = running[index], self.batch.held(index)
             self.prefix.insert(sequence.tokens()[:length], length,
                                lambda a, b, row=index: self.batch.row_kv(row, a, b))
 

@@ -90,6 +90,35 @@ def test_rows_leaving_the_batch_leave_their_prompt_and_answer_blocks_behind(kv):
     assert kv.prefix.match(tokens, 32)[0].tokens == tuple(range(1, 17))
 
 
+def test_a_row_with_rejected_drafts_leaves_only_the_tokens_it_holds(kv):
+    """Rejected drafts are holes in a row's span when another row of the same step kept more. What the row
+    leaves in the prefix cache is its held tokens, gathered around the holes: here it spans 84 columns but
+    holds 72, so four whole blocks, never a fifth read past its last held token."""
+    prompt = list(range(1, 61))
+    seq, other = computed(kv, prompt), computed(kv, list(range(200, 260)))
+    kv.batch.join(seq.cache, 60)
+    kv.batch.join(other.cache, 60)
+    seq.cache = other.cache = None
+    seq.generated = list(range(100, 113))  # 112 is its next input: not in the cache yet
+    steps = (([100, 101, 102, 777, 778, 779, 780], 3), ([103, 104, 888, 889, 890, 891, 892], 2),
+             ([105, 106, 107, 108, 109, 110, 999], 6), ([111, 555, 556], 1))
+    for inputs, kept in steps:
+        width = len(inputs)
+        kv.batch.start_step(width)
+        for layer in kv.batch.layers:
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            keys = torch.stack([torch.tensor(inputs, dtype=torch.float32), torch.zeros(width)])
+            layer.update(keys.view(2, 1, width, 1).expand(2, heads, width, dim),
+                         torch.zeros((2, heads, width, layer.values.shape[3])))
+        kv.batch.commit_step(width, [kept, width])  # the other row keeps its whole draft
+    assert kv.batch.held(0) == 72 == len(seq.context_ids()) and kv.batch.lengths[0] == 84
+    kv.remember_rows([seq, other], [0])
+    follow_up = sequence(seq.tokens() + [5])
+    kv.reuse_cached_prefix(follow_up, follow_up.context_ids())
+    assert follow_up.prefilled == 64  # the fourth block ends with 100, 101, 102 and, after 4 holes, 103
+    assert staged_keys(follow_up, 64) == [float(t) for t in prompt + list(range(100, 104))]
+
+
 def test_release_gives_the_staged_row_back_and_a_preempted_sequence_starts_over(kv):
     sequences = [computed(kv, [1, 2, 3]) for _ in range(kv.batch.max_rows)]
     with pytest.raises(RuntimeError, match="no free row"):
