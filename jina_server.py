@@ -63,6 +63,8 @@ DEFAULT_IMAGE = "jina-llm-stream:latest"
 
 
 def build_parser(settings) -> argparse.ArgumentParser:
+    from executor.router import ROUTING_CHOICES
+
     parser = argparse.ArgumentParser(
         description="Serve a Hugging Face causal LM over Jina (/chat and /stream).",
         epilog="python jina_server.py export {kubernetes DIR | docker-compose FILE} [flags]: write manifests for "
@@ -73,6 +75,10 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--protocol", nargs="+", default=["grpc"], choices=PROTOCOLS,
                         help="any of grpc http websocket (default grpc)")
     parser.add_argument("--replicas", type=int, default=1, help="copies of the model behind Jina's load balancing")
+    parser.add_argument("--routing", choices=ROUTING_CHOICES, default="prefix",
+                        help="with --replicas: send each request to the replica that was sent the longest prefix of "
+                             "its messages, else the least loaded (prefix, the default), or to each replica in turn "
+                             "(round_robin)")
     parser.add_argument("--monitoring", action="store_true", help="serve Prometheus metrics")
     parser.add_argument("--port-monitoring", "--port_monitoring", dest="port_monitoring", type=int, default=None,
                         help="port of the metrics endpoint (with --monitoring)")
@@ -136,8 +142,10 @@ def serve(args, settings) -> int:
 
     from executor import TokenStreamingExecutor
     from executor.gguf_model import is_gguf
+    from executor.router import ROUTING_ENV
 
     kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
+    os.environ[ROUTING_ENV] = args.routing  # read by the gateway's process (executor/jina_compat.py)
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
     # it can miss when Ctrl-C reaches the whole process group at once. Local readiness pings need far less.
     kwargs["timeout_ctrl"] = 5

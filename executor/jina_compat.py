@@ -40,6 +40,12 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    and where. The balancer in front of an HTTP Deployment parsed each body and forwarded the parsed value,
    or no body at all when it could not parse it; it now forwards the body as it came, over kept-alive
    connections and without aiohttp's default 5-minute limit (which cut long batch jobs).
+10. Routing over replicas. Jina's gateway sends each request to the next replica in turn, so a chat's next
+   turn lands where its prefix is not cached. With several replicas, the gateway's gRPC calls (``/chat`` and
+   ``/stream`` from gRPC, HTTP and WebSocket clients alike) now go where executor/router.py says: the replica
+   that was sent the longest prefix of the request's messages, or the least loaded one. Jina's own retry on
+   another replica (a replica that cannot be reached) is kept. ``JINA_LLM_STREAM_ROUTING=round_robin``
+   restores Jina's choice (jina_server.py's ``--routing``).
 """
 
 import asyncio
@@ -67,6 +73,7 @@ def install() -> None:
     _patch_gateway_stream_cancellation()
     _patch_gateway_batch_cancellation()
     _patch_gateway_http_app()
+    _patch_gateway_routing()
 
 
 # ---- gRPC: stream_doc -------------------------------------------------------------------------------------
@@ -570,3 +577,121 @@ def _patch_gateway_stream_cancellation() -> None:
             task.remove_done_callback(cancel_call)
 
     _ConnectionStubs.send_single_doc_request = send_single_doc_request
+
+
+# ---- replicas: prefix-aware routing --------------------------------------------------------------------
+def routing_mode() -> str:
+    import os
+
+    from executor.router import ROUTING_ENV
+
+    return os.environ.get(ROUTING_ENV, "prefix")
+
+
+def request_messages(request) -> list:
+    """The messages of a request's (first) Prompt, read from its protobuf without building documents."""
+    from docarray.proto import DocListProto
+    from google.protobuf.message import DecodeError
+
+    proto = request.proto
+    if isinstance(request, SingleDocumentRequest):
+        document = proto.document
+    else:
+        if proto.data.WhichOneof("documents") == "docs_bytes":
+            try:
+                docs = DocListProto.FromString(proto.data.docs_bytes).docs
+            except DecodeError:  # compressed or another protocol: routed by load alone
+                return []
+        else:
+            docs = proto.data.docs.docs
+        if not docs:
+            return []
+        document = docs[0]
+    if "message" not in document.data:
+        return []
+    value = _node_value(document.data["message"])
+    return value if isinstance(value, list) else []
+
+
+def _node_value(node):
+    kind = node.WhichOneof("content")
+    if kind == "list":
+        return [_node_value(item) for item in node.list.data]
+    if kind == "dict":
+        return {key: _node_value(item) for key, item in node.dict.data.items()}
+    if kind in ("text", "integer", "float", "boolean"):
+        return getattr(node, kind)
+    return None
+
+
+class _RoutedReplicas:
+    """A gateway's replica list for one request: the router's choice first, then Jina's own order for its
+    retries (a replica that could not be reached)."""
+
+    def __init__(self, connections, router, route, first):
+        self._connections, self._router, self.route, self._first = connections, router, route, first
+
+    def __getattr__(self, name):
+        return getattr(self._connections, name)
+
+    async def get_next_connection(self, num_retries=3):
+        if self._first is not None:
+            connection, self._first = self._first, None
+            return connection
+        return await self._connections.get_next_connection(num_retries=num_retries)
+
+    def finish(self) -> None:
+        self._router.finished(self.route.replica)
+
+
+_routers = {}  # id(replica list) -> (replica list, PrefixRouter)
+
+
+def _route(request, connections):
+    """``_RoutedReplicas`` for this request, or None where Jina's choice stands (routing off). A single
+    replica is routed too: the others may still be starting, and what it was sent is worth remembering."""
+    from executor.router import PrefixRouter
+
+    by_address = {c.address: c for c in connections.get_all_connections()}
+    if not by_address or routing_mode() != "prefix":
+        return None
+    known = _routers.get(id(connections))
+    if known is None or known[0] is not connections:
+        known = _routers[id(connections)] = (connections, PrefixRouter(sorted(by_address)))
+    router = known[1]
+    if set(router.replicas) != set(by_address):  # a replica came up (they start one by one) or went away
+        router.sync(sorted(by_address))
+    route = router.choose(request_messages(request))
+    return _RoutedReplicas(connections, router, route, by_address[route.replica])
+
+
+def _patch_gateway_routing() -> None:
+    from jina.serve.networking import GrpcConnectionPool
+
+    original_single, original_batch = GrpcConnectionPool._send_single_doc_request, GrpcConnectionPool._send_requests
+
+    def _send_single_doc_request(self, request, connections, *args, **kwargs):
+        routed = _route(request, connections)
+        if routed is None:
+            return original_single(self, request, connections, *args, **kwargs)
+        stream = original_single(self, request, routed, *args, **kwargs)
+
+        async def finishing():
+            try:
+                async for item in stream:
+                    yield item
+            finally:
+                routed.finish()
+
+        return finishing()
+
+    def _send_requests(self, requests, connections, *args, **kwargs):
+        routed = _route(requests[0], connections) if len(requests) == 1 else None
+        if routed is None:
+            return original_batch(self, requests, connections, *args, **kwargs)
+        task = original_batch(self, requests, routed, *args, **kwargs)
+        task.add_done_callback(lambda _task: routed.finish())
+        return task
+
+    GrpcConnectionPool._send_single_doc_request = _send_single_doc_request
+    GrpcConnectionPool._send_requests = _send_requests

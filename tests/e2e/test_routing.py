@@ -1,0 +1,109 @@
+"""Prefix-aware routing through the gateway of `jina_server.py --replicas 2`: multi-turn chats keep meeting their
+cached prefix (as on one replica, and more than with round robin, measured in the same test), and one hot
+prefix still uses both replicas."""
+
+import asyncio
+import re
+import time
+
+from docarray import DocList
+from jina import Client
+
+from conftest import PYTHON, free_port, run, serve_process
+from schemas import Generation, Prompt
+
+CONVERSATIONS, TURNS, NEW_TOKENS = 7, 4, 8  # an odd number: Jina's turns cannot line up with the chats'
+TOPICS = "rivers mountains bridges lighthouses gardens trains harbours libraries".split()
+
+
+def system_prompt(number: int) -> str:
+    """A distinct system prompt per conversation, long enough that its blocks are worth routing for."""
+    topic = TOPICS[number]
+    return f"Conversation {number}. You are a guide who knows everything about {topic}. " + \
+        f"Answer each question about {topic} in one short sentence, and mention the {topic} by name. " * 3
+
+
+async def conversation_turn(client, messages: list, turn: int) -> Generation:
+    """Odd turns through /chat (a batch request), even turns through /stream (a streamed one)."""
+    prompt = Prompt(message=messages, gen_conf={"max_new_tokens": NEW_TOKENS})
+    if turn % 2 == 0:
+        return [doc async for docs in client.post("/chat", inputs=prompt, return_type=DocList[Generation])
+                for doc in docs][0]
+    pieces = [p async for p in client.stream_doc(on="/stream", inputs=prompt, return_type=Generation)]
+    return Generation(text="".join(p.text for p in pieces), prompt_tokens=pieces[-1].prompt_tokens,
+                      cached_tokens=pieces[-1].cached_tokens)
+
+
+async def chats(port: int) -> tuple:
+    """Every conversation's turns, the conversations at once; (prompt tokens, cached tokens) of turns 2-4."""
+    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    histories = [[{"role": "system", "content": system_prompt(n)}] for n in range(CONVERSATIONS)]
+    prompt_tokens = cached_tokens = 0
+    for turn in range(TURNS):
+        for number, history in enumerate(histories):
+            history.append({"role": "user", "content": f"Question {turn} about {TOPICS[number]}?"})
+        answers = await asyncio.gather(*(conversation_turn(client, history, turn) for history in histories))
+        for history, answer in zip(histories, answers):
+            history.append({"role": "assistant", "content": answer.text})
+            if turn > 0:
+                prompt_tokens += answer.prompt_tokens
+                cached_tokens += answer.cached_tokens
+    return prompt_tokens, cached_tokens
+
+
+def served(tiny_models, replicas: int, routing: str, scenario):
+    port = free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(port),
+            "--replicas", str(replicas), "--routing", routing, "--max_batch_size", "8"]
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        run(until_every_replica_answers(port, log, replicas))
+        return run(scenario(port)), log.read_text(errors="replace")
+
+
+async def until_every_replica_answers(port: int, log, replicas: int) -> None:
+    """The gateway connects to the replicas as they come up, one by one: until it reaches them all it sends
+    everything to those it has. Short prompts (routed by load) until each replica has answered one."""
+    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    prompt = Prompt(message=[{"role": "user", "content": "hi"}], gen_conf={"max_new_tokens": 2})
+
+    async def one():
+        return [p async for p in client.stream_doc(on="/stream", inputs=prompt, return_type=Generation)]
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        await asyncio.gather(*(one() for _ in range(replicas)))
+        if len(set(re.findall(r"pid=(\d+) request=\d+ endpoint=/stream ", log.read_text(errors="replace")))) == replicas:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not every replica answered within 60 s: {log.read_text(errors='replace')}")
+
+
+def test_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_models):
+    (one_prompt, one_cached), _ = served(tiny_models, 1, "prefix", chats)
+    (routed_prompt, routed_cached), _ = served(tiny_models, 2, "prefix", chats)
+    (rr_prompt, rr_cached), _ = served(tiny_models, 2, "round_robin", chats)
+    one, routed, round_robin = one_cached / one_prompt, routed_cached / routed_prompt, rr_cached / rr_prompt
+    print(f"cached share of turns 2-{TURNS}: one replica {one:.3f}, two routed {routed:.3f}, two round robin "
+          f"{round_robin:.3f}")
+    assert routed_prompt == one_prompt == rr_prompt  # the same greedy answers, so the same prompts
+    assert routed >= 0.9 * one, (one, routed, round_robin)
+    assert round_robin < routed, (one, routed, round_robin)
+
+
+def test_one_hot_prefix_still_uses_both_replicas(tiny_models):
+    async def burst(port):
+        client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+
+        async def one(number):
+            prompt = Prompt(message=[{"role": "system", "content": system_prompt(0)},
+                                     {"role": "user", "content": f"Question {number}?"}],
+                            gen_conf={"max_new_tokens": 24, "min_new_tokens": 24})
+            return [p async for p in client.stream_doc(on="/stream", inputs=prompt, return_type=Generation)]
+
+        return await asyncio.gather(*(one(n) for n in range(16)))
+
+    answers, log = served(tiny_models, 2, "prefix", burst)
+    assert all(pieces[-1].completion_tokens == 24 for pieces in answers)
+    pids = re.findall(r"pid=(\d+) request=\d+ endpoint=/stream .* new_tokens=24 ", log)  # not the warm-up's
+    assert len(pids) >= 16 and len(set(pids)) == 2, pids
