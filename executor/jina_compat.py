@@ -44,8 +44,9 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    turn lands where its prefix is not cached. With several replicas, the gateway's gRPC calls (``/chat`` and
    ``/stream`` from gRPC, HTTP and WebSocket clients alike) now go where executor/router.py says: the replica
    that was sent the longest prefix of the request's messages, or the least loaded one. Jina's own retry on
-   another replica (a replica that cannot be reached) is kept. ``JINA_LLM_STREAM_ROUTING=round_robin``
-   restores Jina's choice (jina_server.py's ``--routing``).
+   another replica (a replica that cannot be reached) is kept. The balancer in front of an HTTP
+   Deployment's replicas routes the same way, reading the messages from the body it forwards.
+   ``JINA_LLM_STREAM_ROUTING=round_robin`` restores Jina's choice (jina_server.py's ``--routing``).
 """
 
 import asyncio
@@ -507,7 +508,11 @@ def _patch_load_balancer_body() -> None:
     from jina.serve.runtimes.gateway.request_handling import GatewayRequestHandler
 
     async def _load_balance(self, request):
-        target_url = f"{next(self.load_balancer_servers)}{request.path_qs}"
+        body = await request.read()
+        router = _http_router(self)
+        route = router.choose(http_body_messages(body)) if router is not None else None
+        target = route.replica if route is not None else next(self.load_balancer_servers)
+        target_url = f"{target}{request.path_qs}"
         headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
         if getattr(self, "_llm_session", None) is None:
             # One pool of kept-alive connections (Jina opened a session, and a connection, per request), and
@@ -515,7 +520,7 @@ def _patch_load_balancer_body() -> None:
             self._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
             async with self._llm_session.request(request.method, url=target_url, auto_decompress=False,
-                                                 data=await request.read(), headers=headers) as response:
+                                                 data=body, headers=headers) as response:
                 stream_response = web.StreamResponse(status=response.status, headers=response.headers)
                 await stream_response.prepare(request)
                 async for chunk in response.content.iter_any():
@@ -524,8 +529,43 @@ def _patch_load_balancer_body() -> None:
                 return stream_response
         except aiohttp.ClientError as error:
             return web.Response(text=f"Error: {error}", status=500)
+        finally:
+            if route is not None:
+                router.finished(route.replica)
 
     GatewayRequestHandler._load_balance = _load_balance
+
+
+def _http_router(handler):
+    """The router over an HTTP Deployment's replicas (their URLs, read once from Jina's round-robin cycle), or
+    None with one replica or routing off."""
+    from executor.router import PrefixRouter
+
+    if routing_mode() != "prefix":
+        return None
+    if not hasattr(handler, "_llm_router"):
+        servers, cycle = [], handler.load_balancer_servers
+        for server in cycle:  # an endless cycle: its first element again ends the list
+            if servers and server == servers[0]:
+                break
+            servers.append(server)
+        handler._llm_router = PrefixRouter(servers) if len(servers) > 1 else None
+    return handler._llm_router
+
+
+def http_body_messages(body: bytes) -> list:
+    """The messages of an HTTP request to /chat (``{"data": [prompt, ...]}``) or /stream (the prompt itself);
+    [] when there are none to read (the worker then says what is wrong with the body)."""
+    try:
+        payload = json.loads(body) if body else None
+    except ValueError:
+        return []
+    if isinstance(payload, dict) and "data" in payload:
+        payload = payload["data"]
+    if isinstance(payload, list):
+        payload = payload[0] if payload else None
+    messages = payload.get("message") if isinstance(payload, dict) else None
+    return messages if isinstance(messages, list) else []
 
 
 # ---- replicas: reconnect quickly to a replica that was still starting -----------------------------------

@@ -3,8 +3,11 @@ cached prefix (as on one replica, and more than with round robin, measured in th
 prefix still uses both replicas."""
 
 import asyncio
+import json
 import re
 import time
+
+import httpx
 
 from docarray import DocList
 from jina import Client
@@ -34,15 +37,37 @@ async def conversation_turn(client, messages: list, turn: int) -> Generation:
                       cached_tokens=pieces[-1].cached_tokens)
 
 
-async def chats(port: int) -> tuple:
+async def http_turn(http, url: str, messages: list, turn: int) -> Generation:
+    """The same over plain HTTP: POST /chat with {"data": [prompt]}, GET /stream answered with events."""
+    prompt = {"message": messages, "gen_conf": {"max_new_tokens": NEW_TOKENS}}
+    if turn % 2 == 0:
+        response = await http.post(f"{url}/chat", json={"data": [prompt]})
+        return Generation(**response.json()["data"][0])
+    pieces = []
+    async with http.stream("GET", f"{url}/stream", json=prompt) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and line[5:].strip().startswith("{"):
+                pieces.append(json.loads(line[5:]))
+    return Generation(text="".join(p["text"] for p in pieces), prompt_tokens=pieces[-1]["prompt_tokens"],
+                      cached_tokens=pieces[-1]["cached_tokens"])
+
+
+async def chats(port: int, protocol: str = "grpc") -> tuple:
     """Every conversation's turns, the conversations at once; (prompt tokens, cached tokens) of turns 2-4."""
+    if protocol == "http":
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await chat_turns(lambda messages, turn: http_turn(http, f"http://127.0.0.1:{port}", messages, turn))
     client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    return await chat_turns(lambda messages, turn: conversation_turn(client, messages, turn))
+
+
+async def chat_turns(send) -> tuple:
     histories = [[{"role": "system", "content": system_prompt(n)}] for n in range(CONVERSATIONS)]
     prompt_tokens = cached_tokens = 0
     for turn in range(TURNS):
         for number, history in enumerate(histories):
             history.append({"role": "user", "content": f"Question {turn} about {TOPICS[number]}?"})
-        answers = await asyncio.gather(*(conversation_turn(client, history, turn) for history in histories))
+        answers = await asyncio.gather(*(send(history, turn) for history in histories))
         for history, answer in zip(histories, answers):
             history.append({"role": "assistant", "content": answer.text})
             if turn > 0:
@@ -51,20 +76,20 @@ async def chats(port: int) -> tuple:
     return prompt_tokens, cached_tokens
 
 
-def served(tiny_models, replicas: int, routing: str, scenario):
+def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc"):
     port = free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(port),
-            "--replicas", str(replicas), "--routing", routing, "--max_batch_size", "8"]
+            "--protocol", protocol, "--replicas", str(replicas), "--routing", routing, "--max_batch_size", "8"]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
-        run(until_every_replica_answers(port, log, replicas))
+        run(until_every_replica_answers(port, log, replicas, protocol))
         return run(scenario(port)), log.read_text(errors="replace")
 
 
-async def until_every_replica_answers(port: int, log, replicas: int) -> None:
+async def until_every_replica_answers(port: int, log, replicas: int, protocol: str) -> None:
     """The gateway connects to the replicas as they come up, one by one: until it reaches them all it sends
     everything to those it has. Short prompts (routed by load) until each replica has answered one."""
-    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    client = Client(host=f"{protocol}://127.0.0.1:{port}", asyncio=True)
     prompt = Prompt(message=[{"role": "user", "content": "hi"}], gen_conf={"max_new_tokens": 2})
 
     async def one():
@@ -89,6 +114,15 @@ def test_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_models):
     assert routed_prompt == one_prompt == rr_prompt  # the same greedy answers, so the same prompts
     assert routed >= 0.9 * one, (one, routed, round_robin)
     assert round_robin < routed, (one, routed, round_robin)
+
+
+def test_plain_http_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_models):
+    """An HTTP-only Deployment's replicas sit behind Jina's HTTP balancer, which routes the same way."""
+    (one_prompt, one_cached), _ = served(tiny_models, 1, "prefix", lambda port: chats(port, "http"), "http")
+    (routed_prompt, routed_cached), _ = served(tiny_models, 2, "prefix", lambda port: chats(port, "http"), "http")
+    one, routed = one_cached / one_prompt, routed_cached / routed_prompt
+    print(f"HTTP: cached share of turns 2-{TURNS}: one replica {one:.3f}, two routed {routed:.3f}")
+    assert routed_prompt == one_prompt and routed >= 0.9 * one, (one, routed)
 
 
 def test_one_hot_prefix_still_uses_both_replicas(tiny_models):

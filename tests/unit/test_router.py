@@ -1,10 +1,12 @@
 """executor/router.py: which replica a request goes to (prefix match against load), and the gateway's reading of
 a request's messages (executor/jina_compat.py)."""
 
+import json
+
 from docarray import DocList
 from jina.types.request.data import DataRequest, SingleDocumentRequest
 
-from executor.jina_compat import request_messages
+from executor.jina_compat import http_body_messages, request_messages
 from executor.router import BLOCK_CHARS, LOAD_SLACK, MIN_MATCH_CHARS, PrefixRouter, block_hashes, routing_text
 from schemas import Prompt
 
@@ -102,3 +104,12 @@ def test_a_replica_that_comes_up_later_joins_without_the_others_forgetting():
     assert router.choose(chat(LONG_B, "q")).replica == "b"  # the least loaded
     router.sync(["b"])
     assert router.replicas == ["b"] and router.choose(chat(LONG_A, "q")).replica == "b"
+
+
+def test_the_http_balancer_reads_the_messages_of_chat_and_stream_bodies():
+    messages = chat(LONG_A, "q")
+    assert http_body_messages(json.dumps({"data": [{"message": messages}]}).encode()) == messages  # POST /chat
+    assert http_body_messages(json.dumps({"data": {"message": messages}}).encode()) == messages
+    assert http_body_messages(json.dumps({"message": messages, "gen_conf": {}}).encode()) == messages  # /stream
+    for body in (b"", b"not json", b"[]", b'{"data": []}', b'{"message": "text"}', b"[1, 2]"):
+        assert http_body_messages(body) == []
