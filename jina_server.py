@@ -178,8 +178,11 @@ def serve(args, settings) -> int:
             logging.getLogger("jina_llm_stream").error("the model could not be prepared (exit code %d)",
                                                        error.returncode)
             return 1
+    router = openai_router(args)
     try:
         with server:
+            if router is not None:
+                router.start()
             server.block()
     except KeyboardInterrupt:
         return 0
@@ -188,6 +191,33 @@ def serve(args, settings) -> int:
         logging.getLogger("jina_llm_stream").error("the server could not start: %s", reason)
         return 1
     return 0
+
+
+def openai_router(args):
+    """With several replicas and prefix routing, the OpenAI port is a router's (executor/gateway.py), and each
+    replica serves its API on a loopback port of its own; otherwise the replicas share the port itself."""
+    if args.openai_port is None or args.replicas < 2 or args.routing != "prefix":
+        return None
+    from executor.gateway import OpenAIRouter
+    from executor.openai_api import OPENAI_REPLICA_PORTS_ENV
+
+    ports = free_loopback_ports(args.replicas)
+    os.environ[OPENAI_REPLICA_PORTS_ENV] = ",".join(map(str, ports))  # read by each replica (forked after this)
+    return OpenAIRouter(args.host, args.openai_port, [f"http://127.0.0.1:{port}" for port in ports],
+                        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def free_loopback_ports(count: int) -> list:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def export(kind: str, target: str, args, settings) -> int:

@@ -8,6 +8,10 @@ With ``--openai-port``, the gateway also takes the OpenAI API's connections on t
 one, byte for byte, to the OpenAI API of a replica (every worker serves it next to its engine; see
 executor/openai_api.py), round robin over the addresses the gateway reaches the replicas at. A client that
 closes its connection closes the one to the replica, which cancels the generation.
+
+``OpenAIRouter`` is the OpenAI port of ``jina_server.py --replicas N`` on one machine: an HTTP proxy that
+sends each request to a replica's own API by prefix (executor/router.py), as the gateway does for Jina's
+protocols.
 """
 
 import asyncio
@@ -16,6 +20,7 @@ import json
 import logging
 import sys
 import threading
+import time
 
 from executor import jina_compat
 
@@ -71,6 +76,108 @@ class ConnectionBalancer:
 
     def start(self) -> None:
         threading.Thread(target=lambda: asyncio.run(self.serve()), name="openai-balancer", daemon=True).start()
+
+
+def openai_messages(body: bytes) -> list:
+    """The messages of an OpenAI request body (``/v1/completions``: its prompt, as one user message)."""
+    try:
+        payload = json.loads(body) if body else None
+    except ValueError:
+        return []
+    if not isinstance(payload, dict):
+        return []
+    if isinstance(payload.get("messages"), list):
+        return payload["messages"]
+    prompt = payload.get("prompt")
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else []
+
+
+HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+class OpenAIRouter:
+    """The OpenAI API's port in front of several replicas' own APIs (``targets``: base URLs): each request goes
+    where executor/router.py says, its answer (an event stream too) is passed back as it comes, and a client
+    that leaves closes the connection to the replica, which cancels the generation. A replica that cannot be
+    reached is skipped; no replica reachable is a 503."""
+
+    def __init__(self, host: str, port: int, targets: list, ssl_certfile=None, ssl_keyfile=None):
+        from executor.router import PrefixRouter
+
+        self.host, self.port, self.targets = host, port, targets
+        self.router = PrefixRouter(targets)
+        self.ssl_files = (ssl_certfile, ssl_keyfile) if ssl_certfile else None
+        self._session = None
+        self._site = None
+
+    async def _forward(self, request):
+        import aiohttp
+        from aiohttp import web
+
+        body = await request.read()
+        messages = openai_messages(body)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        tried = set()
+        while len(tried) < len(self.targets):
+            route = self.router.choose(messages, exclude=tried)
+            tried.add(route.replica)
+            try:
+                async with self._session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
+                                                  headers=headers, auto_decompress=False) as response:
+                    answer = web.StreamResponse(status=response.status, headers={
+                        k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS})
+                    await answer.prepare(request)
+                    async for chunk in response.content.iter_any():
+                        await answer.write(chunk)
+                    await answer.write_eof()
+                    return answer
+            except aiohttp.ClientConnectorError as error:  # nothing was sent: the next replica
+                log.warning("OpenAI API of the replica at %s unreachable: %s", route.replica, error)
+            finally:
+                self.router.finished(route.replica)
+        return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
+                                            "type": "server_busy", "param": None, "code": None}}, status=503)
+
+    async def serve(self) -> None:
+        import ssl
+
+        import aiohttp
+        from aiohttp import web
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        app = web.Application(client_max_size=1 << 30)  # the replicas apply their own limits
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        context = None
+        if self.ssl_files:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.ssl_files)
+        self._site = web.TCPSite(runner, self.host, self.port, ssl_context=context)
+        await self._site.start()
+        log.info("OpenAI API router on port %d: requests go by prefix to the replicas' APIs at %s", self.port,
+                 ", ".join(self.targets))
+        await asyncio.Event().wait()
+
+    def start(self, timeout: float = 30.0) -> "OpenAIRouter":
+        """Serve in a thread of its own; returns once listening, raises if the port cannot be had."""
+        failed = []
+
+        def run():
+            try:
+                asyncio.run(self.serve())
+            except Exception as error:  # noqa: BLE001 - reported to the caller below
+                failed.append(error)
+
+        thread = threading.Thread(target=run, name="openai-router", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while self._site is None or not self._site._server:
+            if failed or not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI API router could not listen on port {self.port}: "
+                                   f"{failed[0] if failed else 'timed out'}")
+            time.sleep(0.05)
+        return self
 
 
 def main(argv: list) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -48,6 +49,8 @@ GUIDED = {"guided_json": lambda schema: {"type": "json_schema", "json_schema": {
           "guided_choice": lambda choices: {"type": "choice", "choices": choices}}
 FORMAT_PARAMETERS = ("response_format", *GUIDED)
 MAX_CHOICES = 8  # n: answers per prompt
+# Ports for the replicas' APIs behind jina_server.py's OpenAI router (executor/gateway.py), comma-separated.
+OPENAI_REPLICA_PORTS_ENV = "JINA_LLM_STREAM_OPENAI_REPLICA_PORTS"
 
 
 class APIError(Exception):
@@ -545,8 +548,14 @@ class OpenAIServer:
                                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
         self.host, self.port = host, port
+        # Set by jina_server.py when its own router takes the OpenAI port in front of several replicas.
+        self.router_ports = [int(p) for p in os.environ.get(OPENAI_REPLICA_PORTS_ENV, "").split(",") if p]
+        if self.router_ports:
+            config.ssl_certfile = config.ssl_keyfile = None  # the router holds TLS; the hop is the loopback
 
     def _socket(self):
+        if self.router_ports:
+            return self._router_socket()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -559,6 +568,22 @@ class OpenAIServer:
                                "choose a free port") from None
         sock.set_inheritable(True)
         return sock
+
+    def _router_socket(self):
+        """Behind jina_server.py's router: the first of its ports no other replica holds (no SO_REUSEPORT, so
+        a bound port is this replica's alone), on the loopback only."""
+        for port in self.router_ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            self.host, self.port = "127.0.0.1", port
+            sock.set_inheritable(True)
+            return sock
+        raise RuntimeError(f"every port of {OPENAI_REPLICA_PORTS_ENV}={','.join(map(str, self.router_ports))} is "
+                           "taken: more replicas than ports")
 
     def start(self, timeout: float = 30.0) -> "OpenAIServer":
         import threading

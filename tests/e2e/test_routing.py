@@ -8,6 +8,7 @@ import re
 import time
 
 import httpx
+import openai
 
 from docarray import DocList
 from jina import Client
@@ -52,8 +53,20 @@ async def http_turn(http, url: str, messages: list, turn: int) -> Generation:
                       cached_tokens=pieces[-1]["cached_tokens"])
 
 
+async def openai_turn(client, messages: list) -> Generation:
+    model = (await client.models.list()).data[0].id
+    answer = await client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS,
+                                                  temperature=0)
+    usage = answer.usage
+    return Generation(text=answer.choices[0].message.content, prompt_tokens=usage.prompt_tokens,
+                      cached_tokens=usage.prompt_tokens_details.cached_tokens)
+
+
 async def chats(port: int, protocol: str = "grpc") -> tuple:
     """Every conversation's turns, the conversations at once; (prompt tokens, cached tokens) of turns 2-4."""
+    if protocol == "openai":
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+            return await chat_turns(lambda messages, turn: openai_turn(client, messages))
     if protocol == "http":
         async with httpx.AsyncClient(timeout=120) as http:
             return await chat_turns(lambda messages, turn: http_turn(http, f"http://127.0.0.1:{port}", messages, turn))
@@ -76,14 +89,16 @@ async def chat_turns(send) -> tuple:
     return prompt_tokens, cached_tokens
 
 
-def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc"):
+def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc", openai_port=None):
     port = free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(port),
             "--protocol", protocol, "--replicas", str(replicas), "--routing", routing, "--max_batch_size", "8"]
+    if openai_port:
+        args += ["--openai-port", str(openai_port)]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         run(until_every_replica_answers(port, log, replicas, protocol))
-        return run(scenario(port)), log.read_text(errors="replace")
+        return run(scenario(openai_port or port)), log.read_text(errors="replace")
 
 
 async def until_every_replica_answers(port: int, log, replicas: int, protocol: str) -> None:
@@ -123,6 +138,20 @@ def test_plain_http_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_
     one, routed = one_cached / one_prompt, routed_cached / routed_prompt
     print(f"HTTP: cached share of turns 2-{TURNS}: one replica {one:.3f}, two routed {routed:.3f}")
     assert routed_prompt == one_prompt and routed >= 0.9 * one, (one, routed)
+
+
+def test_openai_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_models):
+    """With several replicas the OpenAI port is a router's (executor/gateway.py), which routes the same way;
+    with one, the replica serves the port itself."""
+    scenario = lambda port: chats(port, "openai")  # noqa: E731
+    (one_prompt, one_cached), _ = served(tiny_models, 1, "prefix", scenario, openai_port=free_port())
+    (routed_prompt, routed_cached), log = served(tiny_models, 2, "prefix", scenario, openai_port=free_port())
+    one, routed = one_cached / one_prompt, routed_cached / routed_prompt
+    print(f"OpenAI API: cached share of turns 2-{TURNS}: one replica {one:.3f}, two routed {routed:.3f}")
+    assert "OpenAI API router on port" in log
+    assert routed_prompt == one_prompt and routed >= 0.9 * one, (one, routed)
+    served_by = set(re.findall(r"pid=(\d+) request=\S+ endpoint=/v1/chat/completions", log))
+    assert len(served_by) == 2, served_by
 
 
 def test_one_hot_prefix_still_uses_both_replicas(tiny_models):
