@@ -89,7 +89,9 @@ async def chat_turns(send) -> tuple:
     return prompt_tokens, cached_tokens
 
 
-def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc", openai_port=None):
+def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc", openai_port=None, wait_for=None):
+    """Run ``scenario(port)`` against a server; (its result, the log's path). ``wait_for``: a pattern the log
+    must show (up to 15 s) before the server stops."""
     port = free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(port),
             "--protocol", protocol, "--replicas", str(replicas), "--routing", routing, "--max_batch_size", "8"]
@@ -98,7 +100,11 @@ def served(tiny_models, replicas: int, routing: str, scenario, protocol="grpc", 
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         run(until_every_replica_answers(port, log, replicas, protocol))
-        return run(scenario(openai_port or port)), log.read_text(errors="replace")
+        result = run(scenario(openai_port or port))
+        deadline = time.monotonic() + 15
+        while wait_for and not re.search(wait_for, log.read_text(errors="replace")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return result, log
 
 
 async def until_every_replica_answers(port: int, log, replicas: int, protocol: str) -> None:
@@ -145,7 +151,8 @@ def test_openai_chats_through_two_replicas_find_their_prefix_as_on_one(tiny_mode
     with one, the replica serves the port itself."""
     scenario = lambda port: chats(port, "openai")  # noqa: E731
     (one_prompt, one_cached), _ = served(tiny_models, 1, "prefix", scenario, openai_port=free_port())
-    (routed_prompt, routed_cached), log = served(tiny_models, 2, "prefix", scenario, openai_port=free_port())
+    (routed_prompt, routed_cached), log_path = served(tiny_models, 2, "prefix", scenario, openai_port=free_port())
+    log = log_path.read_text(errors="replace")
     one, routed = one_cached / one_prompt, routed_cached / routed_prompt
     print(f"OpenAI API: cached share of turns 2-{TURNS}: one replica {one:.3f}, two routed {routed:.3f}")
     assert "OpenAI API router on port" in log
@@ -166,7 +173,31 @@ def test_one_hot_prefix_still_uses_both_replicas(tiny_models):
 
         return await asyncio.gather(*(one(n) for n in range(16)))
 
-    answers, log = served(tiny_models, 2, "prefix", burst)
+    answers, log_path = served(tiny_models, 2, "prefix", burst)
+    log = log_path.read_text(errors="replace")
     assert all(pieces[-1].completion_tokens == 24 for pieces in answers)
     pids = re.findall(r"pid=(\d+) request=\d+ endpoint=/stream .* new_tokens=24 ", log)  # not the warm-up's
     assert len(pids) >= 16 and len(set(pids)) == 2, pids
+
+
+def test_a_client_leaving_the_openai_router_stops_its_generation(tiny_models):
+    """The router passes a client's leaving on: its connection to the replica closes, the replica cancels."""
+    async def leave_midway(port):
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+            model = (await client.models.list()).data[0].id
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=450,
+                extra_body={"min_tokens": 450}, stream=True)
+            pieces = 0
+            async for _ in stream:
+                pieces += 1
+                if pieces == 3:
+                    break
+            await stream.close()
+        return pieces
+
+    ended = r"endpoint=/v1/chat/completions .* finish="
+    _, log_path = served(tiny_models, 2, "prefix", leave_midway, openai_port=free_port(), wait_for=ended)
+    log = log_path.read_text(errors="replace")
+    assert re.search(r"endpoint=/v1/chat/completions .* finish=cancelled", log), log[-3000:]
+    assert not re.search(r"endpoint=/v1/chat/completions .* new_tokens=450 ", log), "the generation went on"
