@@ -23,6 +23,7 @@ the live columns) during the RAG-shaped burst are read from its Prometheus endpo
 
     bench/bench.py --only rag   # the RAG-shaped burst and its KV copies only (no references, no peer): ~2 min
     bench/bench.py --only real  # the real model's rows only: ~15 min (and the llama.cpp build, once)
+    bench/bench.py --only routing  # 2 replicas, prefix-aware routing vs round robin vs 1 replica: ~3 min
 """
 
 import argparse
@@ -239,7 +240,7 @@ async def one_stream(client, message, new_tokens, extra=None):
         final = piece
     return {"ttft": times[0] - started, "total": times[-1] - started, "decode": times[-1] - times[0],
             "tokens": final.completion_tokens, "times": times, "counts": counts, "text": "".join(text),
-            "cached": final.cached_tokens}
+            "cached": final.cached_tokens, "prompt": final.prompt_tokens}
 
 
 # A typical schema whose one string is long enough that every answer runs to the requested length: the rows
@@ -734,6 +735,68 @@ def start_bench_server(path: Path, port: int, clients: int, log_path: Path, flag
     return server
 
 
+# ---- replicas: prefix-aware routing against round robin -----------------------------------------------------
+ROUTING_CONVERSATIONS, ROUTING_TURNS = 8, 4
+
+
+async def multi_turn_rag(port: int, tokenizer, new_tokens: int) -> dict:
+    """Conversations behind passages of their own, all at once, turn after turn (each turn resends the whole
+    history): the cached share of turns 2-4's prompt tokens and their TTFT p50."""
+    from jina import Client
+
+    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    for _ in range(4):  # every replica answers once (the gateway reaches them as they come up)
+        await asyncio.gather(*(one_stream(client, prompts(1)[0], 4) for _ in range(2)))
+    histories = workloads.rag_conversations(tokenizer, ROUTING_CONVERSATIONS, RAG_SEED)
+    questions = [workloads.chat_turn_messages(tokenizer, ROUTING_TURNS, RAG_SEED + n)
+                 for n in range(ROUTING_CONVERSATIONS)]
+    later = []
+    for turn in range(ROUTING_TURNS):
+        for history, asked in zip(histories, questions):
+            history.append({"role": "user", "content": asked[turn]})
+        results = await asyncio.gather(*(one_stream(client, history, new_tokens) for history in histories))
+        for history, result in zip(histories, results):
+            history.append({"role": "assistant", "content": result["text"]})
+        later += results if turn else []
+    return {"cached_share": sum(r["cached"] for r in later) / sum(r["prompt"] for r in later),
+            "ttft_p50": statistics.median(r["ttft"] for r in later)}
+
+
+def routing_measures(path: Path, new_tokens: int) -> dict:
+    """The multi-turn RAG workload on one replica, and through two with --routing prefix and round_robin."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    found = {}
+    for name, flags in (("one", ["--replicas", "1"]), ("prefix", ["--replicas", "2", "--routing", "prefix"]),
+                        ("round_robin", ["--replicas", "2", "--routing", "round_robin"])):
+        port = free_port()
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"jina-llm-stream-bench-routing-{name}.log"
+        server = start_server(["--model_name", str(path), "--port", str(port), "--max_batch_size", "16", *flags],
+                              log_path)
+        try:
+            found[name] = asyncio.run(multi_turn_rag(port, tokenizer, new_tokens))
+        finally:
+            stop_server(server)
+    return found
+
+
+def routing_rows(found: dict) -> list:
+    one, routed, rr = found["one"], found["prefix"], found["round_robin"]
+    what = f"{ROUTING_CONVERSATIONS} RAG conversations x {ROUTING_TURNS} turns (own passages, ~450 tokens)"
+    return [
+        (f"replicas: {what}, 1 replica: cached share of turns 2-{ROUTING_TURNS} (reference)",
+         f"{one['cached_share']:.1%}", "1.00x", ""),
+        ("replicas: the same through 2 replicas, --routing prefix: cached share", f"{routed['cached_share']:.1%}",
+         f"{routed['cached_share'] / one['cached_share']:.2f}x 1 replica", ">= 0.9x"),
+        ("replicas: the same through 2 replicas, --routing round_robin: cached share", f"{rr['cached_share']:.1%}",
+         f"{rr['cached_share'] / one['cached_share']:.2f}x 1 replica", ""),
+        (f"replicas: TTFT p50 of turns 2-{ROUTING_TURNS}, prefix vs round robin",
+         f"{routed['ttft_p50'] * 1000:.0f} ms", f"round robin {rr['ttft_p50'] * 1000:.0f} ms "
+         f"(1 replica {one['ttft_p50'] * 1000:.0f} ms)", "lower than round robin"),
+    ]
+
+
 # ---- the real model: SmolLM2-135M-Instruct, the default model ----------------------------------------------
 REAL_MODEL = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 30 layers, 3 key/value heads, 49k vocabulary)"
 
@@ -935,15 +998,19 @@ def main() -> int:
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--job-prompts", type=int, default=1000)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
-    parser.add_argument("--only", choices=["rag", "real"], help="rag: only the /stream RAG-shaped burst and the KV "
-                        "cache's copies during it (no references, no peer, no other rows); real: only the real "
-                        "model's rows")
+    parser.add_argument("--only", choices=["rag", "real", "routing"],
+                        help="rag: only the /stream RAG-shaped burst and the KV cache's copies during it (no "
+                        "references, no peer, no other rows); real: only the real model's rows; routing: only the replicas' rows (prefix-aware routing vs round robin)")
     args = parser.parse_args()
     if args.only == "real":
         return real_only(args.new_tokens, args.clients)
     path = build_bench_model()
     if args.only == "rag":
         return rag_only(path, args.new_tokens, args.clients)
+    if args.only == "routing":
+        print_table("--only routing: GPT-2-small shape (124M, random weights, fp32), --replicas 2 on "
+                    f"{os.cpu_count()} CPUs", routing_rows(routing_measures(path, 32)))
+        return 0
     ref = references(path, args.new_tokens, args.clients)
     port, openai_port = free_port(), free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "jina-llm-stream-bench.log"
@@ -964,7 +1031,10 @@ def main() -> int:
     ref |= kv_copy_seconds(path)
     # Last, in this process: its manager thread must not share the CPU with the server's measures.
     ref["hf_cb_tps"] = transformers_continuous_batching(path, tokenizer, args.clients, args.new_tokens)
+    routing = routing_measures(path, 32)
     print(table(ref, srv, args.clients, args.new_tokens))
+    print()
+    print_table("Replicas, same run:", routing_rows(routing))
     print()
     print_table(f"The default model, {REAL_MODEL}, same run:",
                 real_model_rows(real_model_measures(args.new_tokens, args.clients), args.clients, args.new_tokens))

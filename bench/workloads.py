@@ -38,6 +38,14 @@ def chat_turn_messages(tokenizer, turns: int, seed: int) -> list:
     return [_words(rng, tokenizer, 40) for _ in range(turns)]
 
 
+def rag_conversations(tokenizer, count: int, seed: int, passage_tokens: int = 400) -> list:
+    """``count`` conversations, each behind passages of its own (a system prompt of about ``passage_tokens``
+    tokens): the first message of each; later questions come from ``chat_turn_messages``."""
+    rng = random.Random(seed)
+    return [[{"role": "system", "content": "Answer from these passages.\n\n" + _words(rng, tokenizer, passage_tokens)}]
+            for _ in range(count)]
+
+
 def long_prompts(tokenizer, count: int, tokens: int, seed: int) -> list:
     """``count`` distinct chats of about ``tokens`` tokens each."""
     rng = random.Random(seed)
