@@ -1000,7 +1000,8 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
     parser.add_argument("--only", choices=["rag", "real", "routing"],
                         help="rag: only the /stream RAG-shaped burst and the KV cache's copies during it (no "
-                        "references, no peer, no other rows); real: only the real model's rows; routing: only the replicas' rows (prefix-aware routing vs round robin)")
+                        "references, no peer, no other rows); real: only the real model's rows; routing: only the "
+                        "replicas' rows (prefix-aware routing vs round robin)")
     args = parser.parse_args()
     if args.only == "real":
         return real_only(args.new_tokens, args.clients)
