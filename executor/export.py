@@ -5,6 +5,7 @@ Jina writes a gateway that runs its stock image and a worker per replica. Rewrit
   gateway with the fixes of executor/jina_compat.py, as under ``jina_server.py``;
 - with an OpenAI port, every worker serves the API (executor/openai_api.py) and the gateway takes its
   connections on that port and passes each to a replica; the port is published where the gateway's are;
+- the gateway routes by prefix (executor/router.py) unless ``--routing round_robin`` was given;
 - docker-compose: Jina mounts the host's ``~/.cache/jina`` over the worker's ``/app``, which hides the
   project's code there; the workspace moves to ``/tmp`` and the mount goes.
 """
@@ -16,7 +17,7 @@ import yaml
 GATEWAY_MODULE = ["python", "-m", "executor.gateway"]
 
 
-def rewrite_kubernetes(folder: str, image: str, openai_port: int | None) -> None:
+def rewrite_kubernetes(folder: str, image: str, openai_port: int | None, routing: str = "prefix") -> None:
     for path in Path(folder).rglob("*.yml"):
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
         extra = []
@@ -25,7 +26,7 @@ def rewrite_kubernetes(folder: str, image: str, openai_port: int | None) -> None
             if kind == "Deployment" and name == "gateway":
                 container = document["spec"]["template"]["spec"]["containers"][0]
                 container["image"] = image
-                container["command"] = GATEWAY_MODULE + _openai_flag(openai_port)
+                container["command"] = GATEWAY_MODULE + _openai_flag(openai_port) + _routing_flag(routing)
                 if openai_port is not None:
                     container["ports"].append({"containerPort": openai_port})
                     extra.append(_service("gateway-openai", "gateway", openai_port, document))
@@ -45,13 +46,13 @@ def _service(name: str, app: str, port: int, deployment: dict) -> dict:
                      "selector": {"app": app}, "type": "ClusterIP"}}
 
 
-def rewrite_docker_compose(file: str, image: str, openai_port: int | None) -> None:
+def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routing: str = "prefix") -> None:
     path = Path(file)
     compose = yaml.safe_load(path.read_text())
     for name, service in compose["services"].items():
         if name == "gateway":
             service["image"] = image
-            service["entrypoint"] = GATEWAY_MODULE + _openai_flag(openai_port)
+            service["entrypoint"] = GATEWAY_MODULE + _openai_flag(openai_port) + _routing_flag(routing)
             if openai_port is not None:
                 service.setdefault("expose", []).append(openai_port)
                 service.setdefault("ports", []).append(f"{openai_port}:{openai_port}")
@@ -65,3 +66,7 @@ def rewrite_docker_compose(file: str, image: str, openai_port: int | None) -> No
 
 def _openai_flag(openai_port: int | None) -> list:
     return [] if openai_port is None else ["--openai-port", str(openai_port)]
+
+
+def _routing_flag(routing: str) -> list:
+    return [] if routing == "prefix" else ["--routing", routing]  # prefix: the gateway's default

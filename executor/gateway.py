@@ -1,4 +1,4 @@
-"""The gateway of exported deployments: ``python -m executor.gateway [--openai-port P] gateway ARGS...``.
+"""The gateway of exported deployments: ``python -m executor.gateway [--openai-port P] [--routing R] gateway ARGS``.
 
 Jina's own gateway (``jina gateway ARGS``, as the Kubernetes and docker-compose exporters write it), with
 this project's fixes installed (executor/jina_compat.py: no replay of a broken stream, cancellation through
@@ -9,20 +9,24 @@ one, byte for byte, to the OpenAI API of a replica (every worker serves it next 
 executor/openai_api.py), round robin over the addresses the gateway reaches the replicas at. A client that
 closes its connection closes the one to the replica, which cancels the generation.
 
-``OpenAIRouter`` is the OpenAI port of ``jina_server.py --replicas N`` on one machine: an HTTP proxy that
-sends each request to a replica's own API by prefix (executor/router.py), as the gateway does for Jina's
-protocols.
+``OpenAIRouter`` is an HTTP proxy that sends each request to a replica's own API by prefix
+(executor/router.py), as the gateway does for Jina's protocols: the OpenAI port of ``jina_server.py
+--replicas N`` on one machine, and of an exported gateway that reaches its replicas at addresses of their own
+(docker-compose) without TLS. With one address (Kubernetes: a Service hides its pods) or TLS (passed through
+to the replicas untouched), connections are spliced round robin as above.
 """
 
 import asyncio
 import itertools
 import json
 import logging
+import os
 import sys
 import threading
 import time
 
 from executor import jina_compat
+from executor.router import ROUTING_ENV
 
 log = logging.getLogger("jina_llm_stream.gateway")
 
@@ -182,11 +186,19 @@ class OpenAIRouter:
 
 def main(argv: list) -> None:
     openai_port = None
-    if argv[:1] == ["--openai-port"]:
-        openai_port, argv = int(argv[1]), argv[2:]
+    while argv[:1] in (["--openai-port"], ["--routing"]):
+        if argv[0] == "--openai-port":
+            openai_port = int(argv[1])
+        else:
+            os.environ[ROUTING_ENV] = argv[1]
+        argv = argv[2:]
     jina_compat.install()
     if openai_port is not None:
-        ConnectionBalancer(openai_port, [(host, openai_port) for host in replica_hosts(argv)]).start()
+        hosts = replica_hosts(argv)
+        if len(set(hosts)) > 1 and "--ssl-certfile" not in argv and jina_compat.routing_mode() == "prefix":
+            OpenAIRouter("0.0.0.0", openai_port, [f"http://{host}:{openai_port}" for host in hosts]).start()
+        else:  # one address (a Kubernetes Service: its pods are hidden behind it), or TLS to pass through as is
+            ConnectionBalancer(openai_port, [(host, openai_port) for host in hosts]).start()
     from jina_cli import main as jina_main
 
     sys.argv = ["jina", *argv]

@@ -91,3 +91,11 @@ def test_docker_compose_export_runs_the_projects_gateway_and_publishes_the_opena
     assert all(uses_with_of(w["command"])["openai_port"] == 8000 for w in workers)
     # Jina mounted the host's ~/.cache/jina over /app, where the project's code is.
     assert all("volumes" not in w and "/tmp/jina-workspace" in w["command"] for w in workers)
+
+
+def test_the_exported_gateway_routes_by_prefix_unless_told_round_robin(tmp_path):
+    target = tmp_path / "docker-compose.yml"
+    export("docker-compose", str(target), "--openai-port", "8000", "--routing", "round_robin")
+    gateway = yaml.safe_load(target.read_text())["services"]["gateway"]
+    assert gateway["entrypoint"] == ["python", "-m", "executor.gateway", "--openai-port", "8000", "--routing",
+                                     "round_robin"]

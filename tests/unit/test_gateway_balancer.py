@@ -46,3 +46,32 @@ def test_connections_go_round_robin_and_a_client_leaving_closes_the_replicas_con
 
     # The unreachable second address is skipped for the next one.
     assert asyncio.run(scenario()) == ["a:hello\n", "a", "b:hello\n", "b", "a:hello\n", "a"]
+
+
+def test_the_gateway_routes_the_openai_port_where_its_replicas_have_addresses_of_their_own(monkeypatch):
+    """compose: one address per replica, no TLS -> the prefix router; Kubernetes (one Service address) or TLS
+    -> connections spliced round robin. ``--routing round_robin`` reaches the gateway's Jina routing too."""
+    import os
+    import sys
+
+    from executor import gateway
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets Jina's command line there
+
+    started = []
+    monkeypatch.setattr(gateway.OpenAIRouter, "start", lambda self: started.append(("router", self.targets)))
+    monkeypatch.setattr(gateway.ConnectionBalancer, "start", lambda self: started.append(("splice", self.targets)))
+    monkeypatch.setattr("jina_cli.main", lambda: None)
+    monkeypatch.setattr(gateway.jina_compat, "install", lambda: None)
+    compose = ["gateway", "--deployments-addresses", json.dumps({"llm": ["llm-rep-0:8081", "llm-rep-1:8081"]})]
+    kubernetes = ["gateway", "--deployments-addresses", json.dumps({"llm": ["grpc://llm.ns.svc:8080"]})]
+    monkeypatch.setenv("JINA_LLM_STREAM_ROUTING", "prefix")
+    gateway.main(["--openai-port", "8000", *compose])
+    gateway.main(["--openai-port", "8000", *kubernetes])
+    gateway.main(["--openai-port", "8000", *compose, "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
+    gateway.main(["--openai-port", "8000", "--routing", "round_robin", *compose])
+    assert os.environ["JINA_LLM_STREAM_ROUTING"] == "round_robin"
+    assert started == [("router", ["http://llm-rep-0:8000", "http://llm-rep-1:8000"]),
+                       ("splice", [("llm.ns.svc", 8000)]),
+                       ("splice", [("llm-rep-0", 8000), ("llm-rep-1", 8000)]),
+                       ("splice", [("llm-rep-0", 8000), ("llm-rep-1", 8000)])]
