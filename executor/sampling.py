@@ -4,7 +4,8 @@ The processors are the list that ``model.generate`` builds (same classes, same o
 ``top_k``, ``repetition_penalty`` ... mean exactly what they mean there. ``presence_penalty`` and
 ``frequency_penalty`` have their OpenAI meaning (transformers has no processor for them), applied to the
 generated tokens only. ``RowSampler`` is one request's state (processors, the token history they read, its
-own seeded generator); ``choose_tokens`` picks every running row's next token from one step's logits.
+own generator: with a seed, each position's draw depends on the seed and the position only);
+``choose_tokens`` picks every running row's next token from one step's logits.
 Requests are validated before they get here (``validation.py``).
 """
 
@@ -85,6 +86,12 @@ class TokenLogprob:
     top: list  # [(token_id, logprob)], most likely first, settings.top_logprobs of them
 
 
+def position_seed(seed: int, position: int) -> int:
+    """A seed for one position of a seeded answer (a multiplicative hash: neighbouring seeds and positions
+    give unrelated generators)."""
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
 class RowSampler:
     """How one request chooses its tokens: its grammar's mask, its logits processors (over its prompt and the
     tokens accepted so far), then greedy or its own seeded generator. Kept across a preemption."""
@@ -97,15 +104,22 @@ class RowSampler:
         self.generator = None
         if self.do_sample:
             self.generator = torch.Generator(device=device)
-            if settings.seed is not None:
-                self.generator.manual_seed(settings.seed)
-            else:
+            if settings.seed is None:
                 self.generator.seed()
         self.length = len(prompt_ids)  # tokens of the history: the prompt, then each accepted token
         self.history = None  # [1, prompt + max_new_tokens]: what the processors read
         if len(self.processors):
             self.history = torch.tensor([list(prompt_ids) + [0] * settings.max_new_tokens], dtype=torch.long,
                                         device=device)
+
+    def draw_generator(self) -> torch.Generator:
+        """The generator for the token at this position. Seeded, it is reseeded from the seed and the position
+        alone: a seed gives the same token at the same position whatever was drawn before (how many tokens a
+        speculative step verified, a continuation on another replica), the answer at every run. Unseeded,
+        one generator draws on."""
+        if self.settings.seed is not None:
+            self.generator.manual_seed(position_seed(self.settings.seed, self.length))
+        return self.generator
 
     def accepted(self, token: int) -> None:
         if self.history is not None:
@@ -137,8 +151,7 @@ def choose_tokens(samplers: list, logits: torch.Tensor) -> list:
     chosen = scores.argmax(dim=-1)
     for row, sampler in enumerate(samplers):
         if sampler.do_sample:
-            probs = torch.softmax(scores[row], dim=-1)
-            chosen[row] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
+            chosen[row] = sample(sampler, scores[row])
     tokens = chosen.tolist()
     return [(token, logprob_of(scores[row], token, sampler.settings.top_logprobs) if sampler.settings.logprobs
              else None) for row, (sampler, token) in enumerate(zip(samplers, tokens))]
@@ -152,18 +165,16 @@ def logprob_of(scores: torch.Tensor, token: int, top: int) -> TokenLogprob:
                         list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
 
 
-def choose_against_draft(sampler: RowSampler, scores: torch.Tensor, draft_token) -> int:
-    """The next token from ``scores`` (``[vocab]``, processed), given a drafted guess (or None): greedy takes
-    the argmax (the draft is kept when it is the argmax); sampling keeps the draft with its probability p and
-    otherwise samples from the distribution without it, renormalised: the token then follows the target
-    distribution exactly, whatever was drafted (speculative sampling with a one-hot draft)."""
-    if not sampler.do_sample:
-        return int(scores.argmax())
+def sample(sampler: RowSampler, scores: torch.Tensor) -> int:
+    """A sampled row's token from its processed ``scores`` (``[vocab]``)."""
     probs = torch.softmax(scores, dim=-1)
-    if draft_token is not None:
-        if torch.rand((), generator=sampler.generator, device=probs.device) < probs[draft_token]:
-            return draft_token
-        probs[draft_token] = 0.0
-        if not bool(probs.sum() > 0):  # cannot happen (p = 1 is always kept), but never divide by zero
-            return draft_token
-    return int(torch.multinomial(probs, 1, generator=sampler.generator)[0])
+    return int(torch.multinomial(probs, 1, generator=sampler.draw_generator())[0])
+
+
+def choose_against_draft(sampler: RowSampler, scores: torch.Tensor, draft_token) -> int:
+    """The next token from ``scores`` (``[vocab]``, processed) where a draft guessed ``draft_token`` (or None):
+    the token plain decoding chooses (greedy: the argmax; sampled: a draw), and the draft is kept when it is
+    that token. Sampled, that keeps the draft with its probability p and otherwise yields a token from the
+    distribution without it, renormalised: exactly speculative sampling with a one-hot draft, and, with a
+    seed (a draw fixed by seed and position), the very token plain decoding draws."""
+    return int(scores.argmax()) if not sampler.do_sample else sample(sampler, scores)

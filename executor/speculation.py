@@ -157,9 +157,9 @@ class Speculator:
     @staticmethod
     def _drafter(sequence):
         """The row's drafter, made on first use; None for rows that do not speculate: a grammar decides their
-        tokens one at a time, and a seeded sampled row must draw the same numbers at every run (how many a
-        verify step draws depends on its width, which follows measured timings)."""
-        if sequence.settings.grammar is not None or (sequence.sampler.do_sample and sequence.settings.seed is not None):
+        tokens one at a time. (Seeded rows draft: their draw at a position depends on the seed and the position
+        only, so a verify step chooses the very tokens plain decoding draws.)"""
+        if sequence.settings.grammar is not None:
             return None
         if sequence.drafter is None:
             sequence.drafter = NgramDrafter()

@@ -72,13 +72,31 @@ def test_greedy_matches_model_generate(engine, lm, gen_conf):
         assert last.completion_tokens == count
 
 
-def test_seeded_sampling_matches_model_generate_with_the_same_seed(engine, lm):
+def test_seeded_sampling_is_model_generate_s_with_a_draw_keyed_by_seed_and_position(engine, lm):
+    """model.generate draws from one generator in sequence; a seeded request reseeds at each position (so that
+    its answer does not depend on how many draws came before). With a generate whose sampling step draws the
+    same way, the answers are equal: the processors (temperature, top-k, top-p) are generate's own."""
+    from executor.sampling import position_seed
+
     prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
     gen_conf = {"max_new_tokens": 30, "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 11}
     text, _ = run(collect(engine, lm, prompt_ids, gen_conf))
-    torch.manual_seed(11)
-    expected, _ = reference(lm, prompt_ids, max_new_tokens=30, do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
-    assert text == expected
+    multinomial = torch.multinomial
+    generator = torch.Generator()
+
+    def keyed(probs, num_samples, **kwargs):
+        position = len(prompt_ids) + keyed.calls
+        keyed.calls += 1
+        return multinomial(probs, num_samples, generator=generator.manual_seed(position_seed(11, position)))
+
+    keyed.calls = 0
+    try:
+        torch.multinomial = keyed
+        expected, _ = reference(lm, prompt_ids, max_new_tokens=30, do_sample=True, temperature=0.8, top_k=50,
+                                top_p=0.9)
+    finally:
+        torch.multinomial = multinomial
+    assert keyed.calls == 30 and text == expected
 
 
 def test_batched_requests_equal_their_solo_answers(engine, lm):
@@ -332,6 +350,11 @@ def test_complete_returns_every_answer_in_order_equal_to_asking_alone(engine, lm
     answers = run(engine.complete([(p, settings_for(lm, p, gen_conf)) for p in prompts], label="test"))
     assert len(answers) == 40 and [text for text, _ in answers[:6]] == alone
     assert all(last.finish_reason in ("stop", "length") for _, last in answers)
+    # The last answers are delivered from inside the engine's step; their rows leave at the step's end, a
+    # moment later (under load, after the call has returned).
+    deadline = time.monotonic() + 5
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine.load() == {"waiting": 0, "prefilling": 0, "running": 0}
     assert run(asyncio.wait_for(engine.complete([]), 5)) == []  # an empty call is answered at once
 

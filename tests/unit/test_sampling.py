@@ -1,6 +1,6 @@
 """executor/sampling.py on its own (a tiny random model built here, for its generation config): a row's
 processors read its own history, greedy is the argmax, seeded sampling repeats, log-probabilities are those
-of the scores the token was chosen from."""
+of the scores the token was chosen from, a seeded draw depends on the seed and the position only."""
 
 import pytest
 import torch
@@ -35,10 +35,53 @@ def test_a_seeded_row_draws_the_same_tokens_again_and_another_seed_differs(model
         sampler = RowSampler(model, SamplingSettings(max_new_tokens=20, do_sample=True, temperature=1.5, seed=seed),
                              [1], CPU)
         flat = torch.zeros(1, 50)  # every token equally likely: the generator alone decides
-        return [choose_tokens([sampler], flat)[0][0] for _ in range(20)]
+        tokens = []
+        for _ in range(20):
+            tokens.append(choose_tokens([sampler], flat)[0][0])
+            sampler.accepted(tokens[-1])
+        return tokens
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+    assert len(set(draws(7))) > 5  # a new draw at each position
+
+
+def test_a_seeded_draw_depends_on_the_seed_and_the_position_only(model):
+    """What was drawn before does not matter (a speculative step may draw at a position it then discards; a
+    continuation starts at a later position): the token at a position is the same."""
+    def sampler():
+        return RowSampler(model, SamplingSettings(max_new_tokens=20, do_sample=True, seed=5), [1, 2, 3], CPU)
+
+    flat = torch.zeros(1, 50)
+    straight, redrawn = sampler(), sampler()
+    for _ in range(10):
+        for _ in range(3):  # extra draws at the same position
+            choose_tokens([redrawn], flat)
+        expected = choose_tokens([straight], flat)[0][0]
+        assert choose_tokens([redrawn], flat)[0][0] == expected
+        straight.accepted(expected)
+        redrawn.accepted(expected)
+    later = sampler()
+    for token in [0] * 7:  # a sampler that starts 7 positions in (as a continuation does) draws the same there
+        later.accepted(token)
+    fresh = sampler()
+    for _ in range(7):
+        fresh.accepted(choose_tokens([fresh], flat)[0][0])
+    assert choose_tokens([later], flat)[0][0] == choose_tokens([fresh], flat)[0][0]
+
+
+def test_seeded_draws_over_many_seeds_follow_the_distribution(model):
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05] + [0.0] * 45)
+    scores = torch.log(probs).unsqueeze(0)
+    draws = 4000
+    counts = torch.zeros(50)
+    for seed in range(draws):
+        sampler = RowSampler(model, SamplingSettings(max_new_tokens=2, do_sample=True, temperature=1.0, top_k=0,
+                                                     top_p=1.0, seed=seed), [1], CPU)
+        counts[choose_tokens([sampler], scores.clone())[0][0]] += 1
+    for token, p in enumerate(probs[:5].tolist()):
+        assert abs(counts[token] / draws - p) < 4 * (p * (1 - p) / draws) ** 0.5, (token, counts[:5])
+    assert counts[5:].sum() == 0
 
 
 def test_a_rows_processors_read_its_prompt_and_accepted_tokens(model):

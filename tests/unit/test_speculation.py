@@ -70,12 +70,12 @@ def test_the_width_follows_acceptance_against_cost():
     assert speculator.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) < 9
 
 
-def test_rows_with_a_grammar_a_seed_or_no_room_left_do_not_draft():
+def test_rows_with_a_grammar_or_no_room_left_do_not_draft_and_seeded_rows_do():
     speculator = Speculator(8)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     assert speculator.plan([sequence_of(prompt, grammar=object())]) is None
-    assert speculator.plan([sequence_of(prompt, seed=7, do_sample=True)]) is None
     assert speculator.plan([sequence_of(prompt, max_new_tokens=1)]) is None
+    assert speculator.plan([sequence_of(prompt, seed=7, do_sample=True)])  # a draw keyed by seed and position
     plan = speculator.plan([sequence_of(prompt)])  # "3 1 2" continued with 3 1 2 (the end of the prompt)
     assert plan and plan[0] and plan[0] == [3, 1, 2][:len(plan[0])]
 
@@ -86,7 +86,8 @@ def test_sampled_tokens_follow_the_target_distribution_whatever_was_drafted():
     target = torch.softmax(scores, dim=-1)
     draws = 20000
     for draft in (0, 3, None):
-        sampler = SimpleNamespace(do_sample=True, generator=torch.Generator().manual_seed(7))
+        generator = torch.Generator().manual_seed(7)
+        sampler = SimpleNamespace(do_sample=True, draw_generator=lambda: generator)
         counts = Counter(choose_against_draft(sampler, scores.clone(), draft) for _ in range(draws))
         for token, p in enumerate(target.tolist()):
             assert abs(counts[token] / draws - p) < 4 * (p * (1 - p) / draws) ** 0.5 + 1e-3, (draft, token, counts)
@@ -301,12 +302,17 @@ def test_what_a_speculating_row_leaves_in_the_prefix_cache_is_what_plain_decodin
         assert final.cached_tokens >= (len(ids) - 3) // 16 * 16 - 16, (len(ids), final.cached_tokens)
 
 
-def test_seeded_sampled_answers_are_those_of_plain_decoding(lm, oracle_drafts):
-    """Drafts offered to every row (the oracle), yet a seeded sampled row takes none: its answer is the one
-    --speculate 0 gives, at every run."""
+def test_seeded_sampled_answers_are_those_of_plain_decoding(lm, oracle_drafts, caplog):
+    """Seeded sampled rows draft (the oracle's drafts of the greedy answer: some kept, most not), and their
+    answers are the ones --speculate 0 gives: the draw at each position depends on the seed and the position
+    only, and a verify step keeps a draft only where it is the token drawn there."""
     conf = {"max_new_tokens": 40, "do_sample": True, "temperature": 0.8, "seed": 11}
     plain, _ = answers(lm, 0, conf)
-    assert [t for t, _ in answers(lm, 8, conf)[0]] == [t for t, _ in plain]
+    with caplog.at_level("INFO", logger="jina_llm_stream.engine"):
+        speculated, engine = answers(lm, 8, conf)
+    assert [t for t, _ in speculated] == [t for t, _ in plain]
+    counts = [(int(d), int(a)) for d, a in re.findall(r"drafted=(\d+) accepted=(\d+)", caplog.text)]
+    assert sum(d for d, _ in counts) > 0 and sum(a for _, a in counts) > 0, counts
     assert [t for t, _ in answers(lm, 8, conf)[0]] == [t for t, _ in plain]
 
 
