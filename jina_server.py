@@ -23,6 +23,8 @@ HELP = {
                   "the default model, SmolLM2-135M-Instruct",
     "device": "auto (accelerate places the model), cpu, cuda or cuda:N; a missing device is an error",
     "dtype": "auto (the checkpoint's own), float32, float16 or bfloat16",
+    "quantize": "none, or int8: int8 Linear weights with per-token int8 activations (CPU only; about 1.8x faster "
+                "decoding of the default model, perplexity within 2%%; README \"int8 weights\")",
     "trust_remote_code": "run code shipped with the model (off by default)",
     "allow_pickle": "allow .bin (pickle) weights; safetensors only by default",
     "max_new_tokens_limit": "largest max_new_tokens a client may ask for",
@@ -264,12 +266,14 @@ def main(argv=None) -> int:
 def checked(parser, argv):
     """Parsed flags; a value the Executor would refuse is refused here, before any model loads."""
     from executor.kv_cache import parse_memory_size
+    from executor.quantize import check_quantize
     from executor.speculation import check_speculate
 
     args = parser.parse_args(argv)
     try:
         parse_memory_size(args.kv_cache_memory)
         check_speculate(args.speculate)
+        check_quantize(args.quantize, "cuda" if args.device.startswith("cuda") else None)
     except ValueError as error:
         parser.error(str(error))
     return args

@@ -27,6 +27,7 @@ from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
+from .quantize import check_quantize
 from .speculation import check_speculate
 from .model import PromptTooLong, encode_prompt, encode_raw_prompt, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
@@ -45,6 +46,7 @@ class TokenStreamingExecutor(Executor):
         model_name: Optional[str] = None,
         device: str = "auto",
         dtype: str = "auto",
+        quantize: str = "none",
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         max_new_tokens_limit: int = 2048,
@@ -72,6 +74,7 @@ class TokenStreamingExecutor(Executor):
             raise ValueError(f"stream_text={stream_text!r} is not allowed: use one of {', '.join(STREAM_TEXT_MODES)}")
         self.stream_text = stream_text
         check_speculate(speculate)
+        check_quantize(quantize)
         self.log_prompts = log_prompts
         if max_prompts_per_call > max_queue:
             log.info("max_prompts_per_call=%d is lowered to max_queue=%d: a larger call could never be queued",
@@ -81,7 +84,7 @@ class TokenStreamingExecutor(Executor):
         self.max_rendered_chars = 2 * max_prompt_chars + 65_536
         try:
             loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle)
+                          allow_pickle=allow_pickle, quantize=quantize)
         except ModelLoadError as error:
             log.error("%s", error)  # one plain line; Jina's own report of the failure follows
             raise

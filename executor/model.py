@@ -14,6 +14,7 @@ import torch
 
 from .errors import ModelLoadError
 from .gguf_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, default_model_file, dequantized, is_gguf
+from .quantize import check_quantize, quantize_int8
 
 from .tools import for_template, plain_messages, template_knows_tools
 
@@ -58,12 +59,18 @@ def resolve_device_map(device: str):
 
 
 def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-         allow_pickle: bool = False, cache_dir: Path | None = None) -> LoadedModel:
+         allow_pickle: bool = False, cache_dir: Path | None = None, quantize: str = "none") -> LoadedModel:
     """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
-    is given. Logs which model, from where, and how long loading took."""
+    is given. Logs which model, from where, and how long loading took. ``quantize="int8"``: int8 Linear
+    weights (quantize.py), CPU only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
+    try:
+        check_quantize(quantize, "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+                       else None)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
     name, source = model_name, model_name
     if not model_name:
         name, source = DEFAULT_MODEL_ID, str(default_model_file())
@@ -88,6 +95,12 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
         hint = " (weights are loaded from safetensors only unless --allow-pickle)" if pickle_only else ""
         raise ModelLoadError(f"could not load model {model_name!r}: {error}{hint}") from error
     model.eval()
+    if quantize == "int8":
+        try:
+            check_quantize(quantize, next(model.parameters()).device.type)
+            quantize_int8(model, tokenizer)
+        except ValueError as error:
+            raise ModelLoadError(f"could not load model {model_name!r}: {error}") from None
     eos_ids = eos_token_ids(model, tokenizer)
     if not eos_ids:
         log.warning("model %s defines no EOS token: answers end only at max_new_tokens or a stop string", name)

@@ -69,7 +69,7 @@ def test_cli_accepts_every_setting_under_its_one_name():
                                timeout=120).stdout
     for name in ("model_name", "device", "dtype", "max_new_tokens_limit", "max_prompt_tokens", "max_batch_size",
                  "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text", "kv_cache_memory",
-                 "prefix_caching", "speculate"):
+                 "prefix_caching", "speculate", "quantize"):
         assert f"--{name}" in help_text
         assert f"--{name}" in help_text and name + ":" in (ROOT / "config.yml").read_text()
     assert "--port" in help_text and "--host" in help_text
@@ -88,6 +88,14 @@ def test_a_speculate_out_of_range_is_refused_before_the_model_loads():
                             text=True, timeout=120)
     assert result.returncode == 2
     assert "speculate=99 is not allowed: use 0 (off) to 32 draft tokens per step" in result.stderr
+
+
+def test_a_bad_quantize_and_int8_on_cuda_are_refused_before_the_model_loads():
+    for flags, message in ((["--quantize", "int4"], "quantize='int4' is not allowed: use one of none, int8"),
+                           (["--quantize", "int8", "--device", "cuda"], "quantize=int8 is for CPUs")):
+        result = subprocess.run([PYTHON, "jina_server.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_a_model_that_cannot_be_loaded_stops_start_up_with_a_clear_error(tmp_path):

@@ -1,0 +1,159 @@
+"""``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
+
+Every ``nn.Linear`` of the model but the output head becomes ``Int8Linear``: its weight is int8 with one
+scale per output channel, and each forward pass quantizes its input to 8 bits per token (one scale per row)
+and runs fbgemm's int8 matmul (``quantized::linear_dynamic``). Two things keep the quality that
+``torch.ao.quantization.quantize_dynamic`` loses (its perplexity on the default model was 1.7x-3x fp32's):
+
+- SmoothQuant (Xiao et al., 2022): a few input channels carry activations much larger than the rest, so
+  one 8-bit scale per row rounds every other channel to a few levels. Each Linear divides its input by a
+  per-channel factor ``s = max|x|^0.5 / max|W|^0.5`` and multiplies its weight columns by ``s`` (the same
+  product), measured once at load on a fixed calibration text (``CALIBRATION_TEXT``, a chat turn included).
+- Activations keep all 8 bits (``reduce_range=False``; ``quantize_dynamic`` uses 7), and the scale is per
+  token, not shared by the whole prompt: each row is divided by its own largest value first (a whole-prompt
+  scale is what made prefill, and so the first answer token, suffer). The grid is still the batch's
+  (fbgemm takes one min and max), so unlike fp32 a greedy answer can differ alone and in a batch.
+
+The output head (tied to the embeddings in most small models) stays in its own dtype: quantizing it too
+is faster still but cost more perplexity (README, "int8 weights"). CUDA devices are refused: bf16/fp16 are
+the GPU path.
+"""
+
+import logging
+import time
+import warnings
+
+import torch
+from torch import nn
+
+log = logging.getLogger("jina_llm_stream.quantize")
+
+QUANTIZE_MODES = ("none", "int8")
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: 0 keeps the activations as they are, 1 flattens them
+
+# Calibration only sets the smoothing factors (the largest |activation| per input channel); any varied text
+# does. Kept apart from what tests/unit/test_quantize.py evaluates on (a README paragraph).
+CALIBRATION_TEXT = """The history of the city begins with a small settlement on the river, where traders met to exchange
+grain, salt and cloth. Over the centuries it grew into a capital with wide avenues, museums and a famous
+cathedral. Today about two million people live there, and visitors come from all over the world.
+Photosynthesis is the process by which green plants turn light, water and carbon dioxide into sugar and
+oxygen. It takes place in the chloroplasts, which contain chlorophyll.
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+Question: What is the largest planet in the solar system? Answer: Jupiter is the largest planet; it is a gas
+giant more than eleven times as wide as the Earth. Please write a short, friendly email inviting a colleague
+to lunch next Tuesday at noon, and mention that the new restaurant near the station has vegetarian dishes."""
+CALIBRATION_CHAT = [
+    {"role": "user", "content": "Explain in two sentences why the sky is blue."},
+    {"role": "assistant", "content": "Sunlight is scattered by the molecules of the air, and blue light, with its "
+                                     "short wavelength, is scattered the most. So the sky looks blue from every "
+                                     "direction."},
+]
+
+
+def check_quantize(quantize: str, device_type: str | None = None) -> None:
+    """ValueError (one line) for a value other than QUANTIZE_MODES, and for int8 on a CUDA device."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r} is not allowed: use one of {', '.join(QUANTIZE_MODES)}")
+    if quantize == "int8" and device_type == "cuda":
+        raise ValueError("quantize=int8 is for CPUs (fbgemm int8 kernels): on a CUDA device use --dtype bfloat16 "
+                         "or float16 (or --device cpu)")
+
+
+class Int8Linear(nn.Module):
+    """A Linear with an int8 weight (one scale per output channel), its input quantized per token at run
+    time, and the SmoothQuant factors of its input channels (``act_absmax``: the calibration's max |x|)."""
+
+    def __init__(self, linear: nn.Linear, act_absmax: torch.Tensor | None = None, alpha: float = SMOOTHING_ALPHA):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        smooth = None
+        if act_absmax is not None:
+            factors = (act_absmax.float().clamp(min=1e-5) ** alpha
+                       / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha))
+            weight = weight * factors
+            smooth = 1 / factors
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        with warnings.catch_warnings():  # torch 2.13 announces the quantized tensor types' removal (see README)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            qweight = torch.quantize_per_channel(weight, scale.double(),
+                                                 torch.zeros(weight.shape[0], dtype=torch.long), 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.register_buffer("smooth", smooth)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def int8_weight(self) -> torch.Tensor:
+        """The stored int8 weight ([out, in], smoothing factors included)."""
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        rows = x.reshape(-1, shape[-1]).float()
+        if self.smooth is not None:
+            rows = rows * self.smooth
+        if rows.shape[0] == 1:  # one token (a batch-1 decode step): the tensor's grid is the token's own
+            out = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=False)
+        else:  # fbgemm puts the whole tensor on one grid: each row's largest |x| becomes 1 first
+            peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+            out = torch.ops.quantized.linear_dynamic(rows / peak, self._packed, reduce_range=False).mul_(peak)
+        return out.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def calibration_ids(tokenizer) -> list:
+    """Token id lists the calibration runs: the plain text, and a chat turn through the model's template."""
+    ids = [tokenizer(CALIBRATION_TEXT)["input_ids"]]
+    if tokenizer.chat_template:
+        chat = tokenizer.apply_chat_template(CALIBRATION_CHAT, tokenize=False)
+        ids.append(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+@torch.inference_mode()
+def input_absmax(model, modules: dict, ids_list: list) -> dict:
+    """The largest |input| per channel that each of ``modules`` ({name: Linear}) saw over ``ids_list``."""
+    seen, hooks = {}, []
+    for name, module in modules.items():
+        def hook(_module, inputs, _output, name=name):
+            peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
+            seen[name] = torch.maximum(seen[name], peak) if name in seen else peak
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        for ids in ids_list:
+            model(input_ids=torch.tensor([ids], device=device))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return seen
+
+
+def int8_targets(model) -> dict:
+    """{name: Linear} that int8 replaces: every nn.Linear but the output head."""
+    head = model.get_output_embeddings()
+    return {name: module for name, module in model.named_modules()
+            if type(module) is nn.Linear and module is not head}
+
+
+def quantize_int8(model, tokenizer) -> int:
+    """Replace the model's Linear layers (not the head) by Int8Linear, in place; the number replaced.
+    ValueError when this torch has no x86 int8 kernels or the model has no nn.Linear to replace."""
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        raise ValueError("quantize=int8 needs torch's x86 int8 kernels (fbgemm), which this CPU build lacks")
+    started = time.monotonic()
+    targets = int8_targets(model)
+    if not targets:
+        raise ValueError(f"quantize=int8: {type(model).__name__} has no nn.Linear layers to quantize")
+    absmax = input_absmax(model, targets, calibration_ids(tokenizer))
+    for name, linear in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Int8Linear(linear, absmax.get(name)))
+    log.info("quantize=int8: %d Linear layers hold int8 weights (the output head keeps its dtype), in %.1f s",
+             len(targets), time.monotonic() - started)
+    return len(targets)
