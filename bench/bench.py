@@ -14,8 +14,9 @@ offline on synthetic text) once, then measures, in one run:
               RAG-shaped and short requests through its OpenAI API
   real model  the default model, SmolLM2-135M-Instruct (its shape differs: 30 layers, 3 key/value heads):
               raw loop, 1 client, N concurrent, N RAG-shaped, each against its in-process reference; through
-              the OpenAI API with speculation on (--speculate 8) and off (0, the default): 1 client free text,
-              1 client an answer copying its passage, N short, N RAG-shaped; and the same requests to
+              the OpenAI API with speculation on (--speculate 8) and off (0), and int8 weights with speculation
+              on (--quantize int8): 1 client free text, 1 client an answer copying its passage, N short, N
+              RAG-shaped; and the same requests to
               llama.cpp's llama-server on the same GGUF file (bench/llama_cpp.py builds it once, ~6 min)
 and prints one table with each measure as a ratio to its reference. Loopback only; stops by itself.
 The server runs with --monitoring: the KV cache's copy counters (bytes copied per join, per leave, moves of
@@ -879,7 +880,8 @@ def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) ->
     path = real_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(path)
     found = {"ref": real_model_references(path, new_tokens, batch)}
-    for name, flags in (("on", ["--speculate", "8"]), ("off", ["--speculate", "0"])):
+    for name, flags in (("on", ["--speculate", "8"]), ("off", ["--speculate", "0"]),
+                        ("int8", ["--speculate", "8", "--quantize", "int8"])):
         port, openai_port = free_port(), free_port()
         server = real_model_server(port, openai_port, f"jina-llm-stream-bench-real-{name}.log", flags)
         try:
@@ -929,6 +931,13 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
                               (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", ">= 1.2x")):
         rows.append((f"speculation (--speculate 8): OpenAI API, {what}",
                      f"{on[key]:.1f} tok/s", f"{on[key] / off[key]:.2f}x --speculate 0 ({off[key]:.1f} tok/s)", target))
+    int8 = found["int8"]
+    for what, key, target in (("1 client, free text (decode rate)", "openai1_tps", ">= 1.5x"),
+                              ("1 client, an answer copying its passage (decode rate)", "quote_tps", ""),
+                              (f"{batch} concurrent short streams, aggregate", "openaiN_tps", ">= 1.3x"),
+                              (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", "")):
+        rows.append((f"int8 (--quantize int8, --speculate 8): OpenAI API, {what}", f"{int8[key]:.1f} tok/s",
+                     f"{int8[key] / on[key]:.2f}x fp32 ({on[key]:.1f} tok/s)", target))
     llama = found.get("llama")
     if llama:
         for what, key, target in (("1 client, free text (decode rate)", "openai1_tps", ">= 0.5x"),
@@ -936,10 +945,11 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
                                   (f"{batch} concurrent short streams, aggregate", "openaiN_tps", ">= 1.5x"),
                                   (f"{batch} concurrent RAG-shaped streams, aggregate", "openai_rag_tps", ">= 2.5x")):
             rows.append((f"llama.cpp llama-server (peer, same GGUF Q4_1, -t {os.cpu_count()} -np 16): {what}",
-                         f"{llama[key]:.1f} tok/s", f"this server (fp32, speculation on): {on[key] / llama[key]:.2f}x",
-                         target))
+                         f"{llama[key]:.1f} tok/s", f"this server (int8, speculation on): {int8[key] / llama[key]:.2f}x"
+                         f" (fp32: {on[key] / llama[key]:.2f}x)", target))
         rows.append(("llama.cpp: 16 RAG-shaped streams, TTFT p50", f"{llama['openai_rag_ttft_p50'] * 1000:.0f} ms",
-                     f"this server: {on['openai_rag_ttft_p50'] * 1000:.0f} ms", ""))
+                     f"this server: {int8['openai_rag_ttft_p50'] * 1000:.0f} ms int8, "
+                     f"{on['openai_rag_ttft_p50'] * 1000:.0f} ms fp32", ""))
     return rows
 
 
