@@ -1,6 +1,7 @@
 """Sampling: one row's settings -> transformers' logits processors -> the next token of each row.
 
-The processors are the list that ``model.generate`` builds (same classes, same order), so ``temperature``,
+The processors are the list that ``model.generate`` builds (same classes, same order; one of them,
+``MinNewTokensInPlace``, without its allocations per call), so ``temperature``,
 ``top_k``, ``repetition_penalty`` ... mean exactly what they mean there. ``presence_penalty`` and
 ``frequency_penalty`` have their OpenAI meaning (transformers has no processor for them), applied to the
 generated tokens only. ``RowSampler`` is one request's state (processors, the token history they read, its
@@ -10,10 +11,12 @@ Requests are validated before they get here (``validation.py``).
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
 from .validation import SamplingSettings
 
@@ -29,6 +32,32 @@ class PresenceFrequencyPenalty(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class MinNewTokensInPlace(MinNewTokensLengthLogitsProcessor):
+    """transformers' ``MinNewTokensLengthLogitsProcessor`` (EOS at -inf until ``min_new_tokens`` are generated),
+    the same scores without its allocations per call (a vocabulary-sized arange and ``isin``, a clone of the
+    scores): the EOS ids are found once, and the scores are written in place, as ``RowSampler.process`` writes
+    its result back in place anyway. ``make bench`` asks every row for ``min_new_tokens``: per row and step
+    this cost ~1 ms of a 40 ms GPT-2 step on 2 cores."""
+
+    def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id, device="cpu"):
+        super().__init__(prompt_length_to_skip, min_new_tokens, eos_token_id, device)
+        self._eos_columns = None  # (vocabulary size, the EOS ids inside it)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[-1] - self.prompt_length_to_skip >= self.min_new_tokens:
+            return scores
+        vocab = scores.shape[-1]
+        if self._eos_columns is None or self._eos_columns[0] != vocab:
+            ids = self.eos_token_id.flatten()  # ids outside the vocabulary mask nothing, as with isin
+            self._eos_columns = (vocab, ids[(ids >= 0) & (ids < vocab)].to(scores.device))
+        return scores.index_fill_(-1, self._eos_columns[1], -math.inf)
+
+    @classmethod
+    def replacing(cls, processor: MinNewTokensLengthLogitsProcessor) -> "MinNewTokensInPlace":
+        return cls(processor.prompt_length_to_skip, processor.min_new_tokens, processor.eos_token_id,
+                   processor.eos_token_id.device)
 
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p")
@@ -71,6 +100,9 @@ def build_logits_processors(model, config: GenerationConfig, settings: SamplingS
         device=device,
         model_kwargs={},
     )
+    for index, processor in enumerate(processors):
+        if type(processor) is MinNewTokensLengthLogitsProcessor:
+            processors[index] = MinNewTokensInPlace.replacing(processor)
     if settings.presence_penalty or settings.frequency_penalty:
         processors.insert(0, PresenceFrequencyPenalty(settings.presence_penalty, settings.frequency_penalty,
                                                       prompt_length))
