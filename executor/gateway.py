@@ -86,7 +86,7 @@ def openai_messages(body: bytes) -> list:
     """The messages of an OpenAI request body (``/v1/completions``: its prompt, as one user message)."""
     try:
         payload = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: the replica says so
         return []
     if not isinstance(payload, dict):
         return []

@@ -558,7 +558,7 @@ def http_body_messages(body: bytes) -> list:
     [] when there are none to read (the worker then says what is wrong with the body)."""
     try:
         payload = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: the replica says so
         return []
     if isinstance(payload, dict) and "data" in payload:
         payload = payload["data"]

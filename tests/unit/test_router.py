@@ -6,6 +6,7 @@ import json
 from docarray import DocList
 from jina.types.request.data import DataRequest, SingleDocumentRequest
 
+from executor.gateway import openai_messages
 from executor.jina_compat import http_body_messages, request_messages
 from executor.router import BLOCK_CHARS, LOAD_SLACK, MIN_MATCH_CHARS, PrefixRouter, block_hashes, routing_text
 from schemas import Prompt
@@ -111,5 +112,6 @@ def test_the_http_balancer_reads_the_messages_of_chat_and_stream_bodies():
     assert http_body_messages(json.dumps({"data": [{"message": messages}]}).encode()) == messages  # POST /chat
     assert http_body_messages(json.dumps({"data": {"message": messages}}).encode()) == messages
     assert http_body_messages(json.dumps({"message": messages, "gen_conf": {}}).encode()) == messages  # /stream
-    for body in (b"", b"not json", b"[]", b'{"data": []}', b'{"message": "text"}', b"[1, 2]"):
-        assert http_body_messages(body) == []
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError, not ValueError
+    for body in (b"", b"not json", b"[]", b'{"data": []}', b'{"message": "text"}', b"[1, 2]", deep):
+        assert http_body_messages(body) == [] and openai_messages(body) == []
