@@ -97,6 +97,7 @@ def openai_messages(body: bytes) -> list:
 
 
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+MAX_BODY_BYTES = 4 * 1024 * 1024  # the replicas' own limit (executor/openai_api.py Settings.max_body_bytes)
 
 
 class OpenAIRouter:
@@ -118,7 +119,12 @@ class OpenAIRouter:
         import aiohttp
         from aiohttp import web
 
-        body = await request.read()
+        try:
+            body = await request.read()  # bounded: the replicas refuse larger bodies anyway
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": {"message": f"the request body is larger than {MAX_BODY_BYTES} "
+                                                           "bytes", "type": "invalid_request_error", "param": None,
+                                                "code": "request_too_large"}}, status=413)
         messages = openai_messages(body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         tried = set()
@@ -149,7 +155,7 @@ class OpenAIRouter:
         from aiohttp import web
 
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        app = web.Application(client_max_size=1 << 30)  # the replicas apply their own limits
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{path:.*}", self._forward)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 
 from executor.gateway import ConnectionBalancer, replica_hosts
 
@@ -75,3 +76,22 @@ def test_the_gateway_routes_the_openai_port_where_its_replicas_have_addresses_of
                        ("splice", [("llm.ns.svc", 8000)]),
                        ("splice", [("llm-rep-0", 8000), ("llm-rep-1", 8000)]),
                        ("splice", [("llm-rep-0", 8000), ("llm-rep-1", 8000)])]
+
+
+def test_the_openai_router_refuses_a_body_larger_than_the_replicas_take_before_buffering_it():
+    import httpx
+
+    from executor.gateway import MAX_BODY_BYTES, OpenAIRouter
+    from executor.openai_api import Settings
+
+    assert MAX_BODY_BYTES == Settings.max_body_bytes
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    router = OpenAIRouter("127.0.0.1", port, ["http://127.0.0.1:9"]).start()  # no replica needed to refuse
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                          timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    unreachable = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert unreachable.status_code == 503 and "no replica" in unreachable.json()["error"]["message"]
+    assert router.router.in_flight("http://127.0.0.1:9") == 0
