@@ -26,6 +26,7 @@ import threading
 import time
 
 from executor import jina_compat
+from executor.openai_api import Settings
 from executor.router import ROUTING_ENV
 
 log = logging.getLogger("jina_llm_stream.gateway")
@@ -97,7 +98,7 @@ def openai_messages(body: bytes) -> list:
 
 
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
-MAX_BODY_BYTES = 4 * 1024 * 1024  # the replicas' own limit (executor/openai_api.py Settings.max_body_bytes)
+MAX_BODY_BYTES = Settings.max_body_bytes  # the replicas' own limit: a larger body is refused before it is buffered
 
 
 class OpenAIRouter:
@@ -134,13 +135,8 @@ class OpenAIRouter:
             try:
                 async with self._session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
                                                   headers=headers, auto_decompress=False) as response:
-                    answer = web.StreamResponse(status=response.status, headers={
+                    return await jina_compat.relay(request, response, {
                         k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS})
-                    await answer.prepare(request)
-                    async for chunk in response.content.iter_any():
-                        await answer.write(chunk)
-                    await answer.write_eof()
-                    return answer
             except aiohttp.ClientConnectorError as error:  # nothing was sent: the next replica
                 log.warning("OpenAI API of the replica at %s unreachable: %s", route.replica, error)
             finally:

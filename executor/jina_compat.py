@@ -521,12 +521,7 @@ def _patch_load_balancer_body() -> None:
         try:
             async with self._llm_session.request(request.method, url=target_url, auto_decompress=False,
                                                  data=body, headers=headers) as response:
-                stream_response = web.StreamResponse(status=response.status, headers=response.headers)
-                await stream_response.prepare(request)
-                async for chunk in response.content.iter_any():
-                    await stream_response.write(chunk)
-                await stream_response.write_eof()
-                return stream_response
+                return await relay(request, response, response.headers)
         except aiohttp.ClientError as error:
             return web.Response(text=f"Error: {error}", status=500)
         finally:
@@ -534,6 +529,19 @@ def _patch_load_balancer_body() -> None:
                 router.finished(route.replica)
 
     GatewayRequestHandler._load_balance = _load_balance
+
+
+async def relay(request, response, headers):
+    """Pass an aiohttp client ``response`` back to the aiohttp server's ``request`` as it comes (an event stream
+    piece by piece), with these headers."""
+    from aiohttp import web
+
+    answer = web.StreamResponse(status=response.status, headers=headers)
+    await answer.prepare(request)
+    async for chunk in response.content.iter_any():
+        await answer.write(chunk)
+    await answer.write_eof()
+    return answer
 
 
 def _http_router(handler):

@@ -100,10 +100,6 @@ class StepCost:
     def observe(self, tokens: int, seconds: float) -> None:
         self._samples.append((tokens, seconds))
 
-    def estimate(self, tokens: int) -> float:
-        fixed, per_token = self.line()
-        return fixed + per_token * tokens
-
     def line(self) -> tuple:
         samples = self._samples
         if not samples:

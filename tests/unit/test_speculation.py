@@ -52,11 +52,15 @@ def test_acceptance_follows_the_recent_record_and_expected_tokens_decay_geometri
 
 
 def test_the_step_cost_is_a_line_fitted_to_the_measured_steps():
+    def seconds(cost, tokens):
+        fixed, per_token = cost.line()
+        return fixed + per_token * tokens
+
     cost = StepCost()
-    assert cost.estimate(1) > 0  # a prior before any step
+    assert seconds(cost, 1) > 0  # a prior before any step
     for tokens in (1, 2, 4, 8, 16) * 50:
         cost.observe(tokens, 0.05 + 0.01 * tokens)
-    assert cost.estimate(32) == pytest.approx(0.05 + 0.32, rel=0.01)  # the data outweigh the prior
+    assert seconds(cost, 32) == pytest.approx(0.05 + 0.32, rel=0.01)  # the data outweigh the prior
 
 
 def test_the_width_follows_acceptance_against_cost():
