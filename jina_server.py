@@ -12,10 +12,13 @@ CLI flags, ``config.yml`` ``with:`` keys and ``TokenStreamingExecutor(...)`` arg
 import argparse
 import inspect
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 HELP = {
@@ -108,9 +111,47 @@ def build_parser(settings) -> argparse.ArgumentParser:
     return parser
 
 
+# Kubernetes' default grace is 30 s; a stop that takes longer is a hang, not a slow teardown (3-6 s here).
+STOP_GRACE_S = 20
+
+
 def _stop_like_ctrl_c(*_):
-    """SIGTERM (docker stop, Kubernetes) shuts down the same clean way as Ctrl-C."""
+    """SIGTERM (docker stop, Kubernetes) shuts down the same clean way as Ctrl-C, within STOP_GRACE_S."""
+    bound_the_stop()
     raise KeyboardInterrupt
+
+
+_stop_bounded = threading.Event()
+
+
+def bound_the_stop(grace_s: float = STOP_GRACE_S) -> None:
+    """Jina joins its processes with no timeout, so one stuck in its teardown would hold the stop forever.
+    Past the grace, each process still alive dumps its threads' stacks into the log (executor/__init__.py
+    registers SIGUSR1 for it: the cause stays findable) and is killed."""
+    if _stop_bounded.is_set():
+        return
+    _stop_bounded.set()
+    threading.Thread(target=_kill_stragglers, args=(grace_s,), name="stop-bound", daemon=True).start()
+
+
+def _kill_stragglers(grace_s: float) -> None:
+    time.sleep(grace_s)
+    stragglers = multiprocessing.active_children()
+    for process in stragglers:
+        logging.getLogger("jina_llm_stream").warning(
+            "process %s (pid %d) did not stop within %.0f s of the stop signal: its threads' stacks follow, "
+            "then it is killed", process.name, process.pid, grace_s)
+        _signal(process.pid, signal.SIGUSR1)
+    time.sleep(1)
+    for process in stragglers:
+        _signal(process.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def tls_kwargs(args) -> dict:
@@ -165,6 +206,7 @@ def serve(args, settings) -> int:
     else:
         server = Deployment(**kwargs)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    signal.signal(signal.SIGINT, _stop_like_ctrl_c)
     if not args.model_name or is_gguf(args.model_name):
         # Dequantized on first use (tens of seconds), before the gateway starts polling an Executor that is
         # still busy (a warning a second) and before replicas would each do it; the Executors then find the copy

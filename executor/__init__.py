@@ -1,7 +1,9 @@
 """jina-llm-stream: a Jina Executor that serves Hugging Face causal language models."""
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 # `jina executor --uses config.yml` imports this package by file path, with the repository root not on
@@ -17,6 +19,9 @@ if not _logger.handlers:  # the Executor runs in a process of its own, started b
     _logger.addHandler(_handler)
     _logger.setLevel(os.environ.get("JINA_LLM_STREAM_LOG_LEVEL", "INFO"))
     _logger.propagate = False
+
+# jina_server.py sends SIGUSR1 to a process that has not stopped in time: the log shows where it hangs.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 from .executor import TokenStreamingExecutor  # noqa: E402
 
