@@ -112,6 +112,7 @@ class TokenStreamingExecutor(Executor):
             max_prompt_tokens=min(max_prompt_tokens, context - 1),
             max_prompt_chars=max_prompt_chars,
             context_length=context,
+            vocab_size=loaded.model.get_output_embeddings().weight.shape[0],
         )
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
@@ -185,9 +186,13 @@ class TokenStreamingExecutor(Executor):
                     self._grammar_compiler, self._prepare, doc)
             else:
                 prompt_ids, settings = self._prepare(doc)
+            migratable = settings.continuation is not None  # a router asks for the ids, to continue elsewhere
             async for event in self.engine.stream(prompt_ids, settings, label=endpoint):
                 if event.text or event.finish_reason:
-                    yield _generation(event.text, event, self.tokenizer)
+                    piece = _generation(event.text, event, self.tokenizer)
+                    if migratable:
+                        piece.token_ids = event.token_ids
+                    yield piece
 
     def _prepare(self, doc: Prompt):
         """Validate and tokenize one prompt; raises RequestError naming the field."""
