@@ -26,6 +26,7 @@ import threading
 import time
 
 from executor import jina_compat
+from executor.migration import HOP_HEADERS, Migrator, OpenAIStream, relay
 from executor.openai_api import Settings
 from executor.router import ROUTING_ENV
 
@@ -97,77 +98,14 @@ def openai_messages(body: bytes) -> list:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else []
 
 
-HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 MAX_BODY_BYTES = Settings.max_body_bytes  # the replicas' own limit: a larger body is refused before it is buffered
 
 
-class MigratableStream:
-    """A streamed completion passing through the router, which may continue it on another replica: the
-    replica is asked for each chunk's token ids (``continuation``, the replica's gen_conf.continuation), which
-    the router keeps and takes out; a continuation is the same body with the ids so far. Its events are
-    passed on as the first replica's would have been: its role chunk is dropped (the client had one), and its
-    chunks carry the first replica's ``id`` and ``created``."""
+def no_replica():
+    from aiohttp import web
 
-    def __init__(self, payload: dict):
-        self.payload, self.ids = payload, []
-        self.first = None  # (id, created) of the first replica's chunks
-        self.continued = False  # a replica other than the first is answering
-        self.done = False  # the final "[DONE]" event went out
-
-    @classmethod
-    def of(cls, path: str, body: bytes):
-        """The stream to migrate, or None for a request that is not one (whole answers, several choices, tools,
-        a client's own continuation, or a body the replica will refuse)."""
-        if path not in ("/v1/chat/completions", "/v1/completions"):
-            return None
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
-        if (not isinstance(payload, dict) or payload.get("stream") is not True or payload.get("n", 1) != 1
-                or payload.get("tools") or "continuation" in payload or isinstance(payload.get("prompt"), list)):
-            return None
-        from executor.router import migrations
-
-        return cls(payload) if migrations() > 0 else None
-
-    def body(self) -> bytes:
-        if self.first is not None:
-            self.continued = True
-        return json.dumps({**self.payload, "continuation": self.ids}).encode()
-
-    async def pass_on(self, response, answer) -> None:
-        """The replica's events, as the client gets them, until its stream ends (or breaks: aiohttp raises)."""
-        pending = b""
-        async for data in response.content.iter_any():
-            pending += data
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                shown = self.event(event)
-                if shown is not None:
-                    await answer.write(shown + b"\n\n")
-
-    def event(self, event: bytes):
-        if event == b"data: [DONE]":
-            self.done = True
-        if not event.startswith(b"data: {"):
-            return event
-        chunk = json.loads(event[len(b"data: "):])
-        self.ids.extend(chunk.pop("token_ids", None) or ())
-        if "id" in chunk and self.first is None:
-            self.first = (chunk["id"], chunk.get("created"))
-        if self.continued:
-            if any("role" in (choice.get("delta") or {}) for choice in chunk.get("choices") or ()):
-                return None
-            if "id" in chunk:
-                chunk["id"], chunk["created"] = self.first
-        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode()
-
-    @staticmethod
-    def error_event(message: str) -> bytes:
-        error = {"error": {"message": f"the answer was cut off: {message}", "type": "server_error", "param": None,
-                           "code": None}}
-        return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+    return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
+                                        "type": "server_busy", "param": None, "code": None}}, status=503)
 
 
 class OpenAIRouter:
@@ -197,9 +135,10 @@ class OpenAIRouter:
                                                 "code": "request_too_large"}}, status=413)
         messages = openai_messages(body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        stream = MigratableStream.of(request.path, body)
+        stream = OpenAIStream.of(request.path, body)
         if stream is not None:
-            return await self._forward_stream(request, stream, messages, headers)
+            answer = await Migrator(self._session, self.router).forward(request, stream, messages, headers)
+            return answer if answer is not None else no_replica()
         tried = set()
         while len(tried) < len(self.targets):
             route = self.router.choose(messages, exclude=tried)
@@ -207,77 +146,13 @@ class OpenAIRouter:
             try:
                 async with self._session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
                                                   headers=headers, auto_decompress=False) as response:
-                    return await jina_compat.relay(request, response, {
+                    return await relay(request, response, {
                         k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS})
             except aiohttp.ClientConnectorError as error:  # nothing was sent: the next replica
                 log.warning("OpenAI API of the replica at %s unreachable: %s", route.replica, error)
             finally:
                 self.router.finished(route.replica)
-        return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
-                                            "type": "server_busy", "param": None, "code": None}}, status=503)
-
-    async def _forward_stream(self, request, stream: "MigratableStream", messages: list, headers: dict):
-        """A streamed answer that goes on on another replica when its replica dies (``migrations()`` times at
-        most; past that, the client's connection is cut as without migration). The client's response starts
-        with the first replica's; a continuation's events follow in it."""
-        from aiohttp import web
-
-        from executor.router import migrations
-
-        answer, left, excluded = None, migrations(), set()
-        while len(excluded) < len(self.targets):
-            route = self.router.choose(messages, exclude=excluded)
-            excluded.add(route.replica)
-            try:
-                outcome = await self._stream_from(route.replica, request, stream, headers, answer)
-            finally:
-                self.router.finished(route.replica)
-            if isinstance(outcome, web.StreamResponse):
-                return outcome  # the answer ended (or the replica refused the request, as it said)
-            answer, cut = outcome
-            if cut is None:
-                continue  # the replica could not be reached: nothing was sent, another one is tried
-            if left == 0:
-                raise cut  # no migration left: the error as without migration (the client's stream is cut)
-            left -= 1
-            log.warning("an OpenAI stream's replica %s stopped after %d tokens (%s); continuing it elsewhere",
-                        route.replica, len(stream.ids), cut)
-        if answer is None:
-            return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
-                                                "type": "server_busy", "param": None, "code": None}}, status=503)
-        await answer.write(stream.error_event("no other replica could continue the answer"))
-        await answer.write_eof()
-        return answer
-
-    async def _stream_from(self, replica: str, request, stream: "MigratableStream", headers: dict, answer):
-        """Pass one replica's events on. Returns the finished response, or ``(answer, cut)``: the client's
-        response so far (None: not started) and why the replica's stream broke (None: it was never reached)."""
-        import aiohttp
-        from aiohttp import web
-
-        try:
-            async with self._session.post(f"{replica}{request.path_qs}", data=stream.body(), headers=headers,
-                                          auto_decompress=False) as response:
-                response_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
-                if answer is None and response.status != 200:
-                    return await jina_compat.relay(request, response, response_headers)
-                if response.status != 200:  # a continuation refused: the stream has begun, it ends with the error
-                    await answer.write(stream.error_event((await response.read()).decode(errors="replace")))
-                    await answer.write_eof()
-                    return answer
-                if answer is None:
-                    answer = web.StreamResponse(status=200, headers=response_headers)
-                    await answer.prepare(request)
-                await stream.pass_on(response, answer)
-        except aiohttp.ClientConnectorError as error:
-            log.warning("OpenAI API of the replica at %s unreachable: %s", replica, error)
-            return answer, None
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
-            return answer, error
-        if stream.done:
-            await answer.write_eof()
-            return answer
-        return answer, ConnectionError("the replica's answer ended before its last event")
+        return no_replica()
 
     async def serve(self) -> None:
         import ssl

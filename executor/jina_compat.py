@@ -64,6 +64,8 @@ from jina.serve.runtimes.worker import http_fastapi_app
 from jina.serve.runtimes.worker.request_handling import WorkerRequestHandler
 from jina.types.request.data import DataRequest, SingleDocumentRequest
 
+from .migration import JinaEventStream, Migrator, relay  # noqa: E402 - relay: used by the gateway too
+
 log = logging.getLogger("jina_llm_stream.jina_compat")
 
 HTTP_STATUS_BY_ERROR = {"RequestError": 400, "ServerBusyError": 503}
@@ -516,17 +518,17 @@ def _patch_load_balancer_body() -> None:
     async def _load_balance(self, request):
         body = await request.read()
         router = _http_router(self)
+        headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
+        stream = JinaEventStream.of(request.path, body) if router is not None and request.method == "GET" else None
+        if stream is not None:  # a /stream that goes on on another replica if its replica dies
+            answer = await Migrator(_balancer_session(self), router).forward(request, stream,
+                                                                             http_body_messages(body), headers)
+            return answer if answer is not None else web.Response(text="Error: no replica is reachable", status=500)
         route = router.choose(http_body_messages(body)) if router is not None else None
         target = route.replica if route is not None else next(self.load_balancer_servers)
-        target_url = f"{target}{request.path_qs}"
-        headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
-        if getattr(self, "_llm_session", None) is None:
-            # One pool of kept-alive connections (Jina opened a session, and a connection, per request), and
-            # no total time limit: aiohttp's default of 5 minutes cut long /chat batch jobs and streams.
-            self._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            async with self._llm_session.request(request.method, url=target_url, auto_decompress=False,
-                                                 data=body, headers=headers) as response:
+            async with _balancer_session(self).request(request.method, url=f"{target}{request.path_qs}",
+                                                       auto_decompress=False, data=body, headers=headers) as response:
                 return await relay(request, response, response.headers)
         except aiohttp.ClientError as error:
             return web.Response(text=f"Error: {error}", status=500)
@@ -537,17 +539,14 @@ def _patch_load_balancer_body() -> None:
     GatewayRequestHandler._load_balance = _load_balance
 
 
-async def relay(request, response, headers):
-    """Pass an aiohttp client ``response`` back to the aiohttp server's ``request`` as it comes (an event stream
-    piece by piece), with these headers."""
-    from aiohttp import web
+def _balancer_session(handler):
+    """One pool of kept-alive connections (Jina opened a session, and a connection, per request), and no total
+    time limit: aiohttp's default of 5 minutes cut long /chat batch jobs and streams."""
+    import aiohttp
 
-    answer = web.StreamResponse(status=response.status, headers=headers)
-    await answer.prepare(request)
-    async for chunk in response.content.iter_any():
-        await answer.write(chunk)
-    await answer.write_eof()
-    return answer
+    if getattr(handler, "_llm_session", None) is None:
+        handler._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    return handler._llm_session
 
 
 def _http_router(handler):

@@ -122,7 +122,7 @@ def test_a_killed_replica_s_openai_stream_goes_on_on_another_replica(slow_model)
         assert same_stream(cut) == same_stream(whole)  # no repeated role chunk, the same pieces, usage and end
         assert len({re.search(r'"id": "([^"]+)"', e).group(1) for e in cut if '"id"' in e}) == 1
         assert "token_ids" not in "".join(cut)
-        assert re.search(r"an OpenAI stream's replica \S+ stopped after \d+ tokens", log.read_text(errors="replace"))
+        assert re.search(r"a stream's replica \S+ stopped after \d+ tokens", log.read_text(errors="replace"))
         assert process.poll() is None
 
 
@@ -131,3 +131,20 @@ async def openai_model(port: int) -> str:
 
     async with httpx.AsyncClient(timeout=30) as http:
         return (await http.get(f"http://127.0.0.1:{port}/v1/models")).json()["data"][0]["id"]
+
+
+def test_a_killed_replica_s_http_event_stream_goes_on_on_another_replica(slow_model):
+    grpc_port, http_port = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "grpc", "http", "--port",
+            str(grpc_port), str(http_port), "--replicas", "2", "--max_batch_size", "2"]
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        alive = {int(pid) for pid in replica_pids(log)}
+        assert len(alive) == 2, log.read_text()
+        text, last = run(sse_text(http_port, GREEDY))
+        cut_text, cut_last = run(sse_text(http_port, GREEDY, killer(alive)))
+        assert len(alive) == 1
+        assert (cut_text, cut_last["completion_tokens"], cut_last.get("token_ids")) == \
+            (text, last["completion_tokens"], None)
+        assert re.search(r"a stream's replica \S+ stopped after \d+ tokens", log.read_text(errors="replace"))
+        assert process.poll() is None
