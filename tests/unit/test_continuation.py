@@ -2,11 +2,15 @@
 and sends exactly the pieces an uninterrupted run would have sent after them, on a tiny real model."""
 
 import asyncio
+import json
+from dataclasses import replace
 
 import pytest
 
+from executor.detok import sent_text
 from executor.engine import Engine, EngineConfig
 from executor.errors import RequestError
+from executor.grammar import Grammars
 from executor.model import encode_prompt, load
 from executor.validation import Limits, fit_to_context, parse_gen_conf
 
@@ -29,8 +33,16 @@ def limits(lm):
     return Limits(context_length=lm.context_length, vocab_size=lm.model.get_output_embeddings().weight.shape[0])
 
 
+def grammars(lm):
+    if not hasattr(lm, "grammars"):  # compiled once per model (the tokenizer's vocabulary for llguidance)
+        lm.grammars = Grammars(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.eos_token_ids)
+    return lm.grammars
+
+
 def events(engine, lm, prompt_ids, gen_conf):
     settings = fit_to_context(parse_gen_conf(gen_conf, limits(lm)), len(prompt_ids), limits(lm))
+    if settings.response_format is not None:  # a fresh grammar per request, as the Executor compiles it
+        settings = replace(settings, grammar=grammars(lm).row_grammar(settings.response_format))
 
     async def go():
         return [event async for event in engine.stream(prompt_ids, settings)]
@@ -66,6 +78,22 @@ def test_a_continuation_from_any_piece_sends_exactly_the_rest(engine, lm, gen_co
         assert (last.finish_reason, last.completion_tokens) == (whole[-1].finish_reason, whole[-1].completion_tokens)
 
 
+def test_a_continued_json_answer_resumes_its_grammar_where_it_was(engine, lm):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+              "required": ["name", "age"], "additionalProperties": False}
+    gen_conf = {"max_new_tokens": 40, "response_format": {"type": "json_schema",
+                                                          "json_schema": {"name": "person", "schema": schema}}}
+    whole, results = continued_at_every_piece(engine, lm, gen_conf)
+    text = "".join(e.text for e in whole)
+    assert len(whole) > 3 and text.startswith("{")
+    if whole[-1].finish_reason == "stop":
+        json.loads(text)
+    for cut, joined, last in results:
+        assert joined == text, f"cut after piece {cut}"
+        assert last.finish_reason == whole[-1].finish_reason
+
+
 def test_a_stop_string_held_back_at_the_cut_is_found_by_the_continuation(engine, lm):
     prompt_ids = encode_prompt(lm.tokenizer, PROMPT)
     free_events = events(engine, lm, prompt_ids, {"max_new_tokens": 40})
@@ -81,6 +109,10 @@ def test_a_stop_string_held_back_at_the_cut_is_found_by_the_continuation(engine,
     for cut, joined, last in results:
         assert joined == free[:free.index(stop)], f"cut after piece {cut}"
         assert last.finish_reason == "stop"
+    # What a cumulative stream's continuation starts from: the text sent, without the held-back start.
+    for cut in range(1, len(whole)):
+        sent = whole[:cut]
+        assert sent_text(lm.tokenizer, (stop,), [t for e in sent for t in e.token_ids]) == "".join(e.text for e in sent)
 
 
 def straddling_stop(pieces) -> str:
