@@ -68,7 +68,7 @@ DEFAULT_IMAGE = "jina-llm-stream:latest"
 
 
 def build_parser(settings) -> argparse.ArgumentParser:
-    from executor.router import ROUTING_CHOICES
+    from executor.router import DEFAULT_MIGRATIONS, ROUTING_CHOICES
 
     parser = argparse.ArgumentParser(
         description="Serve a Hugging Face causal LM over Jina (/chat and /stream).",
@@ -84,6 +84,9 @@ def build_parser(settings) -> argparse.ArgumentParser:
                         help="with --replicas: send each request to the replica that was sent the longest prefix of "
                              "its messages, else the least loaded (prefix, the default), or to each replica in turn "
                              "(round_robin)")
+    parser.add_argument("--migrations", type=migrations_count, default=DEFAULT_MIGRATIONS,
+                        help="with --replicas: how often one stream whose replica dies mid-answer is continued on "
+                             f"another replica (0: the client gets an error; default {DEFAULT_MIGRATIONS})")
     parser.add_argument("--monitoring", action="store_true", help="serve Prometheus metrics")
     parser.add_argument("--port-monitoring", "--port_monitoring", dest="port_monitoring", type=int, default=None,
                         help="port of the metrics endpoint (with --monitoring)")
@@ -109,6 +112,12 @@ def build_parser(settings) -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=name, type=kind, default=default,
                                 help=f"{HELP.get(name, '')} (default {default})")
     return parser
+
+
+def migrations_count(text: str) -> int:
+    if not text.isdigit() or int(text) > 16:
+        raise argparse.ArgumentTypeError(f"migrations={text!r} is not allowed: use 0 (off) to 16")
+    return int(text)
 
 
 # Kubernetes' default grace is 30 s; a stop that takes longer is a hang, not a slow teardown (3-6 s here).
@@ -185,10 +194,11 @@ def serve(args, settings) -> int:
 
     from executor import TokenStreamingExecutor
     from executor.gguf_model import is_gguf
-    from executor.router import ROUTING_ENV
+    from executor.router import MIGRATIONS_ENV, ROUTING_ENV
 
     kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
     os.environ[ROUTING_ENV] = args.routing  # read by the gateway's process (executor/jina_compat.py)
+    os.environ[MIGRATIONS_ENV] = str(args.migrations)  # likewise, and by the OpenAI router
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
     # it can miss when Ctrl-C reaches the whole process group at once. Local readiness pings need far less.
     kwargs["timeout_ctrl"] = 5

@@ -120,3 +120,12 @@ class IncrementalDetokenizer:
         out = self.text[self.emitted:safe_end]
         self.emitted = max(self.emitted, safe_end)
         return out
+
+
+def sent_text(tokenizer, stop_strings, ids) -> str:
+    """The text a stream of the answer ``ids`` has sent (a possible stop string's start held back is not):
+    what a continuation of them starts after."""
+    detok = IncrementalDetokenizer(tokenizer, tuple(stop_strings))
+    for token in ids:
+        detok.push(token)
+    return detok.text[:detok.emitted]

@@ -286,6 +286,8 @@ class Engine(AsyncCalls):
                 if sequence.sampler is None:  # first admission (a preempted one keeps its sampler)
                     try:
                         sequence.sampler = self._sampler_for(sequence)
+                        # A continuation then resumes like a preempted row: its context is prompt + answer
+                        self.output.resume(sequence, sequence.settings.continuation or ())
                     except Exception as error:  # noqa: BLE001 - a bad setting must fail this request only
                         self.output.fail(sequence, error)
                         continue

@@ -20,6 +20,7 @@ from jina import Executor, requests
 from schemas import Generation, Prompt
 
 from . import jina_compat
+from .detok import sent_text
 from .engine import Engine, EngineConfig
 from .errors import EngineError, ModelLoadError, RequestError, ServerBusyError
 from .grammar import Grammars
@@ -112,6 +113,7 @@ class TokenStreamingExecutor(Executor):
             max_prompt_tokens=min(max_prompt_tokens, context - 1),
             max_prompt_chars=max_prompt_chars,
             context_length=context,
+            vocab_size=loaded.model.get_output_embeddings().weight.shape[0],
         )
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
@@ -154,11 +156,7 @@ class TokenStreamingExecutor(Executor):
     @requests(on="/stream")
     async def stream(self, doc: Prompt, **kwargs) -> Generation:
         """One Generation per new piece of text (or the whole text so far, with ``stream_text=cumulative``)."""
-        so_far = ""
-        async for piece in self.pieces(doc, "/stream"):
-            so_far += piece.text
-            if self.stream_text == "cumulative":
-                piece.text = so_far
+        async for piece in self.pieces(doc, "/stream", cumulative=self.stream_text == "cumulative"):
             yield piece
 
     # ---- the one path from Prompt documents to answers (the Jina endpoints and the OpenAI API) ----------
@@ -177,17 +175,26 @@ class TokenStreamingExecutor(Executor):
             answers = await self.engine.complete(prepared, label=endpoint)
         return [_generation(text, last, self.tokenizer) for text, last in answers]
 
-    async def pieces(self, doc: Prompt, endpoint: str):
-        """One Generation per new piece of text; closing the iterator cancels the generation."""
+    async def pieces(self, doc: Prompt, endpoint: str, cumulative: bool = False):
+        """One Generation per new piece of text (``cumulative``: its text is the whole answer so far, a
+        continuation's included); closing the iterator cancels the generation."""
         with self._error_boundary(endpoint):
             if isinstance(doc.gen_conf, dict) and {"response_format", "tool_choice"} & doc.gen_conf.keys():  # slow
                 prompt_ids, settings = await asyncio.get_running_loop().run_in_executor(
                     self._grammar_compiler, self._prepare, doc)
             else:
                 prompt_ids, settings = self._prepare(doc)
+            migratable = settings.continuation is not None  # a router asks for the ids, to continue elsewhere
+            so_far = ""  # with cumulative text, a continuation's first piece holds the text sent before it too
+            if cumulative and migratable:
+                so_far = sent_text(self.tokenizer, settings.stop, settings.continuation)
             async for event in self.engine.stream(prompt_ids, settings, label=endpoint):
                 if event.text or event.finish_reason:
-                    yield _generation(event.text, event, self.tokenizer)
+                    so_far += event.text
+                    piece = _generation(so_far if cumulative else event.text, event, self.tokenizer)
+                    if migratable:
+                        piece.token_ids = event.token_ids
+                    yield piece
 
     def _prepare(self, doc: Prompt):
         """Validate and tokenize one prompt; raises RequestError naming the field."""

@@ -26,6 +26,7 @@ import threading
 import time
 
 from executor import jina_compat
+from executor.migration import HOP_HEADERS, Migrator, OpenAIStream, relay
 from executor.openai_api import Settings
 from executor.router import ROUTING_ENV
 
@@ -97,8 +98,14 @@ def openai_messages(body: bytes) -> list:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else []
 
 
-HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 MAX_BODY_BYTES = Settings.max_body_bytes  # the replicas' own limit: a larger body is refused before it is buffered
+
+
+def no_replica():
+    from aiohttp import web
+
+    return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
+                                        "type": "server_busy", "param": None, "code": None}}, status=503)
 
 
 class OpenAIRouter:
@@ -128,6 +135,10 @@ class OpenAIRouter:
                                                 "code": "request_too_large"}}, status=413)
         messages = openai_messages(body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        stream = OpenAIStream.of(request.path, body)
+        if stream is not None:
+            answer = await Migrator(self._session, self.router).forward(request, stream, messages, headers)
+            return answer if answer is not None else no_replica()
         tried = set()
         while len(tried) < len(self.targets):
             route = self.router.choose(messages, exclude=tried)
@@ -135,14 +146,13 @@ class OpenAIRouter:
             try:
                 async with self._session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
                                                   headers=headers, auto_decompress=False) as response:
-                    return await jina_compat.relay(request, response, {
+                    return await relay(request, response, {
                         k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS})
             except aiohttp.ClientConnectorError as error:  # nothing was sent: the next replica
                 log.warning("OpenAI API of the replica at %s unreachable: %s", route.replica, error)
             finally:
                 self.router.finished(route.replica)
-        return web.json_response({"error": {"message": "no replica of the model is reachable; retry later",
-                                            "type": "server_busy", "param": None, "code": None}}, status=503)
+        return no_replica()
 
     async def serve(self) -> None:
         import ssl

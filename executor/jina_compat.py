@@ -47,6 +47,12 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    another replica (a replica that cannot be reached) is kept. The balancer in front of an HTTP
    Deployment's replicas routes the same way, reading the messages from the body it forwards.
    ``JINA_LLM_STREAM_ROUTING=round_robin`` restores Jina's choice (jina_server.py's ``--routing``).
+11. Request migration. A routed stream whose replica dies after sending pieces (6's StreamInterrupted) goes on
+   on another replica: the gateway asks every routed stream for its pieces' token ids
+   (``gen_conf.continuation: []``), keeps them and takes them out of the pieces, and re-sends the request with
+   the ids so far as ``gen_conf.continuation``; that replica sends only what follows (executor/output.py's
+   ``resume``). At most ``JINA_LLM_STREAM_MIGRATIONS`` times per request (jina_server.py's ``--migrations``,
+   default 1); past it, the client gets 6's error.
 """
 
 import asyncio
@@ -57,6 +63,8 @@ from jina.proto import jina_pb2
 from jina.serve.runtimes.worker import http_fastapi_app
 from jina.serve.runtimes.worker.request_handling import WorkerRequestHandler
 from jina.types.request.data import DataRequest, SingleDocumentRequest
+
+from .migration import JinaEventStream, Migrator, relay  # noqa: E402 - relay: used by the gateway too
 
 log = logging.getLogger("jina_llm_stream.jina_compat")
 
@@ -510,17 +518,17 @@ def _patch_load_balancer_body() -> None:
     async def _load_balance(self, request):
         body = await request.read()
         router = _http_router(self)
+        headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
+        stream = JinaEventStream.of(request.path, body) if router is not None and request.method == "GET" else None
+        if stream is not None:  # a /stream that goes on on another replica if its replica dies
+            answer = await Migrator(_balancer_session(self), router).forward(request, stream,
+                                                                             http_body_messages(body), headers)
+            return answer if answer is not None else web.Response(text="Error: no replica is reachable", status=500)
         route = router.choose(http_body_messages(body)) if router is not None else None
         target = route.replica if route is not None else next(self.load_balancer_servers)
-        target_url = f"{target}{request.path_qs}"
-        headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
-        if getattr(self, "_llm_session", None) is None:
-            # One pool of kept-alive connections (Jina opened a session, and a connection, per request), and
-            # no total time limit: aiohttp's default of 5 minutes cut long /chat batch jobs and streams.
-            self._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            async with self._llm_session.request(request.method, url=target_url, auto_decompress=False,
-                                                 data=body, headers=headers) as response:
+            async with _balancer_session(self).request(request.method, url=f"{target}{request.path_qs}",
+                                                       auto_decompress=False, data=body, headers=headers) as response:
                 return await relay(request, response, response.headers)
         except aiohttp.ClientError as error:
             return web.Response(text=f"Error: {error}", status=500)
@@ -531,17 +539,14 @@ def _patch_load_balancer_body() -> None:
     GatewayRequestHandler._load_balance = _load_balance
 
 
-async def relay(request, response, headers):
-    """Pass an aiohttp client ``response`` back to the aiohttp server's ``request`` as it comes (an event stream
-    piece by piece), with these headers."""
-    from aiohttp import web
+def _balancer_session(handler):
+    """One pool of kept-alive connections (Jina opened a session, and a connection, per request), and no total
+    time limit: aiohttp's default of 5 minutes cut long /chat batch jobs and streams."""
+    import aiohttp
 
-    answer = web.StreamResponse(status=response.status, headers=headers)
-    await answer.prepare(request)
-    async for chunk in response.content.iter_any():
-        await answer.write(chunk)
-    await answer.write_eof()
-    return answer
+    if getattr(handler, "_llm_session", None) is None:
+        handler._llm_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    return handler._llm_session
 
 
 def _http_router(handler):
@@ -695,9 +700,10 @@ class _RoutedReplicas:
 _routers = {}  # id(replica list) -> (replica list, PrefixRouter)
 
 
-def _route(request, connections):
+def _route(request, connections, exclude=()):
     """``_RoutedReplicas`` for this request, or None where Jina's choice stands (routing off). A single
-    replica is routed too: the others may still be starting, and what it was sent is worth remembering."""
+    replica is routed too: the others may still be starting, and what it was sent is worth remembering.
+    ``exclude``: replicas not to choose while another is up (one that died under this request)."""
     from executor.router import PrefixRouter
 
     by_address = {c.address: c for c in connections.get_all_connections()}
@@ -709,7 +715,7 @@ def _route(request, connections):
     router = known[1]
     if set(router.replicas) != set(by_address):  # a replica came up (they start one by one) or went away
         router.sync(sorted(by_address))
-    route = router.choose(request_messages(request))
+    route = router.choose(request_messages(request), exclude)
     return _RoutedReplicas(connections, router, route, by_address[route.replica])
 
 
@@ -722,7 +728,11 @@ def _patch_gateway_routing() -> None:
         routed = _route(request, connections)
         if routed is None:
             return original_single(self, request, connections, *args, **kwargs)
-        stream = original_single(self, request, routed, *args, **kwargs)
+        send = lambda request, replicas: original_single(self, request, replicas, *args, **kwargs)  # noqa: E731
+        continuation = _Continuation.of(request)
+        if continuation is not None:
+            return _migrating(send, continuation, routed, connections)
+        stream = send(request, routed)
 
         async def finishing():
             try:
@@ -743,3 +753,92 @@ def _patch_gateway_routing() -> None:
 
     GrpcConnectionPool._send_single_doc_request = _send_single_doc_request
     GrpcConnectionPool._send_requests = _send_requests
+
+
+# ---- replicas: a stream whose replica dies goes on on another one (request migration) ---------------------
+class _Continuation:
+    """A routed stream's request, asking for its pieces' token ids, and the ids its pieces carried so far."""
+
+    def __init__(self, request, ids: list):
+        self.request, self.ids = request, ids
+        _write_continuation(request.proto.document, ids)
+
+    @classmethod
+    def of(cls, request):
+        """The request, made migratable; None where it cannot be (migrations off, or a ``gen_conf`` that is
+        not a dict or holds a malformed continuation: the worker answers those with its own 400)."""
+        from executor.router import migrations
+
+        if migrations() == 0 or not isinstance(request, SingleDocumentRequest):
+            return None
+        ids = _sent_continuation(request.proto.document)
+        return None if ids is None else cls(request, ids)
+
+    def took(self, response) -> None:
+        """Keep a piece's token ids and take them out of it: the client's pieces are what they were."""
+        data = response.proto.document.data
+        if "token_ids" in data:
+            value = _node_value(data["token_ids"])
+            self.ids.extend(value if isinstance(value, list) else ())
+            del data["token_ids"]
+
+    def resumed(self):
+        """The request again, continuing after the ids so far."""
+        _write_continuation(self.request.proto.document, self.ids)
+        return self.request
+
+
+def _sent_continuation(document):
+    """The ids a client's own ``gen_conf.continuation`` holds ([] without one), or None when it is malformed."""
+    if "gen_conf" not in document.data:
+        return []
+    gen_conf = document.data["gen_conf"]
+    if gen_conf.WhichOneof("content") != "dict":
+        return None
+    if "continuation" not in gen_conf.dict.data:
+        return []
+    value = _node_value(gen_conf.dict.data["continuation"])
+    if isinstance(value, list) and all(type(item) is int for item in value):
+        return value
+    return None
+
+
+def _write_continuation(document, ids: list) -> None:
+    from docarray.proto import NodeProto
+
+    node = document.data["gen_conf"].dict.data["continuation"]
+    node.Clear()
+    node.list.SetInParent()  # an empty list too: it asks the replica for the pieces' ids
+    node.list.data.extend(NodeProto(integer=token) for token in ids)
+
+
+async def _migrating(send, continuation: _Continuation, routed, connections):
+    """The routed stream; cut by its replica's death (StreamInterrupted, after pieces went out), it is sent
+    again as a continuation to another replica, at most ``migrations()`` times. The client's stream goes on
+    with the next piece: nothing it had is sent twice."""
+    from executor.router import migrations
+
+    left = migrations()
+    while True:
+        cut = None
+        try:
+            async for response, metadata in send(continuation.request, routed):
+                if isinstance(response, StreamInterrupted) and left > 0:
+                    cut = response  # the stream ends here; no error for the client
+                    continue
+                if not isinstance(response, BaseException):
+                    continuation.took(response)
+                yield response, metadata
+        finally:
+            routed.finish()
+        if cut is None:
+            return
+        left -= 1
+        dead = routed.route.replica
+        routed = _route(continuation.request, connections, exclude=(dead,))
+        if routed is None:  # no replica left to route to: the error as without migration
+            yield cut, None
+            return
+        log.warning("a stream's replica %s stopped after %d tokens (%s); continuing it on %s", dead,
+                    len(continuation.ids), cut.__cause__ or cut, routed.route.replica)
+        continuation.resumed()

@@ -33,7 +33,9 @@ SAMPLING_PARAMETERS = {"max_tokens": "max_new_tokens", "max_completion_tokens": 
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                        "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
                        "min_tokens": "min_new_tokens",  # min_tokens: vLLM's extension
-                       "tools": "tools", "tool_choice": "tool_choice"}
+                       "tools": "tools", "tool_choice": "tool_choice",
+                       # Not OpenAI's: the replica router's (executor/gateway.py), continuing a stream elsewhere.
+                       "continuation": "continuation"}
 # Accepted and without effect here.
 IGNORED_PARAMETERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
                       "stream", "n", "model", "messages", "prompt"}
@@ -523,7 +525,8 @@ async def _sse(shape: Shape, count: int, n: int, first, pieces, include_usage: b
         async for index, piece in prepend(first, pieces):
             lasts[index] = piece
             if piece.text:
-                yield event([shape.choice(index, piece.text, None, True, piece.logprobs, offsets[index])])
+                ids = {} if piece.token_ids is None else {"token_ids": piece.token_ids}  # for the router only
+                yield event([shape.choice(index, piece.text, None, True, piece.logprobs, offsets[index])], **ids)
                 offsets[index] += len(piece.text)
             if piece.finish_reason:
                 yield event([shape.choice(index, None if shape.kind == "chat" else "", piece.finish_reason, True)])

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from .errors import EngineError
+from .errors import EngineError, RequestError
 from .sequence import TokenEvent
 
 log = logging.getLogger("jina_llm_stream.engine")
@@ -55,6 +55,23 @@ class OutputProcessor:
             self._emit(sequence, self._event(sequence, text, None))
         return True
 
+    def resume(self, sequence, token_ids) -> None:
+        """A continuation: ``token_ids``, the answer's tokens another server already sent, become this
+        request's own, as if accepted here, but nothing is sent. The detokenizer, the grammar and the sampler's
+        history then stand where the first server's stood, so the next piece is exactly the next text an
+        uninterrupted run sends (a stop string's held-back start included). RequestError when the ids could
+        not have been sent by a run that goes on."""
+        for index, token in enumerate(token_ids):
+            grammar = sequence.settings.grammar
+            goes_on = token not in self.eos_token_ids and (grammar is None or _grammar_takes(grammar, token))
+            sequence.generated.append(token)
+            sequence.sampler.accepted(token)
+            sequence.detok.push(token)
+            if not goes_on or sequence.detok.stopped:
+                raise RequestError("gen_conf.continuation", f"<id {token} at {index}>",
+                                   "the ids of an answer that goes on: this one ends there")
+        sequence.reported = len(sequence.generated)
+
     def finish(self, sequence, reason: str, text: str = "") -> None:
         """The answer ends with ``reason`` (stop, length, time_limit): the last piece of text goes out."""
         text += sequence.detok.flush()
@@ -76,8 +93,9 @@ class OutputProcessor:
         logprobs = None
         if sequence.settings.logprobs:
             logprobs, sequence.pending_logprobs = sequence.pending_logprobs, []
+        token_ids, sequence.reported = sequence.generated[sequence.reported:], len(sequence.generated)
         return TokenEvent(text, reason, len(sequence.prompt_ids), len(sequence.generated), sequence.cached_tokens,
-                          logprobs)
+                          logprobs, token_ids)
 
     def _timestamp(self, sequence) -> None:
         now = time.monotonic()
@@ -118,3 +136,11 @@ class OutputProcessor:
         except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
             log.exception("could not deliver an event for request %s", sequence.request_id)
             sequence.cancelled = True
+
+
+def _grammar_takes(grammar, token: int) -> bool:
+    """Whether ``grammar`` takes ``token`` and can go on after it."""
+    try:
+        return grammar.advance(token)
+    except RuntimeError:
+        return False

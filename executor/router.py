@@ -30,6 +30,19 @@ LOAD_SLACK = 4
 BLOCKS_PER_REPLICA = 1 << 16  # 64k blocks x 64 characters: prompts of 4 MB of text per replica, ~8 MB of memory
 ROUTING_CHOICES = ("prefix", "round_robin")  # --routing: this router, or Jina's replicas in turn
 ROUTING_ENV = "JINA_LLM_STREAM_ROUTING"  # how --routing reaches the gateway's process
+# How often one request may be continued on another replica when its replica dies mid-stream (--migrations).
+DEFAULT_MIGRATIONS = 1
+MIGRATIONS_ENV = "JINA_LLM_STREAM_MIGRATIONS"  # how --migrations reaches the gateway's process
+
+
+def migrations() -> int:
+    """The gateway's bound on continuations per request (jina_server.py's --migrations), 0 or more."""
+    import os
+
+    try:
+        return max(0, int(os.environ.get(MIGRATIONS_ENV, DEFAULT_MIGRATIONS)))
+    except ValueError:
+        return DEFAULT_MIGRATIONS
 
 
 def routing_text(messages) -> str:

@@ -22,6 +22,8 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # With settings.logprobs: one sampling.TokenLogprob per token since the previous event (not EOS).
     logprobs: list | None = None
+    # The answer's token ids since the previous event (what a router needs to continue it elsewhere).
+    token_ids: list | None = None
 
 
 @dataclass(eq=False)
@@ -59,6 +61,7 @@ class Sequence:
     # -- the output's --
     generated: list = field(default_factory=list)  # accepted token ids
     pending_logprobs: list = field(default_factory=list)  # accepted since the last event
+    reported: int = 0  # of ``generated``, the ids already carried by an event (TokenEvent.token_ids)
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished: bool = False

@@ -27,6 +27,7 @@ class Limits:
     max_prompt_chars: int = 200_000
     max_messages: int = 256
     context_length: int = 1 << 30
+    vocab_size: int = 1 << 31  # token ids a continuation may carry are below it (the model's embedding rows)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class SamplingSettings:
     tools: object = None  # tools.Tools: functions the model may call (rendered by the chat template)
     response_format: object = None  # grammar.ResponseFormat: the answer is constrained to it
     grammar: object = field(default=None, compare=False)  # grammar.RowGrammar: this request's, once compiled
+    # A continuation (request migration, executor/router.py): the answer's token ids another replica already
+    # sent; the engine takes them as generated and sends only what follows. Not None (even empty): each
+    # piece reports its token ids, so that the router can continue the answer elsewhere.
+    continuation: tuple | None = None
 
 
 # field -> (type, low, high, settings attribute). ``low``/``high`` are inclusive unless noted in
@@ -78,7 +83,7 @@ _NUMERIC_FIELDS = {
 EXCLUSIVE_LOW = {"top_p", "typical_p", "repetition_penalty"}
 BOOLEAN_FIELDS = ("do_sample", "raw_prompt", "logprobs")
 ALLOWED_GEN_CONF_KEYS = tuple(sorted([*_NUMERIC_FIELDS, *BOOLEAN_FIELDS, "stop", "response_format", "tools",
-                                      "tool_choice"]))
+                                      "tool_choice", "continuation"]))
 
 
 def _range_text(name, low, high) -> str:
@@ -140,6 +145,8 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
             values[name] = raw
         elif name == "stop":
             values["stop"] = _check_stop(raw)
+        elif name == "continuation":
+            values["continuation"] = _check_continuation(raw, limits)
         elif name == "response_format":
             values["response_format"] = parse_response_format(raw, "gen_conf.response_format")
         elif name in ("tools", "tool_choice"):
@@ -160,6 +167,19 @@ def parse_gen_conf(gen_conf, limits: Limits) -> SamplingSettings:
         raise RequestError("gen_conf.min_new_tokens", settings.min_new_tokens,
                            f"must not exceed max_new_tokens ({settings.max_new_tokens})")
     return settings
+
+
+def _check_continuation(value, limits: Limits) -> tuple:
+    """The token ids of an answer begun elsewhere: a list of at most max_new_tokens_limit token ids."""
+    allowed = (f"a list of at most {limits.max_new_tokens_limit} token ids, each 0 <= id < {limits.vocab_size} "
+               "(the answer so far, as a router continuing a stream sends it)")
+    if not isinstance(value, list) or len(value) > limits.max_new_tokens_limit:
+        raise RequestError("gen_conf.continuation", value if not isinstance(value, list) else
+                           f"<{len(value)} ids>", allowed)
+    for token in value:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < limits.vocab_size:
+            raise RequestError("gen_conf.continuation", token, allowed)
+    return tuple(value)
 
 
 def _tools_into(values: dict, tools, tool_choice) -> None:
@@ -184,6 +204,16 @@ def fit_to_context(settings: SamplingSettings, prompt_tokens: int, limits: Limit
         raise RequestError("message", f"<{prompt_tokens} tokens after the chat template>",
                            f"the prompt must leave room in the context of {limits.context_length} tokens "
                            "(the model's, or what kv_cache_memory holds)")
+    settings = _fit_answer_length(settings, room, prompt_tokens, limits)
+    done = len(settings.continuation or ())
+    if done >= settings.max_new_tokens:
+        raise RequestError("gen_conf.continuation", f"<{done} ids>", f"fewer ids than max_new_tokens "
+                           f"({settings.max_new_tokens}): an answer that long is finished")
+    return settings
+
+
+def _fit_answer_length(settings: SamplingSettings, room: int, prompt_tokens: int, limits: Limits) -> SamplingSettings:
+    """A default ``max_new_tokens`` lowered to the room left; a chosen one refused when it does not fit."""
     if settings.max_new_tokens is None:
         chosen = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit, room)
         if settings.min_new_tokens > chosen:

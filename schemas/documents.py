@@ -24,3 +24,6 @@ class Generation(BaseDoc):
     cached_tokens: Optional[int] = None
     # With gen_conf.logprobs: per token of this text, {"token", "logprob", "bytes", "top_logprobs": [...]}.
     logprobs: Optional[list[dict]] = None
+    # Only for a router that may continue the stream on another replica (it sent gen_conf.continuation, and
+    # takes this out again before the client sees the piece): the answer's token ids in this piece.
+    token_ids: Optional[list[int]] = None

@@ -57,10 +57,10 @@ async def streams_then(port, count, action):
     return await asyncio.wait_for(asyncio.gather(*tasks), 60)  # a hang fails here
 
 
-def test_a_dead_replica_fails_its_streams_and_the_other_keeps_serving(slow_model):
+def test_without_migrations_a_dead_replica_fails_its_streams_and_the_other_keeps_serving(slow_model):
     port = free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(port), "--replicas", "2",
-            "--max_batch_size", "2"]
+            "--max_batch_size", "2", "--migrations", "0"]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         pids = sorted(int(pid) for pid in replica_pids(log))
