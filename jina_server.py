@@ -296,10 +296,10 @@ def export(kind: str, target: str, args, settings) -> int:
 
     if kind == "kubernetes":
         flow.to_kubernetes_yaml(target, k8s_namespace="jina-llm-stream")
-        rewrite_kubernetes(target, args.image, args.openai_port, args.routing)
+        rewrite_kubernetes(target, args.image, args.openai_port, args.routing, args.migrations)
     else:
         flow.to_docker_compose_yaml(target)
-        rewrite_docker_compose(target, args.image, args.openai_port, args.routing)
+        rewrite_docker_compose(target, args.image, args.openai_port, args.routing, args.migrations)
     print(f"wrote {kind} manifests to {target}")
     return 0
 

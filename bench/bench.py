@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
 import time
@@ -47,7 +48,7 @@ import llama_cpp  # noqa: E402
 import peer  # noqa: E402
 import torch  # noqa: E402
 import workloads  # noqa: E402
-from server_process import executor_process, free_port, start_server, stop_server  # noqa: E402
+from server_process import busiest, executor_process, free_port, start_server, stop_server  # noqa: E402
 
 CHUNK = 256  # the server's default prefill_chunk
 JOB_TOKENS = 32  # new tokens per prompt of the batch job
@@ -763,8 +764,48 @@ async def multi_turn_rag(port: int, tokenizer, new_tokens: int) -> dict:
             "ttft_p50": statistics.median(r["ttft"] for r in later)}
 
 
+MIGRATION_AFTER_PIECES = 5
+
+
+async def migration_gap(port: int, log_path: Path, tokenizer, new_tokens: int = 96) -> dict:
+    """A RAG-shaped stream whose replica is SIGKILLed once the client has its 5th piece (request migration):
+    the longest wait for a piece after the kill, against a cold prefill of a prompt of the same shape (what the
+    other replica recomputes: it was never sent these passages) and the stream's own gap between pieces."""
+    from jina import Client
+
+    from schemas import Generation, Prompt
+
+    client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+    chats = workloads.rag_conversations(tokenizer, 2, RAG_SEED + 100)
+    for chat, question in zip(chats, workloads.chat_turn_messages(tokenizer, 2, RAG_SEED + 100)):
+        chat.append({"role": "user", "content": question})
+    cold = await one_stream(client, chats[0], 4)
+    replicas = sorted(int(pid) for pid in set(re.findall(r"pid=(\d+) request=\d+ endpoint=warm-up",
+                                                          log_path.read_text(errors="replace"))))
+    times, killed = [], []
+
+    async def kill_the_serving_replica():
+        victim = await asyncio.get_running_loop().run_in_executor(None, busiest, replicas)
+        os.kill(victim, signal.SIGKILL)
+        killed.append(time.perf_counter())
+
+    killing = None
+    async for piece in client.stream_doc(on="/stream", inputs=Prompt(message=chats[1], gen_conf=gen_conf(new_tokens)),
+                                         return_type=Generation):
+        times.append(time.perf_counter())
+        if len(times) == MIGRATION_AFTER_PIECES:  # the pieces keep being read while the replica is found
+            killing = asyncio.create_task(kill_the_serving_replica())
+    await killing
+    after = [t for t in times if t > killed[0]]
+    waits = [t - max(killed[0], earlier) for earlier, t in zip(times, times[1:]) if t > killed[0]]
+    before = [t - earlier for earlier, t in zip(times, times[1:]) if t <= killed[0]]
+    return {"gap": max(waits) if waits else float("nan"), "pieces_after": len(after), "tokens": piece.completion_tokens,
+            "prefill": cold["ttft"], "prompt": cold["prompt"], "piece_gap": statistics.median(before)}
+
+
 def routing_measures(path: Path, new_tokens: int) -> dict:
-    """The multi-turn RAG workload on one replica, and through two with --routing prefix and round_robin."""
+    """The multi-turn RAG workload on one replica, and through two with --routing prefix and round_robin; with
+    prefix routing, last, one migration (its replica killed: the server has one replica left after it)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -777,6 +818,8 @@ def routing_measures(path: Path, new_tokens: int) -> dict:
                               log_path)
         try:
             found[name] = asyncio.run(multi_turn_rag(port, tokenizer, new_tokens))
+            if name == "prefix":
+                found["migration"] = asyncio.run(migration_gap(port, log_path, tokenizer))
         finally:
             stop_server(server)
     return found
@@ -795,6 +838,17 @@ def routing_rows(found: dict) -> list:
         (f"replicas: TTFT p50 of turns 2-{ROUTING_TURNS}, prefix vs round robin",
          f"{routed['ttft_p50'] * 1000:.0f} ms", f"round robin {rr['ttft_p50'] * 1000:.0f} ms "
          f"(1 replica {one['ttft_p50'] * 1000:.0f} ms)", "lower than round robin"),
+        *migration_rows(found["migration"]),
+    ]
+
+
+def migration_rows(moved: dict) -> list:
+    return [
+        (f"replicas: one migration (serving replica SIGKILLed after piece {MIGRATION_AFTER_PIECES}), longest wait "
+         f"for a piece after the kill", f"{moved['gap'] * 1000:.0f} ms",
+         f"{moved['gap'] / moved['prefill']:.2f}x a cold prefill of {moved['prompt']} tokens "
+         f"({moved['prefill'] * 1000:.0f} ms); piece gap before it {moved['piece_gap'] * 1000:.0f} ms; "
+         f"{moved['pieces_after']} pieces after it, {moved['tokens']} tokens in all", "<= 2x the prefill"),
     ]
 
 

@@ -54,3 +54,12 @@ def cpu_seconds(process: psutil.Process, window: float) -> float:
     before = sum(process.cpu_times()[:2])
     time.sleep(window)
     return sum(process.cpu_times()[:2]) - before
+
+
+def busiest(pids: list) -> int:
+    """The process among ``pids`` that used the most CPU time over the next half second (the one generating)."""
+    processes = [psutil.Process(pid) for pid in pids]
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    time.sleep(0.5)
+    used = [sum(p.cpu_times()[:2]) - start for p, start in zip(processes, before)]
+    return pids[used.index(max(used))]

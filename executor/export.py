@@ -5,7 +5,8 @@ Jina writes a gateway that runs its stock image and a worker per replica. Rewrit
   gateway with the fixes of executor/jina_compat.py, as under ``jina_server.py``;
 - with an OpenAI port, every worker serves the API (executor/openai_api.py) and the gateway takes its
   connections on that port and passes each to a replica; the port is published where the gateway's are;
-- the gateway routes by prefix (executor/router.py) unless ``--routing round_robin`` was given;
+- the gateway routes by prefix (executor/router.py) unless ``--routing round_robin`` was given, and continues
+  streams of a dead replica ``--migrations`` times (default 1);
 - docker-compose: Jina mounts the host's ``~/.cache/jina`` over the worker's ``/app``, which hides the
   project's code there; the workspace moves to ``/tmp`` and the mount goes.
 """
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from .router import DEFAULT_MIGRATIONS
+
 GATEWAY_MODULE = ["python", "-m", "executor.gateway"]
 
 
-def rewrite_kubernetes(folder: str, image: str, openai_port: int | None, routing: str = "prefix") -> None:
+def rewrite_kubernetes(folder: str, image: str, openai_port: int | None, routing: str = "prefix",
+                       migrations: int = DEFAULT_MIGRATIONS) -> None:
     for path in Path(folder).rglob("*.yml"):
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
         extra = []
@@ -26,7 +30,7 @@ def rewrite_kubernetes(folder: str, image: str, openai_port: int | None, routing
             if kind == "Deployment" and name == "gateway":
                 container = document["spec"]["template"]["spec"]["containers"][0]
                 container["image"] = image
-                container["command"] = GATEWAY_MODULE + _openai_flag(openai_port) + _routing_flag(routing)
+                container["command"] = GATEWAY_MODULE + _gateway_flags(openai_port, routing, migrations)
                 if openai_port is not None:
                     container["ports"].append({"containerPort": openai_port})
                     extra.append(_service("gateway-openai", "gateway", openai_port, document))
@@ -46,13 +50,14 @@ def _service(name: str, app: str, port: int, deployment: dict) -> dict:
                      "selector": {"app": app}, "type": "ClusterIP"}}
 
 
-def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routing: str = "prefix") -> None:
+def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routing: str = "prefix",
+                           migrations: int = DEFAULT_MIGRATIONS) -> None:
     path = Path(file)
     compose = yaml.safe_load(path.read_text())
     for name, service in compose["services"].items():
         if name == "gateway":
             service["image"] = image
-            service["entrypoint"] = GATEWAY_MODULE + _openai_flag(openai_port) + _routing_flag(routing)
+            service["entrypoint"] = GATEWAY_MODULE + _gateway_flags(openai_port, routing, migrations)
             if openai_port is not None:
                 service.setdefault("expose", []).append(openai_port)
                 service.setdefault("ports", []).append(f"{openai_port}:{openai_port}")
@@ -64,9 +69,8 @@ def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routi
     path.write_text(yaml.safe_dump(compose, sort_keys=False))
 
 
-def _openai_flag(openai_port: int | None) -> list:
-    return [] if openai_port is None else ["--openai-port", str(openai_port)]
-
-
-def _routing_flag(routing: str) -> list:
-    return [] if routing == "prefix" else ["--routing", routing]  # prefix: the gateway's default
+def _gateway_flags(openai_port: int | None, routing: str, migrations: int) -> list:
+    """executor/gateway.py's own flags, those that differ from its defaults."""
+    return ([] if openai_port is None else ["--openai-port", str(openai_port)]) + \
+        ([] if routing == "prefix" else ["--routing", routing]) + \
+        ([] if migrations == DEFAULT_MIGRATIONS else ["--migrations", str(migrations)])

@@ -1,4 +1,4 @@
-"""The gateway of exported deployments: ``python -m executor.gateway [--openai-port P] [--routing R] gateway ARGS``.
+"""The gateway of exported deployments: ``python -m executor.gateway [--openai-port P] [--routing R] [--migrations N] gateway ARGS``.
 
 Jina's own gateway (``jina gateway ARGS``, as the Kubernetes and docker-compose exporters write it), with
 this project's fixes installed (executor/jina_compat.py: no replay of a broken stream, cancellation through
@@ -28,7 +28,7 @@ import time
 from executor import jina_compat
 from executor.migration import HOP_HEADERS, Migrator, OpenAIStream, relay
 from executor.openai_api import Settings
-from executor.router import ROUTING_ENV
+from executor.router import MIGRATIONS_ENV, ROUTING_ENV
 
 log = logging.getLogger("jina_llm_stream.gateway")
 
@@ -198,11 +198,11 @@ class OpenAIRouter:
 
 def main(argv: list) -> None:
     openai_port = None
-    while argv[:1] in (["--openai-port"], ["--routing"]):
+    while argv[:1] in (["--openai-port"], ["--routing"], ["--migrations"]):
         if argv[0] == "--openai-port":
             openai_port = int(argv[1])
-        else:
-            os.environ[ROUTING_ENV] = argv[1]
+        else:  # read in this process by executor/jina_compat.py and the OpenAI router
+            os.environ[MIGRATIONS_ENV if argv[0] == "--migrations" else ROUTING_ENV] = argv[1]
         argv = argv[2:]
     jina_compat.install()
     if openai_port is not None:

@@ -95,7 +95,7 @@ def test_docker_compose_export_runs_the_projects_gateway_and_publishes_the_opena
 
 def test_the_exported_gateway_routes_by_prefix_unless_told_round_robin(tmp_path):
     target = tmp_path / "docker-compose.yml"
-    export("docker-compose", str(target), "--openai-port", "8000", "--routing", "round_robin")
+    export("docker-compose", str(target), "--openai-port", "8000", "--routing", "round_robin", "--migrations", "0")
     gateway = yaml.safe_load(target.read_text())["services"]["gateway"]
     assert gateway["entrypoint"] == ["python", "-m", "executor.gateway", "--openai-port", "8000", "--routing",
-                                     "round_robin"]
+                                     "round_robin", "--migrations", "0"]
