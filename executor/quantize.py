@@ -63,6 +63,13 @@ def check_quantize(quantize: str, device_type: str | None = None) -> None:
                          "or float16 (or --device cpu)")
 
 
+def row_absmax(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's largest |x| ([rows, 1]). Two plain reductions: ``linalg.vector_norm(ord=inf)`` gives the same
+    values but ran 12-15x slower on a prompt's rows (720 x 576: 0.67 ms vs 0.05 ms), which made int8 prefill
+    and verify steps (many rows) spend a quarter of their time here."""
+    return rows.amax(dim=1, keepdim=True).maximum(rows.amin(dim=1, keepdim=True).neg())
+
+
 class Int8Linear(nn.Module):
     """A Linear with an int8 weight (one scale per output channel), its input quantized per token at run
     time, and the SmoothQuant factors of its input channels (``act_absmax``: the calibration's max |x|)."""
@@ -98,7 +105,7 @@ class Int8Linear(nn.Module):
         if rows.shape[0] == 1:  # one token (a batch-1 decode step): the tensor's grid is the token's own
             out = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=False)
         else:  # fbgemm puts the whole tensor on one grid: each row's largest |x| becomes 1 first
-            peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+            peak = row_absmax(rows).clamp_(min=1e-12)
             out = torch.ops.quantized.linear_dynamic(rows / peak, self._packed, reduce_range=False).mul_(peak)
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
