@@ -45,8 +45,8 @@ from .speculation import Speculator, verify_row
 
 log = logging.getLogger("jina_llm_stream.engine")
 
-# Rows are reserved at full length (kv_cache.plan_kv_memory): without a max_context from the caller, a model's
-# context is capped here.
+# The KV pool holds at least one row this long (kv_cache.plan_kv_memory): without a max_context from the
+# caller, a model's context is capped here.
 DEFAULT_MAX_CONTEXT = 8192
 
 
@@ -157,6 +157,7 @@ class Engine(AsyncCalls):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
         self._ids = itertools.count(1)
+        self._admissions = itertools.count(1)  # the order rows were given in: the newest is preempted first
         max_context = config.max_context or min(context_length(model) or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
         self.kv = KVManager(model, self.device, cache_kwarg(model), config.kv_cache_memory, config.max_batch_size,
                             max_context, config.block_size, config.prefix_caching)
@@ -275,12 +276,14 @@ class Engine(AsyncCalls):
 
     def _admit(self) -> None:
         with self.scheduler.lock:
-            while (decision := self.scheduler.next_admission(self.runner.running)) is not None:
+            while (decision := self.scheduler.next_admission(self.runner.running, self.kv.room_for)) is not None:
                 if isinstance(decision, Preempt):
                     if decision.row is not None:
                         self.runner.remove_rows([decision.row])
                     self.kv.forget_computed(decision.victim)
                     self.scheduler.requeue(decision.victim)
+                    if self.metrics is not None:
+                        self.metrics.preempted("fairness")
                     continue
                 sequence = decision.sequence
                 if sequence.sampler is None:  # first admission (a preempted one keeps its sampler)
@@ -291,7 +294,13 @@ class Engine(AsyncCalls):
                     except Exception as error:  # noqa: BLE001 - a bad setting must fail this request only
                         self.output.fail(sequence, error)
                         continue
+                sequence.admission = next(self._admissions)
                 self.scheduler.start_prefill(sequence)
+                try:
+                    self.kv.stage(sequence)  # now: the next sequence's room is counted with this one's row
+                except RuntimeError as error:  # room_for said it fits: a bug, for this request only
+                    self.scheduler.prefill_done(sequence)
+                    self.output.fail(sequence, EngineError(f"generation failed: {error}"))
 
     def _speculator(self, most: int):
         if most <= 0:
@@ -374,8 +383,13 @@ class Engine(AsyncCalls):
             self.runner.drop_all()
 
     def _decode_step(self) -> None:
+        drafts = self.speculator.plan(self.runner.running) if self.speculator else None
+        self._make_room(1 + max((len(draft) for draft in drafts), default=0) if drafts is not None else 1)
+        if not self.runner.running:
+            return
+        if drafts is not None and len(drafts) != len(self.runner.running):
+            drafts = self.speculator.plan(self.runner.running)
         running = self.runner.running
-        drafts = self.speculator.plan(running) if self.speculator else None
         started = time.perf_counter()
         if drafts is not None:
             self._verify_step(drafts)
@@ -387,6 +401,27 @@ class Engine(AsyncCalls):
         if self.speculator:
             self.speculator.cost.observe(len(running), time.perf_counter() - started)
         self.runner.remove_rows(leaving)
+
+    def _make_room(self, width: int) -> None:
+        """The KV pool must hold this step's ``width`` new tokens per row: while it cannot, the most recently
+        admitted sequence (running or prefilling) gives its row back and waits again; it is recomputed later,
+        from the prefix cache where its blocks are still there."""
+        while not self.kv.batch.room_for_step(width):
+            active = self.runner.running + self.scheduler.prefilling
+            if len(self.runner.running) <= 1 and not self.scheduler.prefilling:
+                raise EngineError("the KV pool cannot hold the next token of the only running request")
+            victim = max(active, key=lambda sequence: sequence.admission)
+            if victim in self.scheduler.prefilling:
+                self.scheduler.prefilling.remove(victim)
+            else:
+                self.runner.remove_rows([self.runner.running.index(victim)])
+            self.kv.forget_computed(victim)
+            with self.scheduler.lock:
+                self.scheduler.requeue(victim)
+            log.info("request %d preempted: the KV pool (%d tokens) is short for %d rows' next step",
+                     victim.request_id, self.kv.pool.tokens, len(self.runner.running))
+            if self.metrics is not None:
+                self.metrics.preempted("kv_pool")
 
     def _verify_step(self, drafts: list) -> None:
         """A speculative step: every row's next token and draft in one forward pass; each row keeps what its

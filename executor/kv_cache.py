@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kv_pool import KVPool
+
 log = logging.getLogger("jina_llm_stream.kv_cache")
 
 
@@ -129,8 +131,9 @@ def free_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class KVPlan:
-    """How a budget is spent: ``rows`` rows of ``columns`` tokens for the batch, ``prefix_blocks`` blocks of
-    ``block_size`` tokens for the prefix cache. ``max_context`` is the longest prompt + answer a row holds."""
+    """How a budget is spent: one pool of ``pool_tokens`` token slots in blocks of ``block_size``, shared by
+    the running batch (up to ``rows`` rows, each as long as its longest row needs, at most ``columns``) and the
+    prefix cache (kv_pool.py). ``max_context`` is the longest prompt + answer a row holds."""
 
     budget: int
     bytes_per_token: int
@@ -138,23 +141,22 @@ class KVPlan:
     columns: int
     max_context: int
     block_size: int
-    prefix_blocks: int
+    pool_tokens: int
     source: str
 
-    @property
-    def batch_bytes(self) -> int:
-        return self.rows * self.columns * self.bytes_per_token
+    TYPICAL_REQUEST = 512  # prompt + answer tokens of the request the start-up line prices
 
     @property
-    def prefix_bytes(self) -> int:
-        return self.prefix_blocks * self.block_size * self.bytes_per_token
+    def pool_bytes(self) -> int:
+        return self.pool_tokens * self.bytes_per_token
 
     def describe(self) -> str:
-        gib = 2**30
-        return (f"KV cache budget {self.budget / gib:.2f} GiB ({self.source}): {self.rows} rows x {self.columns} "
-                f"tokens = {self.batch_bytes / gib:.2f} GiB for the running batch (prompt + answer up to "
-                f"{self.max_context} tokens), {self.prefix_blocks} blocks of {self.block_size} tokens = "
-                f"{self.prefix_bytes / gib:.2f} GiB for the prefix cache; {self.bytes_per_token} bytes per token")
+        gib, mib = 2**30, 2**20
+        return (f"KV cache pool {self.pool_bytes / gib:.2f} GiB ({self.source}): {self.pool_tokens} tokens in "
+                f"blocks of {self.block_size}, shared by the running batch (up to {self.rows} rows, prompt + "
+                f"answer up to {self.max_context} tokens each) and the prefix cache; {self.bytes_per_token} bytes "
+                f"per token: a request of {self.TYPICAL_REQUEST} tokens holds "
+                f"{self.TYPICAL_REQUEST * self.bytes_per_token / mib:.1f} MiB while it runs")
 
 
 def margin_for(max_context: int) -> int:
@@ -165,10 +167,9 @@ def margin_for(max_context: int) -> int:
 
 def plan_kv_memory(memory, bytes_per_token: int, max_rows: int, max_context: int, device: torch.device,
                    block_size: int = 16, prefix_caching: bool = True) -> KVPlan:
-    """Split a budget (``parse_memory_size``'s result) between batch rows and prefix blocks. Rows come first,
-    each reserved for the longest request (so an admitted request can never run out of room); the prefix
-    cache gets what is left. A budget too small for ``max_rows`` rows serves fewer rows at once; too small
-    for one row shortens the longest request."""
+    """The pool for a budget (``parse_memory_size``'s result). Rows hold the tokens they have, not the
+    longest request, so the pool only has to hold one row of the longest request; a budget too small for that
+    shortens the longest request."""
     full_rows = max_rows * (max_context + margin_for(max_context)) * bytes_per_token
     if memory is None:
         if device.type == "cuda":
@@ -176,24 +177,21 @@ def plan_kv_memory(memory, bytes_per_token: int, max_rows: int, max_context: int
         else:
             wanted = 2 * full_rows if prefix_caching else full_rows
             budget = min(wanted, int(0.25 * free_memory(device)))
-            source = "auto: the batch's rows twice over (rows + prefix cache), at most 25% of available memory"
+            source = "auto: the batch's rows at full length twice over, at most 25% of available memory"
     elif isinstance(memory, float):
         budget, source = int(memory * free_memory(device)), f"{memory:g} of free memory"
     else:
         budget, source = int(memory), "--kv-cache-memory"
+    tokens = max(2 * block_size, budget // bytes_per_token // block_size * block_size)
     columns = max_context + margin_for(max_context)
-    rows = min(max_rows, budget // (columns * bytes_per_token))
-    if rows < 1:
-        rows = 1
-        columns = max(2 * block_size, budget // bytes_per_token)
+    if tokens < columns:
+        columns = tokens
         max_context = max(block_size, columns - margin_for(columns))
-    left = budget - rows * columns * bytes_per_token
-    blocks = max(0, left // (block_size * bytes_per_token)) if prefix_caching else 0
-    return KVPlan(budget, bytes_per_token, rows, columns, max_context, block_size, blocks, source)
+    return KVPlan(budget, bytes_per_token, max_rows, columns, max_context, block_size, tokens, source)
 
 
 # ---- the running batch ----------------------------------------------------------------------------------
-COPY_CAUSES = ("join", "staged", "leave", "move")  # the keys of BatchKV.copied_bytes (module docstring)
+COPY_CAUSES = ("join", "staged", "leave", "move", "resize")  # the keys of BatchKV.copied_bytes (module docstring)
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -230,20 +228,23 @@ class BatchKV(Cache):
     """The running batch's KV cache (see the module docstring). Rows ``[0, rows)`` are in use, in the
     order of the model runner's list of running sequences; ``column`` is where the next step writes."""
 
-    def __init__(self, shapes: list, max_rows: int, columns: int, device):
+    def __init__(self, shapes: list, max_rows: int, columns: int, device, pool: KVPool | None = None,
+                 max_columns: int | None = None):
+        # Without a pool of its own size (tests, the bench): rows of ``columns`` that never grow.
+        self.pool = pool if pool is not None else KVPool(shapes, max_rows * columns, 1, device)
         self.max_rows, self.columns = max_rows, columns
+        self.initial_columns, self.max_columns = columns, max(columns, max_columns or columns)
+        self.device = device
         self.rows = 0
         self.column = 0
-        self.mask = torch.zeros((max_rows, columns), dtype=torch.long, device=device)
         self.lengths = [0] * max_rows  # columns each row spans, right-aligned to ``column`` (its tokens + holes)
         # Masked columns inside a row's span: draft tokens a speculative step rejected (``commit_step``). They
         # are read masked like padding, skipped by ``row_kv`` and squeezed out when the live columns move.
         self.holes = [0] * max_rows
         self._staged = {}  # row -> StagedKV of a prompt being prefilled there (rows above the running ones)
-        # Zeroed, not empty: masked columns are still read by attention, and 0 x NaN would be NaN.
-        layers = [_BatchLayer(self, torch.zeros((max_rows, s.kv_heads, columns, s.key_dim), dtype=s.dtype, device=device),
-                              torch.zeros((max_rows, s.kv_heads, columns, s.value_dim), dtype=s.dtype, device=device))
-                  for s in shapes]
+        self.capacity_rows = min(max_rows, self.pool.tokens // columns)
+        self.mask = torch.zeros((self.capacity_rows, columns), dtype=torch.long, device=device)
+        layers = [_BatchLayer(self, *self.pool.rows_view(i, self.capacity_rows, columns)) for i in range(len(shapes))]
         super().__init__(layers=layers)
         self.moves = 0  # times the live columns were moved (for tests), at a join or at a step
         # What was copied (module docstring), counted with integer arithmetic only: bytes by cause, rows that
@@ -251,7 +252,7 @@ class BatchKV(Cache):
         # ``join_moved_bytes`` of the bytes counted under "join").
         self.token_bytes = sum(s.bytes_per_token for s in shapes)
         self.copied_bytes = dict.fromkeys(COPY_CAUSES, 0)
-        self.joins = self.leaves = self.step_moves = self.join_moved_bytes = 0
+        self.joins = self.leaves = self.step_moves = self.join_moved_bytes = self.resizes = 0
 
     # -- steps --
     def start_step(self, width: int = 1) -> torch.Tensor:
@@ -259,6 +260,10 @@ class BatchKV(Cache):
         # Columns before the longest row are attended to (masked) by every row: move them away once they are
         # a quarter of the live width (a copy of the live tokens, against a quarter more attention per step).
         live = self._live_width()
+        if self.column + width > self.columns and live + width > self.columns - self.columns // 8:
+            # A move would leave too few free columns: the rows get longer (the engine made sure the pool
+            # has room: ``room_for_step``).
+            self._fit(self.owned_rows(), live + width)
         if (self.column + width > self.columns or self._leading_waste() > max(16, live // 4)
                 or max(self.holes[:self.rows], default=0) > max(16, live // 4)):
             copied = self._move_live_columns_to_start()
@@ -290,31 +295,123 @@ class BatchKV(Cache):
         return self.lengths[row] - self.holes[row]
 
     # -- prompts being prefilled --
-    def stage(self) -> "StagedKV":
-        """A free row for a prompt to be prefilled in: the highest row neither running nor staged (the engine
-        admits at most ``max_rows`` prompts, running and prefilling together)."""
-        free = [row for row in range(self.max_rows - 1, self.rows - 1, -1) if row not in self._staged]
-        if not free:
+    def stage(self, length: int | None = None) -> "StagedKV":
+        """A free row for a prompt of ``length`` tokens to be prefilled in: the lowest row neither running nor
+        staged (so the rows the batch holds stay few), the rows laid out long enough for it. The engine asks
+        ``room_for_row`` first."""
+        row = self._free_row()
+        if row is None or not self._fit(max(self.owned_rows(), row + 1), (length or 0) + 1):
             raise RuntimeError("no free row in the KV cache")
-        staged = self._staged[free[0]] = StagedKV(self, free[0])
+        staged = self._staged[row] = StagedKV(self, row, length or 0)
         return staged
+
+    def _free_row(self):
+        return next((row for row in range(self.rows, self.max_rows) if row not in self._staged), None)
+
+    def owned_rows(self) -> int:
+        """Rows whose memory the batch holds in the pool: the running rows and every staged one below the
+        highest."""
+        return max(self.rows, max(self._staged, default=-1) + 1)
+
+    def _needed_columns(self) -> int:
+        """The fewest columns that hold every running row (after a move of the live columns) and every staged
+        prompt."""
+        running = self._live_width() + 1 if self.rows else 0
+        return max([running] + [max(s.length, s.filled) + 1 for s in self._staged.values()])
+
+    def room_for_row(self, length: int) -> bool:
+        """Could a prompt of ``length`` tokens be staged now (evicting cached blocks if need be)?"""
+        row = self._free_row()
+        need = max(length + 1, self._needed_columns())
+        return row is not None and need <= self.max_columns and \
+            max(self.owned_rows(), row + 1) * need <= self.pool.tokens
+
+    def room_for_step(self, width: int = 1) -> bool:
+        """Could the next step of ``width`` tokens per row run (after a move of the live columns, or with longer
+        rows in the pool)? False: the engine preempts a row first."""
+        if self.column + width <= self.columns:
+            return True
+        need = max(self._live_width() + width, self._needed_columns())
+        return need <= self.columns or (need <= self.max_columns and self.owned_rows() * need <= self.pool.tokens)
+
+    def _fit(self, rows: int, need: int) -> bool:
+        """Lay the rows out so that ``rows`` rows of at least ``need`` columns fit in the pool: longer where a
+        row needs more, shorter (the live columns moved to the start first) where the pool cannot hold them so
+        long; then hold their blocks. False, with nothing changed, when they cannot fit."""
+        need = max(need, self._needed_columns())
+        if need > self.columns or rows * self.columns > self.pool.tokens:
+            columns = self.grown_columns(need, rows)
+            if columns is None:
+                return False
+            if columns < self.columns and self.rows:
+                self.copied_bytes["move"] += self._move_live_columns_to_start()
+            if not self.resize(columns):
+                return False
+        return self._claim(rows)
+
+    def grown_columns(self, need: int, rows: int):
+        """Columns for rows that must hold ``need``: a quarter more (a move every so many steps, not every
+        step), within ``max_columns`` and what the pool holds for ``rows`` rows; None when ``need`` does not
+        fit."""
+        fits = min(self.max_columns, self.pool.tokens // max(1, rows))
+        if need > fits:
+            return None
+        wanted = -(-(need + max(16, need // 4)) // 16) * 16
+        return max(need, min(wanted, fits), self.columns if self.columns <= fits else 0)
+
+    def resize(self, columns: int) -> bool:
+        """Lay the rows out ``columns`` long (their tokens stay where they are in each row; shorter rows keep
+        their first ``columns``). False when the pool cannot hold the rows so long."""
+        if columns == self.columns:
+            return True
+        owned = self.owned_rows()
+        if not self._claim(owned, columns):
+            return False
+        keep = min(self.columns, columns)
+        capacity = min(self.max_rows, self.pool.tokens // columns)
+        moved = [self.pool.rows_view(i, capacity, columns) for i in range(len(self.layers))]
+        # Growing, a row's new place is after its old one: last row first; shrinking, first row first. Each
+        # row goes through a temporary (its old and new place may overlap).
+        for row in (reversed(range(owned)) if columns > self.columns else range(owned)):
+            for layer, (keys, values) in zip(self.layers, moved):
+                old_keys, old_values = layer.keys[row, :, :keep].clone(), layer.values[row, :, :keep].clone()
+                keys[row, :, :keep].copy_(old_keys)
+                values[row, :, :keep].copy_(old_values)
+        for layer, (keys, values) in zip(self.layers, moved):
+            layer.keys, layer.values = keys, values
+        mask = torch.zeros((capacity, columns), dtype=self.mask.dtype, device=self.device)
+        mask[:owned, :keep] = self.mask[:owned, :keep]
+        self.mask, self.columns, self.capacity_rows = mask, columns, capacity
+        self.copied_bytes["resize"] += owned * keep * self.token_bytes
+        self.resizes += 1
+        self._claim(owned)  # shorter rows give blocks back
+        return True
+
+    def _claim(self, rows: int, columns: int | None = None) -> bool:
+        return self.pool.claim_for_batch(rows * (columns or self.columns))
 
     def unstage(self, staged: "StagedKV") -> None:
         if self._staged.get(staged.row) is staged:
             del self._staged[staged.row]
+            self._give_back()
 
     def join(self, staged: "StagedKV", length: int) -> int:
         """Move a prefilled prompt's first ``length`` tokens into the running batch (next row); returns it."""
         target = self.rows
         kv = staged.tokens(0, length)
+        if target == staged.row and self.rows == 0:  # it is the batch's first row already: nothing moves
+            del self._staged[staged.row]
+            return self._adopt_row(target, length)
         if target == staged.row or target in self._staged:
             kv = [(keys.clone(), values.clone()) for keys, values in kv]  # its row is about to be written
             self.copied_bytes["join"] += length * self.token_bytes
-        self.unstage(staged)
+        del self._staged[staged.row]  # its blocks stay held until its tokens are in place
         other = self._staged.get(target)
         if other is not None:  # another prompt is being prefilled in that row: it moves to the freed one
             self._move_staged(other, staged.row)
-        return self.add_row(kv, length)
+        row = self.add_row(kv, length)
+        self._give_back()
+        return row
 
     def _move_staged(self, staged: "StagedKV", row: int) -> None:
         for layer in self.layers:
@@ -331,8 +428,10 @@ class BatchKV(Cache):
         row, right-aligned to the write column. Returns the row's index."""
         if self.rows == self.max_rows or self.rows in self._staged:
             raise RuntimeError("no free row in the KV cache")  # the engine admits at most max_rows
-        if length + 1 > self.columns:
-            raise RuntimeError(f"a sequence of {length} tokens does not fit rows of {self.columns} tokens")
+        # (From ``join`` this changes no layout: the staged row was laid out for its tokens and held.)
+        if not self._fit(max(self.owned_rows(), self.rows + 1), length + 1):
+            raise RuntimeError(f"a sequence of {length} tokens does not fit the KV pool's {self.pool.tokens} "
+                               f"tokens beside {self.rows} rows")
         if self.rows == 0:
             self.column = length
         elif self.column < length or self.column + 1 > self.columns:
@@ -352,6 +451,24 @@ class BatchKV(Cache):
         self.joins += 1
         return row
 
+    def _adopt_row(self, row: int, length: int) -> int:
+        """The staged row ``row`` (the batch's first) becomes a running row as it is: its tokens are in
+        columns ``[0, length)``, so the write column is ``length``."""
+        self.column = length
+        self.mask[row].zero_()
+        self.mask[row, :length] = 1
+        self.lengths[row], self.holes[row] = length, 0
+        self.rows += 1
+        self.joins += 1
+        return row
+
+    def _give_back(self) -> None:
+        """Rows left (or a staged row was dropped): their blocks go back to the pool; an empty batch also
+        gets its rows short again."""
+        if self.rows == 0 and not self._staged and self.columns != self.initial_columns:
+            self.resize(self.initial_columns)
+        self._claim(self.owned_rows())
+
     def remove_rows(self, indices) -> list:
         """Free these rows; the last rows move into the holes. Returns, for each remaining row, the index it
         had before (the model runner reorders its own per-row lists the same way)."""
@@ -367,6 +484,7 @@ class BatchKV(Cache):
         self.rows = len(order)
         if self.rows == 0:
             self.column = 0
+        self._give_back()
         return order
 
     def copy_stats(self) -> dict:
@@ -484,8 +602,9 @@ class StagedKV(Cache):
     budget), filled from column 0, chunk after chunk or with blocks from the prefix cache; ``filled`` tokens
     are valid. ``BatchKV.join`` then moves it into the running batch."""
 
-    def __init__(self, batch: "BatchKV", row: int):
+    def __init__(self, batch: "BatchKV", row: int, length: int = 0):
         self.batch, self.row, self.filled = batch, row, 0
+        self.length = length  # the tokens it is staged for (the row is at least one longer)
         super().__init__(layers=[_StagedLayer(self, layer) for layer in batch.layers])
 
     def tokens(self, start: int, end: int) -> list:
@@ -512,24 +631,56 @@ class _Block:
 
 class PrefixCache:
     """Blocks of ``block_size`` tokens' keys and values, in a tree keyed by the tokens of each block under
-    its parent: a block is only found behind the exact tokens that produced it."""
+    its parent: a block is only found behind the exact tokens that produced it. The blocks live in a KV
+    pool's blocks above the running batch's (kv_pool.py); without a pool, in one of ``blocks`` blocks of
+    its own."""
 
-    def __init__(self, shapes: list, blocks: int, block_size: int, device):
-        self.block_size, self.capacity = block_size, blocks
-        # [kv_heads, blocks, block_size, dim]: the blocks of a path, gathered, are already in token order.
-        self._keys = [torch.empty((s.kv_heads, blocks, block_size, s.key_dim), dtype=s.dtype, device=device)
-                      for s in shapes]
-        self._values = [torch.empty((s.kv_heads, blocks, block_size, s.value_dim), dtype=s.dtype, device=device)
-                        for s in shapes]
-        for tensor in self._keys + self._values:
-            tensor.zero_()  # reserve the memory now: usage stays flat as the cache fills
+    def __init__(self, shapes: list, blocks: int, block_size: int, device, pool: KVPool | None = None):
+        self.pool = pool if pool is not None else KVPool(shapes, blocks * block_size, block_size, device)
+        self.pool.tenant = self
+        self.block_size = self.pool.block_size
+        # Per layer [blocks, kv_heads, block_size, dim] views: block i is contiguous.
+        self._views = [self.pool.blocks_view(layer) for layer in range(len(shapes))]
         self._root = _Block((), None, -1)
-        self._free = list(range(blocks - 1, -1, -1))
+        self.floor = self.pool.batch_blocks  # blocks below are the batch's
+        self._free = list(range(self.floor, self.pool.blocks))  # popped from the end: the highest first
+        self._by_index = {}  # block index -> its _Block
         self._leaves: OrderedDict = OrderedDict()  # evictable blocks, least recently used first
         self.evictions = 0
+        self.relocations = 0  # blocks moved out of the growing batch's way
+
+    @property
+    def capacity(self) -> int:
+        """Blocks it may hold now: the pool's, less the batch's."""
+        return self.pool.blocks - self.floor
+
+    def vacate_below(self, floor: int) -> None:
+        """The batch now holds blocks ``[0, floor)``: blocks in its way move to free blocks above, or, when
+        none is free, the least recently used blocks are evicted until one is (or the block itself went)."""
+        if floor <= self.floor:  # the batch gave blocks back
+            self._free = list(range(floor, self.floor)) + self._free
+            self.floor = floor
+            return
+        low, self.floor = self.floor, floor
+        self._free = [index for index in self._free if index >= floor]
+        for index in range(low, floor):
+            while index in self._by_index:
+                if self._free:
+                    self._move(self._by_index[index], self._free.pop())
+                else:
+                    self._evict(next(iter(self._leaves)))
+
+    def _move(self, node: "_Block", index: int) -> None:
+        for keys, values in self._views:
+            keys[index].copy_(keys[node.index])
+            values[index].copy_(values[node.index])
+        del self._by_index[node.index]
+        node.index = index
+        self._by_index[index] = node
+        self.relocations += 1
 
     def __len__(self) -> int:
-        return self.capacity - len(self._free)
+        return len(self._by_index)
 
     def _blocks_of(self, tokens, count: int):
         size = self.block_size
@@ -557,11 +708,14 @@ class PrefixCache:
                 runs[-1][2] += 1
             else:
                 runs.append([number, node.index, 1])  # [first block number, first pool index, blocks]
-        for layer, keys, values in zip(target.batch.layers, self._keys, self._values):
+        for layer, (keys, values) in zip(target.batch.layers, self._views):
             for number, index, count in runs:
                 span = slice(number * size, (number + count) * size)
-                layer.keys[target.row, :, span].copy_(keys[:, index:index + count].flatten(1, 2))
-                layer.values[target.row, :, span].copy_(values[:, index:index + count].flatten(1, 2))
+                # The row's columns seen as [blocks, kv_heads, block_size, dim], the blocks' own layout.
+                layer.keys[target.row, :, span].unflatten(1, (count, size)).transpose(0, 1).copy_(
+                    keys[index:index + count])
+                layer.values[target.row, :, span].unflatten(1, (count, size)).transpose(0, 1).copy_(
+                    values[index:index + count])
         target.filled = max(target.filled, len(path) * size)
 
     def insert(self, tokens, count: int, layer_kv) -> int:
@@ -575,10 +729,11 @@ class PrefixCache:
                 if index is None:
                     break
                 start = number * self.block_size
-                for keys, values, (k, v) in zip(self._keys, self._values, layer_kv(start, start + self.block_size)):
-                    keys[:, index].copy_(k)
-                    values[:, index].copy_(v)
+                for (keys, values), (k, v) in zip(self._views, layer_kv(start, start + self.block_size)):
+                    keys[index].copy_(k)
+                    values[index].copy_(v)
                 child = _Block(block_tokens, node, index)
+                self._by_index[index] = child
                 node.children[block_tokens] = child
                 self._leaves.pop(node, None)  # a parent is not evictable while it has children
                 self._leaves[child] = None
@@ -592,16 +747,21 @@ class PrefixCache:
     def _allocate(self, protect: set):
         if self._free:
             return self._free.pop()
-        for victim in self._leaves:
-            if victim not in protect:
-                break
-        else:
+        victim = next((leaf for leaf in self._leaves if leaf not in protect), None)
+        if victim is None:
             return None
+        self._evict(victim)
+        return self._free.pop()
+
+    def _evict(self, victim: "_Block") -> None:
+        """Forget a leaf block; its block is free again (unless the batch holds it now)."""
         del self._leaves[victim]
+        del self._by_index[victim.index]
         parent = victim.parent
         del parent.children[victim.tokens]
         if parent is not self._root and not parent.children:
             self._leaves[parent] = None
             self._leaves.move_to_end(parent, last=False)  # it was last used when its last child was
+        if victim.index >= self.floor:
+            self._free.append(victim.index)
         self.evictions += 1
-        return victim.index

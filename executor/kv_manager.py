@@ -11,6 +11,7 @@ memory plan, made once at start, decides how many rows the batch has and how man
 import logging
 
 from .kv_cache import BatchKV, PrefixCache, StagedKV, plan_kv_memory, probe_layer_shapes
+from .kv_pool import KVPool
 
 log = logging.getLogger("jina_llm_stream.kv_manager")
 
@@ -18,6 +19,11 @@ log = logging.getLogger("jina_llm_stream.kv_manager")
 # cached prefix shorter than this is cheaper to recompute in the pass that prefills short prompts together
 # than to reuse in a pass of its own (a batch job's prompts often share just the chat template's first block).
 MIN_REUSED_TOKENS = 64
+# The batch's rows start this long and grow as their tokens need (kv_cache.BatchKV.resize).
+INITIAL_COLUMNS = 256
+# Admission: a prompt joins when the pool holds it and this much of its answer (or all of a shorter one);
+# when the answers outgrow the pool later, the newest row is preempted (the engine's ``_make_room``).
+ANSWER_MARGIN = 64
 
 
 class KVManager:
@@ -31,17 +37,22 @@ class KVManager:
         self.plan = plan_kv_memory(kv_cache_memory, sum(s.bytes_per_token for s in shapes), max_rows, max_context,
                                    device, block_size, prefix_caching)
         log.info("%s", self.plan.describe())
-        if prefix_caching and not self.plan.prefix_blocks:
-            log.warning("prefix caching is on but the KV cache budget leaves no room for it: no prefix is reused")
-        self.batch = BatchKV(shapes, self.plan.rows, self.plan.columns, device)
-        self.prefix = (PrefixCache(shapes, self.plan.prefix_blocks, block_size, device)
-                       if self.plan.prefix_blocks else None)
+        self.pool = KVPool(shapes, self.plan.pool_tokens, block_size, device)
+        self.batch = BatchKV(shapes, self.plan.rows, min(INITIAL_COLUMNS, self.plan.columns), device, self.pool,
+                             max_columns=self.plan.columns)
+        self.prefix = PrefixCache(shapes, 0, block_size, device, self.pool) if prefix_caching else None
 
     # -- a sequence's own cache --
     def stage(self, sequence) -> None:
         """Give a sequence about to be prefilled a free row of the storage, if it has none yet."""
         if sequence.cache is None:
-            sequence.cache = self.batch.stage()
+            sequence.cache = self.batch.stage(len(sequence.context_ids()))
+
+    def room_for(self, sequence) -> bool:
+        """Admission by tokens: does the pool hold this sequence's context and the first ``ANSWER_MARGIN``
+        tokens of what it still has to answer, beside the rows there now (cached blocks give way)?"""
+        answer = min(ANSWER_MARGIN, max(0, sequence.max_new_tokens - len(sequence.generated)))
+        return self.batch.room_for_row(len(sequence.context_ids()) + answer)
 
     def release(self, sequence) -> None:
         """A sequence leaving before it joined the batch (finished, failed, preempted) frees its staged row;
@@ -62,11 +73,11 @@ class KVManager:
         size = self.block_size
         if self.prefix is None or sequence.prefilled % size:
             return
+        self.stage(sequence)  # first: staging may move (or evict) cached blocks out of the batch's way
         path = self.prefix.match(context, len(context) - 1)
         have = sequence.prefilled // size
         if len(path) <= have or (have == 0 and len(path) * size < MIN_REUSED_TOKENS):
             return
-        self.stage(sequence)
         self.prefix.read_into(path, have, sequence.cache)
         if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
             sequence.cached_tokens += (len(path) - have) * size

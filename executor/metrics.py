@@ -26,6 +26,10 @@ class EngineMetrics:
                                "and verified", registry=registry)
         self.draft_accepted = Counter(f"{prefix}_draft_accepted_tokens", "Drafted tokens the model accepted (each "
                                       "saved a decode step)", registry=registry)
+        self.preemptions = Counter(f"{prefix}_preemptions", "Rows given back and recomputed later, by reason: "
+                                   "kv_pool (the KV pool was short for the running rows' next tokens: the newest "
+                                   "row waits again) or fairness (a request with nothing running took a row from "
+                                   "the request holding the most)", ["reason"], registry=registry)
         queue = Gauge(f"{prefix}_queue_depth", "Requests waiting for a batch slot", registry=registry)
         batch = Gauge(f"{prefix}_batch_size", "Requests in the running batch (prefilling or decoding)",
                       registry=registry)
@@ -45,6 +49,9 @@ class EngineMetrics:
         self.prompt.inc(prompt_tokens)
         self.cached.inc(cached_tokens)
         self.generated.inc(new_tokens)
+
+    def preempted(self, reason: str) -> None:
+        self.preemptions.labels(reason).inc()
 
     def speculated(self, drafted: int, accepted: int) -> None:
         self.drafted.inc(drafted)

@@ -63,6 +63,11 @@ class WaitingCalls:
         self._calls.append(call)
         self._waiting += len(call.waiting)
 
+    def peek_next(self):
+        """The sequence ``pop_next`` would return, left in the queue."""
+        call = self._next_call()
+        return call.waiting[0] if call is not None else None
+
     def pop_next(self):
         """The sequence that should take a free row now (counted as active in its call), or None."""
         call = self._next_call()
@@ -191,14 +196,16 @@ class Scheduler:
             return removed
 
     # -- the engine thread --
-    def next_admission(self, running: list):
+    def next_admission(self, running: list, room=None):
         """The next decision for a free row (Admit, Preempt) or None; call with the lock held, carry each out
-        before asking again. Every row taken: a call with nothing in the engine may have one preempted."""
+        before asking again. Every row taken: a call with nothing in the engine may have one preempted. The
+        next sequence waits while ``room(sequence)`` says the KV pool cannot hold it yet."""
         if len(running) + len(self.prefilling) >= self.max_rows:
             return self._preemption(running)
-        sequence = self.waiting.pop_next()
-        if sequence is None:
+        sequence = self.waiting.peek_next()
+        if sequence is None or (room is not None and not room(sequence)):
             return None
+        self.waiting.pop_next()
         sequence.active = True
         now = time.monotonic()
         # request_timeout bounds each prompt from its first row on; its call's waiting prompts expire only

@@ -44,6 +44,7 @@ class Sequence:
     deadline: float | None = None  # request_timeout after it first got a row
     active: bool = False  # holds a row (prefilling or running)
     preemptions: int = 0
+    admission: int = 0  # the order it last got a row in (the newest row is preempted first)
     cancelled: bool = False  # set from any thread; the engine drops it before its next step
 
     # -- sampling's (set when it first gets a row) --

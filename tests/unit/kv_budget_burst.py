@@ -55,7 +55,8 @@ def main(model_path: str, budget: int) -> None:
     sampler.join()
     engine.shutdown()
     print(json.dumps({"baseline": baseline, "after_one": after_one, "peak": peak[0], "budget": budget, "rows": engine.max_rows,
-                      "busiest": rows[0], "plan_bytes": engine.plan.batch_bytes + engine.plan.prefix_bytes,
+                      "busiest": rows[0], "plan_bytes": engine.plan.pool_bytes, "pool_tokens": engine.plan.pool_tokens,
+                      "preemptions": engine.preemptions,
                       "finishes": [f.finish_reason for f in finals], "tokens": [f.completion_tokens for f in finals]}))
 
 

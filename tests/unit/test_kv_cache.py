@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from executor.kv_cache import BatchKV, LayerShape, PrefixCache, margin_for, parse_memory_size, plan_kv_memory
+from executor.kv_pool import KVPool
 
 SHAPES = [LayerShape(kv_heads=2, key_dim=3, value_dim=3, dtype=torch.float32)] * 2
 CPU = torch.device("cpu")
@@ -122,13 +123,13 @@ def test_copy_counters_a_join_into_an_empty_batch_copies_its_own_tokens_only():
     batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
     assert batch.token_bytes == TOKEN == 96
     batch.add_row(row_tokens(1, 5), 5)
-    assert batch.copied_bytes == {"join": 5 * 96, "staged": 0, "leave": 0, "move": 0}
+    assert batch.copied_bytes == {"join": 5 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0}
     batch.add_row(row_tokens(2, 3), 3)  # shorter than the write column: no move
-    assert batch.copied_bytes == {"join": 8 * 96, "staged": 0, "leave": 0, "move": 0}
+    assert batch.copied_bytes == {"join": 8 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0}
     step(batch, [7.0, 8.0])  # a decode step copies nothing already cached
     assert batch.copied_bytes["join"] == 768 and sum(batch.copied_bytes.values()) == 768
     assert (batch.joins, batch.leaves, batch.moves, batch.step_moves) == (2, 0, 0, 0)
-    assert batch.copy_stats() == {"copied_bytes": {"join": 768, "staged": 0, "leave": 0, "move": 0}, "joins": 2,
+    assert batch.copy_stats() == {"copied_bytes": {"join": 768, "staged": 0, "leave": 0, "move": 0, "resize": 0}, "joins": 2,
                                   "leaves": 0, "moves": 0, "step_moves": 0, "join_moved_bytes": 0, "token_bytes": 96}
 
 
@@ -137,9 +138,9 @@ def test_copy_counters_a_longer_row_joining_pays_for_moving_every_running_row():
     batch.add_row(row_tokens(1, 3), 3)
     step(batch, [9.0])
     batch.add_row(row_tokens(2, 4), 4)  # as long as the write column: no move
-    assert copied(batch) == {"join": 3 + 4, "staged": 0, "leave": 0, "move": 0} and batch.moves == 0
+    assert copied(batch) == {"join": 3 + 4, "staged": 0, "leave": 0, "move": 0, "resize": 0} and batch.moves == 0
     batch.add_row(row_tokens(3, 10), 10)  # the live columns (2 rows x 4 tokens) move right first
-    assert copied(batch) == {"join": 3 + 4 + 2 * 4 + 10, "staged": 0, "leave": 0, "move": 0}
+    assert copied(batch) == {"join": 3 + 4 + 2 * 4 + 10, "staged": 0, "leave": 0, "move": 0, "resize": 0}
     assert batch.copied_bytes["join"] == 25 * 96 == 2400 and batch.join_moved_bytes == 2 * 4 * 96
     assert (batch.joins, batch.moves, batch.step_moves) == (3, 1, 0), "a move forced by a join is no step move"
 
@@ -148,12 +149,12 @@ def test_copy_counters_a_leave_copies_the_last_row_up_to_the_write_column_the_la
     batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
     for seed, length in ((1, 4), (2, 6), (3, 2)):
         batch.add_row(row_tokens(seed, length), length)
-    assert copied(batch) == {"join": 4 + 1 * 4 + 6 + 2, "staged": 0, "leave": 0, "move": 0}
+    assert copied(batch) == {"join": 4 + 1 * 4 + 6 + 2, "staged": 0, "leave": 0, "move": 0, "resize": 0}
     assert batch.column == 6
     batch.remove_rows([0])  # the 2-token last row fills the hole: copied up to column 6, padding included
     assert copied(batch)["leave"] == 6 and batch.copied_bytes["leave"] == 576
     batch.remove_rows([0, 1])  # 1 is the last row, then 0 is: nothing to move
-    assert copied(batch) == {"join": 16, "staged": 0, "leave": 6, "move": 0}
+    assert copied(batch) == {"join": 16, "staged": 0, "leave": 6, "move": 0, "resize": 0}
     assert (batch.joins, batch.leaves) == (3, 3)
 
 
@@ -163,9 +164,9 @@ def test_copy_counters_compaction_and_the_end_of_the_storage_are_step_moves_of_e
     batch.add_row(row_tokens(2, 4), 4)
     batch.add_row(row_tokens(3, 6), 6)
     batch.remove_rows([0])  # the longest row leaves: row 2 (6 tokens) is copied up to column 30
-    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 0}
+    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 0, "resize": 0}
     step(batch, [1.0, 2.0])  # 24 leading columns > max(16, 6 // 4): compaction, 2 rows x 6 live tokens
-    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 2 * 6}
+    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 2 * 6, "resize": 0}
     assert batch.column == 7 and (batch.moves, batch.step_moves) == (1, 1)
 
     end = BatchKV(SHAPES, max_rows=2, columns=16, device=CPU)
@@ -176,25 +177,25 @@ def test_copy_counters_compaction_and_the_end_of_the_storage_are_step_moves_of_e
     assert end.column == 16 and end.lengths[:2] == [16, 12] and end.copied_bytes["move"] == 0
     end.remove_rows([0])  # row 1 (12 tokens) fills the hole: 16 columns; 4 leading columns stay
     step(end, [5.0])  # the write column is at the end of the storage: 1 row x 12 live tokens move back
-    assert copied(end) == {"join": 8, "staged": 0, "leave": 16, "move": 12}
+    assert copied(end) == {"join": 8, "staged": 0, "leave": 16, "move": 12, "resize": 0}
     assert end.column == 13 and (end.moves, end.step_moves) == (1, 1)
 
 
 def test_copy_counters_a_join_into_the_row_of_a_prompt_being_prefilled_moves_that_prompt():
     batch = BatchKV(SHAPES, max_rows=3, columns=64, device=CPU)
     batch.add_row(row_tokens(1, 4), 4)
-    high, low = batch.stage(), batch.stage()
+    low, high = batch.stage(), batch.stage()  # the lowest free row first
     assert (high.row, low.row) == (2, 1)
     high.write([(k[:, :5], v[:, :5]) for k, v in row_tokens(2, 5)], 0)
     low.write([(k[:, :3], v[:, :3]) for k, v in row_tokens(3, 3)], 0)
-    assert copied(batch) == {"join": 4, "staged": 0, "leave": 0, "move": 0}, "prefilling in place is no copy"
+    assert copied(batch) == {"join": 4, "staged": 0, "leave": 0, "move": 0, "resize": 0}, "prefilling in place is no copy"
     batch.join(high, 5)
     # Row 1 is low's: high's 5 tokens go to a temporary, low's 3 move to row 2, the running row (4 tokens)
     # moves right for the longer one, then high's 5 tokens land in row 1.
-    assert copied(batch) == {"join": 4 + 5 + 4 + 5, "staged": 3, "leave": 0, "move": 0}
+    assert copied(batch) == {"join": 4 + 5 + 4 + 5, "staged": 3, "leave": 0, "move": 0, "resize": 0}
     batch.join(low, 3)  # row 2 is its own: a temporary again, then its 3 tokens
-    assert copied(batch) == {"join": 18 + 3 + 3, "staged": 3, "leave": 0, "move": 0}
-    assert batch.copied_bytes == {"join": 2304, "staged": 288, "leave": 0, "move": 0}
+    assert copied(batch) == {"join": 18 + 3 + 3, "staged": 3, "leave": 0, "move": 0, "resize": 0}
+    assert batch.copied_bytes == {"join": 2304, "staged": 288, "leave": 0, "move": 0, "resize": 0}
     assert batch.join_moved_bytes == 4 * 96
     assert (batch.joins, batch.moves) == (3, 1)
 
@@ -267,16 +268,90 @@ def test_bad_memory_sizes_name_the_setting_and_the_accepted_forms(text):
         parse_memory_size(text)
 
 
-def test_the_plan_reserves_whole_rows_first_and_gives_the_rest_to_the_prefix_cache():
+def test_the_plan_is_one_pool_that_holds_at_least_one_row_of_the_longest_request():
     columns = 1000 + margin_for(1000)
     plan = plan_kv_memory(10 * columns * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
     assert (plan.rows, plan.columns, plan.max_context) == (4, columns, 1000)
-    assert plan.prefix_blocks == 6 * columns // 16
+    assert plan.pool_tokens == 10 * columns // 16 * 16, "the whole budget, in whole blocks"
     small = plan_kv_memory(2 * columns * 100 + 50, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
-    assert small.rows == 2, "a budget for two rows serves two requests at a time"
+    assert small.rows == 4 and small.max_context == 1000, "rows hold the tokens they have: all four may run"
     tiny = plan_kv_memory(300 * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU)
-    assert tiny.rows == 1 and tiny.max_context < 300, "too small for one full row: shorter requests"
-    off = plan_kv_memory(10 * columns * 100, bytes_per_token=100, max_rows=4, max_context=1000, device=CPU,
-                         prefix_caching=False)
-    assert off.prefix_blocks == 0
-    assert plan.batch_bytes + plan.prefix_bytes <= plan.budget
+    assert tiny.max_context < 300 <= tiny.pool_tokens + 16, "too small for one full row: shorter requests"
+    assert plan.pool_bytes <= plan.budget and tiny.pool_bytes <= tiny.budget
+    assert f"{plan.pool_tokens} tokens in blocks of 16" in plan.describe()
+
+
+# ---- one pool for the batch and the prefix cache (kv_pool.py) ------------------------------------------
+def pooled(tokens: int, max_rows: int = 4, columns: int = 8, max_columns: int = 64):
+    pool = KVPool(SHAPES, tokens, block_size=4, device=CPU)
+    return pool, BatchKV(SHAPES, max_rows, columns, CPU, pool, max_columns=max_columns), \
+        PrefixCache(SHAPES, 0, 4, CPU, pool)
+
+
+def block_source(seed: int, length: int):
+    return lambda start, end: [(k[:, start:end], v[:, start:end]) for k, v in row_tokens(seed, length)]
+
+
+def test_rows_hold_blocks_as_their_tokens_arrive_and_give_them_back_when_they_leave():
+    pool, batch, cache = pooled(tokens=64)
+    assert pool.batch_blocks == 0 and cache.capacity == 16, "an idle batch holds nothing: all for the cache"
+    batch.add_row(row_tokens(1, 5), 5)
+    assert (batch.columns, pool.batch_blocks) == (8, 2), "one row of 8 columns: 2 blocks of 4"
+    values = list(range(20))
+    for value in values:  # the row grows past its 8 columns: it gets longer, its tokens stay
+        step(batch, [value])
+    assert batch.columns >= 26 and pool.batch_blocks == -(-batch.columns // 4) and batch.resizes >= 1
+    assert row_contents(batch, 0).tolist() == [1000 + i for i in range(5)] + values
+    batch.remove_rows([0])
+    assert pool.batch_blocks == 0 and batch.columns == 8, "an empty batch gives every block back"
+
+
+def test_a_growing_batch_moves_cached_blocks_out_of_its_way_and_evicts_only_when_the_pool_is_full():
+    pool, batch, cache = pooled(tokens=32)  # 8 blocks of 4
+    for number in range(4):
+        cache.insert([10 * number + i for i in range(4)], 4, block_source(number, 4))
+    assert sorted(cache._by_index) == [4, 5, 6, 7], "cached blocks take the highest blocks first"
+    batch.add_row(row_tokens(9, 5), 5)
+    batch.add_row(row_tokens(8, 3), 3)  # 2 rows x 8 columns: blocks 0-3
+    assert pool.batch_blocks == 4 and cache.relocations == 0 and cache.evictions == 0
+    batch.add_row(row_tokens(7, 4), 4)  # a third row: blocks 4-5 were cached, nowhere to go but away
+    assert pool.batch_blocks == 6 and cache.evictions == 2 and len(cache) == 2
+    for number in range(4):  # what is left is intact, wherever it is now
+        path = cache.match([10 * number + i for i in range(4)] + [0], 5)
+        if path:
+            keys, _ = cache._views[1]
+            assert keys[path[0].index][0, :, 0].tolist() == [1000 * number + 100_000 + i for i in range(4)]
+    assert row_contents(batch, 2).tolist() == [7000 + i for i in range(4)]
+    assert not pool.claim_for_batch(33) and pool.batch_blocks == 6, "never more than the pool"
+
+
+def test_cached_blocks_move_up_when_there_is_room_instead_of_being_evicted():
+    pool, batch, cache = pooled(tokens=64)  # 16 blocks
+    for number in range(3):  # three one-block chains: blocks 15, 14, 13
+        cache.insert([number] * 4, 4, block_source(number, 4))
+    cache._evict(cache.match([0] * 4 + [9], 5)[0])  # block 15 is free again
+    cache.vacate_below(14)  # as a batch of 14 blocks would: block 13 is in its way, block 15 is free
+    assert (cache.relocations, cache.evictions) == (1, 1)
+    path = cache.match([2] * 4 + [9], 5)
+    assert [node.index for node in path] == [15]
+    cache.vacate_below(0)
+    staged = batch.stage(4)
+    cache.read_into(path, 0, staged)
+    keys, values = staged.tokens(0, 4)[0]
+    assert keys[0, :, 0].tolist() == [2000 + i for i in range(4)] and torch.equal(values, -keys)
+
+
+def test_admission_and_step_room_count_the_pool_s_tokens():
+    pool, batch, cache = pooled(tokens=32, max_rows=8)
+    assert batch.room_for_row(20) and not batch.room_for_row(40), "longer than the pool"
+    batch.add_row(row_tokens(1, 12), 12)
+    assert batch.room_for_row(12) and not batch.room_for_row(16), "2 rows of 17 columns pass 32 tokens"
+    for value in range(2):
+        assert batch.room_for_step(1)
+        step(batch, [value])
+    assert batch.held(0) == 14 and batch.room_for_row(4) and not batch.room_for_row(16)
+    batch.add_row(row_tokens(2, 4), 4)  # two rows of 15 columns: the first row's 32 columns shrink
+    assert batch.columns * 2 <= pool.tokens and row_contents(batch, 0).tolist()[-2:] == [0, 1]
+    while batch.room_for_step(1):
+        step(batch, [0, 0])
+    assert batch.owned_rows() * (batch._live_width() + 1) > pool.tokens, "out of room only when it is"
