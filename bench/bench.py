@@ -25,6 +25,7 @@ the live columns) during the RAG-shaped burst are read from its Prometheus endpo
     bench/bench.py --only rag   # the RAG-shaped burst and its KV copies only (no references, no peer): ~2 min
     bench/bench.py --only real  # the real model's rows only: ~15 min (and the llama.cpp build, once)
     bench/bench.py --only routing  # 2 replicas, prefix-aware routing vs round robin vs 1 replica: ~3 min
+    bench/bench.py --only memory  # the KV pool: short chats under 1 GiB vs the default, prefix cache capacity, decode
 """
 
 import argparse
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizer and GPT-2 builders
 
 import llama_cpp  # noqa: E402
+import memory  # noqa: E402
 import peer  # noqa: E402
 import torch  # noqa: E402
 import workloads  # noqa: E402
@@ -1007,6 +1009,14 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
     return rows
 
 
+def memory_rows() -> list:
+    """The KV pool's rows (bench/memory.py) with the default model."""
+    from executor.gguf_model import DEFAULT_MODEL_ID
+
+    return memory.rows(memory.measures(real_model_folder(), real_model_server, openai_stream, greedy_length,
+                                       DEFAULT_MODEL_ID))
+
+
 def print_table(title: str, rows: list) -> None:
     print(title + "\n\n| measure | value | ratio | target |\n| --- | --- | --- | --- |")
     print("\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows))
@@ -1062,13 +1072,16 @@ def main() -> int:
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--job-prompts", type=int, default=1000)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no venv is built)")
-    parser.add_argument("--only", choices=["rag", "real", "routing"],
+    parser.add_argument("--only", choices=["rag", "real", "routing", "memory"],
                         help="rag: only the /stream RAG-shaped burst and the KV cache's copies during it (no "
                         "references, no peer, no other rows); real: only the real model's rows; routing: only the "
-                        "replicas' rows (prefix-aware routing vs round robin)")
+                        "replicas' rows (prefix-aware routing vs round robin); memory: only the KV pool's rows (bench/memory.py)")
     args = parser.parse_args()
     if args.only == "real":
         return real_only(args.new_tokens, args.clients)
+    if args.only == "memory":
+        print_table(f"--only memory: the KV pool, {REAL_MODEL}, {os.cpu_count()} CPUs", memory_rows())
+        return 0
     path = build_bench_model()
     if args.only == "rag":
         return rag_only(path, args.new_tokens, args.clients)
@@ -1103,6 +1116,8 @@ def main() -> int:
     print()
     print_table(f"The default model, {REAL_MODEL}, same run:",
                 real_model_rows(real_model_measures(args.new_tokens, args.clients), args.clients, args.new_tokens))
+    print()
+    print_table("The KV pool, the default model, same run:", memory_rows())
     return 0
 
 

@@ -227,6 +227,13 @@ class Engine(AsyncCalls):
         return {"waiting": len(self.scheduler.waiting), "prefilling": len(self.scheduler.prefilling),
                 "running": len(self.runner.running)}
 
+    def kv_usage(self) -> dict:
+        """Token slots of the KV pool by holder (plain integers: safe from another thread)."""
+        pool, prefix = self.kv.pool, self.kv.prefix
+        batch = pool.batch_blocks * pool.block_size
+        cached = len(prefix) * pool.block_size if prefix is not None else 0
+        return {"batch": batch, "prefix_cache": cached, "free": pool.tokens - batch - cached}
+
     def kv_copies(self) -> dict:
         """What the running batch's KV storage copied (BatchKV.copy_stats), for metrics."""
         return self.kv.batch.copy_stats()

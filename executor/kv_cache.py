@@ -3,12 +3,16 @@
 No Jina and no scheduling in here; the engine decides who gets a row, this module decides where its keys and
 values live.
 
-``BatchKV`` is the running batch's cache: one preallocated ``[rows, kv_heads, columns, head_dim]`` tensor
-per layer for keys and one for values. The rows of the batch share a write column: a decode step writes
-every row's new key and value at that column, in place, and attention reads a view of the columns written
-so far (no copy of what is cached). Each row's tokens are right-aligned to the write column (left padding,
-masked out by the 2D attention mask), so the model's own mask code (causal, sliding window, ALiBi from the
-padding mask) works unchanged for every architecture.
+``BatchKV`` is the running batch's cache: one ``[rows, kv_heads, columns, head_dim]`` view per layer for
+keys and one for values, over the first blocks of the KV pool (kv_pool.py), which it shares with the prefix
+cache. ``columns`` follows the longest row (``resize``: rows get longer as they need, shorter when the pool
+must hold more of them; the blocks they no longer cover go back to the prefix cache), and the engine admits a
+row only when the pool holds it (``room_for_row``) and runs a step only when it holds the step
+(``room_for_step``), preempting the newest row otherwise. The rows of the batch share a write column: a
+decode step writes every row's new key and value at that column, in place, and attention reads a view of the
+columns written so far (no copy of what is cached). Each row's tokens are right-aligned to the write column
+(left padding, masked out by the 2D attention mask), so the model's own mask code (causal, sliding window,
+ALiBi from the padding mask) works unchanged for every architecture.
 
 A decode step copies nothing already cached; rows joining and leaving do, and so do the moves of the live
 columns (the columns from the longest row's first token to the write column), which copy every row.
@@ -29,13 +33,15 @@ values of every layer; the attention mask's 8 bytes a column are left out), with
   row is longer than ``max_context``), and also when the columns before the longest row, which every row
   attends to masked, pass a quarter of the live width and 16 columns (after the longest row left, say):
   rows x live width tokens, whatever the cause.
+- ``resize``: the rows laid out longer (the longest outgrew them) or shorter (the pool must hold another
+  row): every held row's columns up to the shorter of the two lengths, through a temporary per row.
 
 A move reads its source through a temporary clone, so its memory traffic is twice what it counts. The
 README ("Long prompts") has what ``make bench`` measured on its RAG-shaped burst.
 
-``PrefixCache`` keeps the keys and values of whole blocks of tokens after their requests are gone, in a
-tree of blocks keyed by their tokens under their parent block (SGLang's radix cache, at vLLM's block
-granularity). A request copies the blocks of its longest cached prefix into its own cache and computes only
+``PrefixCache`` keeps the keys and values of whole blocks of tokens after their requests are gone, in the
+pool's blocks above the batch's, in a tree of blocks keyed by their tokens under their parent block (SGLang's
+radix cache, at vLLM's block granularity); blocks in the way of a growing batch move up or are evicted. A request copies the blocks of its longest cached prefix into its own cache and computes only
 the rest; blocks are only ever written once, when they are added, so a reader can never see them change.
 Leaves are evicted least recently used first.
 """

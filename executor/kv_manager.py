@@ -5,7 +5,8 @@ a prompt takes the longest cached prefix (``reuse_cached_prefix``), the blocks i
 soon as they are computed (``remember_prefill``), a row's blocks are remembered before it leaves the batch
 (``remember_rows``), a prompt waits for a shared block that an earlier prompt is computing
 (``waits_for_a_shared_block``), and a sequence that leaves gives its staged row back (``release``). The
-memory plan, made once at start, decides how many rows the batch has and how many blocks the cache keeps.
+memory plan, made once at start, sizes one pool (kv_pool.py) that the batch's rows and the cached blocks
+share as their tokens come and go; a sequence is admitted when the pool holds it (``room_for``).
 """
 
 import logging

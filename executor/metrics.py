@@ -10,7 +10,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class EngineMetrics:
     """Called by the engine thread; each call is a few microseconds."""
 
-    def __init__(self, registry, load, kv_copies=None):
+    def __init__(self, registry, load, kv_copies=None, kv_usage=None):
         prefix = "jina_llm_stream"
         self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Time from request to its first token",
                               buckets=_LATENCY_BUCKETS, registry=registry)
@@ -37,6 +37,12 @@ class EngineMetrics:
         batch.set_function(lambda: load()["running"] + load()["prefilling"])
         if kv_copies is not None:
             registry.register(_KVCopies(prefix, kv_copies))
+        if kv_usage is not None:
+            pool = Gauge(f"{prefix}_kv_pool_tokens", "Token slots of the KV pool (kv_pool.py) by holder: batch "
+                         "(the running rows, at the columns of the longest), prefix_cache (cached blocks) or free",
+                         ["holder"], registry=registry)
+            for holder in ("batch", "prefix_cache", "free"):
+                pool.labels(holder).set_function(lambda holder=holder: kv_usage()[holder])
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -54,3 +54,30 @@ def test_without_a_kv_cache_the_other_metrics_stand_alone():
     EngineMetrics(registry, lambda: {"waiting": 1, "prefilling": 0, "running": 0})
     assert registry.get_sample_value("jina_llm_stream_queue_depth") == 1
     assert registry.get_sample_value("jina_llm_stream_kv_copied_bytes_total", {"cause": "join"}) is None
+
+
+def test_kv_pool_holders_are_read_at_each_scrape_and_preemptions_are_counted_by_reason():
+    from executor.kv_cache import PrefixCache
+    from executor.kv_pool import KVPool
+
+    registry = CollectorRegistry()
+    pool = KVPool(SHAPES, 64, block_size=4, device=CPU)
+    batch = BatchKV(SHAPES, 4, 8, CPU, pool, max_columns=32)
+    cache = PrefixCache(SHAPES, 0, 4, CPU, pool)
+
+    def usage():
+        held, cached = pool.batch_blocks * 4, len(cache) * 4
+        return {"batch": held, "prefix_cache": cached, "free": pool.tokens - held - cached}
+
+    metrics = EngineMetrics(registry, lambda: {"waiting": 0, "prefilling": 0, "running": batch.rows}, None, usage)
+    value = registry.get_sample_value
+    assert value("jina_llm_stream_kv_pool_tokens", {"holder": "free"}) == 64
+    batch.add_row(tokens(5), 5)
+    cache.insert(list(range(8)), 8, lambda a, b: [(k[:, a:b], v[:, a:b]) for k, v in tokens(8)])
+    assert [value("jina_llm_stream_kv_pool_tokens", {"holder": h}) for h in ("batch", "prefix_cache", "free")] == \
+        [8, 8, 48]
+    metrics.preempted("kv_pool")
+    metrics.preempted("kv_pool")
+    metrics.preempted("fairness")
+    assert value("jina_llm_stream_preemptions_total", {"reason": "kv_pool"}) == 2
+    assert value("jina_llm_stream_preemptions_total", {"reason": "fairness"}) == 1

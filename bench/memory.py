@@ -1,0 +1,180 @@
+"""``bench.py --only memory`` (and a part of the full run): the KV pool (executor/kv_pool.py) with the default
+model, SmolLM2-135M-Instruct (46,080 bytes of keys and values per token).
+
+- 32 concurrent short chats (one-line question, 64-token greedy answers) through the OpenAI API, under
+  ``--kv-cache-memory 1GiB`` and under the default budget, same run; the start-up line's pool of each.
+- The prefix cache's capacity under the default budget: distinct long prompts served one after another, then
+  the tokens the cache holds (``jina_llm_stream_kv_pool_tokens{holder="prefix_cache"}``); before the pool, the
+  cache got what the full-length rows left (0.88 GiB = 20,500 tokens in the issue's measurement).
+- Decode speed at 16 rows x ~900 tokens of context, in-process: rows as long as their tokens need (the pool)
+  against rows laid out at full length from the start (the storage before the pool: ``INITIAL_COLUMNS`` set to
+  the longest row), the same 16 prompts, one engine at a time.
+"""
+
+import asyncio
+import gc
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+from server_process import free_port, start_server, stop_server
+
+SHORT_CHATS = 32
+SHORT_TOKENS = 64
+LONG_PROMPTS = 70  # distinct prompts of about LONG_WORDS words: more than the largest cache holds
+LONG_WORDS = 1500
+DECODE_ROWS, DECODE_CONTEXT, DECODE_TOKENS = 16, 900, 48
+
+
+def pool_line(log_path: Path) -> str:
+    match = re.search(r"KV cache pool .*", log_path.read_text())
+    return match.group(0) if match else "(no start-up line)"
+
+
+def pool_tokens(line: str) -> int:
+    match = re.search(r"(\d+) tokens in blocks", line)
+    return int(match.group(1)) if match else 0
+
+
+async def short_chats(openai_port: int, model: str, openai_stream, length) -> float:
+    """Aggregate tok/s of SHORT_CHATS concurrent streams, best of two."""
+    import httpx
+
+    url = f"http://127.0.0.1:{openai_port}/v1/chat/completions"
+    questions = [[{"role": "user", "content": f"What is {i} plus {i + 1}? Answer in one line."}]
+                 for i in range(SHORT_CHATS)]
+    best = 0.0
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=SHORT_CHATS + 4)) as http:
+        await openai_stream(http, url, model, questions[0], 8, length)  # warm-up
+        for _ in range(2):
+            started = time.perf_counter()
+            done = await asyncio.gather(*(openai_stream(http, url, model, q, SHORT_TOKENS, length) for q in questions))
+            best = max(best, sum(r["tokens"] for r in done) / (time.perf_counter() - started))
+    return best
+
+
+def long_prompt(number: int) -> list:
+    """A prompt of about LONG_WORDS words that differs from every other from its first words on."""
+    words = ["river", "stone", "light", "market", "engine", "garden", "paper", "signal", "winter", "harbor",
+             "copper", "forest", "window", "thunder", "ladder", "velvet"]
+    text = " ".join(words[(number * 7 + i * (number % 5 + 1)) % len(words)] for i in range(LONG_WORDS))
+    return [{"role": "user", "content": f"Document {number}. {text}"}]
+
+
+async def cached_after_long_prompts(openai_port: int, metrics_port: int, model: str) -> dict:
+    """Serve LONG_PROMPTS distinct long prompts (one token each), then read the pool's holders."""
+    import httpx
+
+    url = f"http://127.0.0.1:{openai_port}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=900) as http:
+        started = time.perf_counter()
+        prompt_tokens = 0
+        for number in range(LONG_PROMPTS):
+            reply = await http.post(url, json={"model": model, "messages": long_prompt(number), "max_tokens": 1})
+            reply.raise_for_status()
+            prompt_tokens += reply.json()["usage"]["prompt_tokens"]
+        seconds = time.perf_counter() - started
+        text = (await http.get(f"http://127.0.0.1:{metrics_port}/")).text
+    holders = dict(re.findall(r'jina_llm_stream_kv_pool_tokens\{holder="(\w+)"\} ([0-9.e+]+)', text))
+    return {"prompt_tokens": prompt_tokens, "seconds": seconds,
+            **{holder: int(float(value)) for holder, value in holders.items()}}
+
+
+def server_measures(real_model_server, openai_stream, length, model: str) -> dict:
+    found = {}
+    for name, flags in (("default", []), ("1gib", ["--kv-cache-memory", "1GiB"])):
+        port, openai_port, metrics_port = free_port(), free_port(), free_port()
+        log_name = f"jina-llm-stream-bench-memory-{name}.log"
+        server = real_model_server(port, openai_port, log_name,
+                                   [*flags, "--monitoring", "--port-monitoring", str(metrics_port)])
+        try:
+            found[f"{name}_line"] = pool_line(Path(os.environ.get("TMPDIR", "/tmp")) / log_name)
+            found[f"{name}_tps"] = asyncio.run(short_chats(openai_port, model, openai_stream, length))
+            if name == "default":
+                found["cache"] = asyncio.run(cached_after_long_prompts(openai_port, metrics_port, model))
+        finally:
+            stop_server(server)
+    return found
+
+
+def decode_rate(path: Path, full_length_rows: bool) -> float:
+    """Aggregate decode tok/s of DECODE_ROWS rows of ~DECODE_CONTEXT tokens each (prefix caching off: every
+    prompt computed), counted from the moment every row has its first token."""
+    import torch
+
+    from executor import kv_manager
+    from executor.engine import Engine, EngineConfig
+    from executor.model import load
+    from executor.validation import Limits, fit_to_context, parse_gen_conf
+
+    lm = load(str(path))
+    saved = kv_manager.INITIAL_COLUMNS
+    kv_manager.INITIAL_COLUMNS = 10**9 if full_length_rows else saved
+    try:
+        engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                        EngineConfig(max_batch_size=DECODE_ROWS, max_context=2048, kv_cache_memory=2**31,
+                                     prefix_caching=False)).start()
+    finally:
+        kv_manager.INITIAL_COLUMNS = saved
+    limits = Limits(context_length=2048)
+    prompts = [[100 + (13 * row + 7 * i) % 20000 for i in range(DECODE_CONTEXT)] for row in range(DECODE_ROWS)]
+    firsts, lasts, counts = [], [], []
+
+    async def one(prompt_ids):
+        settings = fit_to_context(parse_gen_conf({"max_new_tokens": DECODE_TOKENS, "min_new_tokens": DECODE_TOKENS},
+                                                 limits), len(prompt_ids), limits)
+        times = [time.perf_counter() async for _ in engine.stream(prompt_ids, settings)]
+        firsts.append(times[0])
+        lasts.append(times[-1])
+        counts.append(len(times))
+
+    async def burst():
+        await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        with torch.inference_mode():
+            asyncio.run(burst())
+    finally:
+        engine.shutdown()
+    start = max(firsts)
+    tokens = sum(count - 1 for count in counts)  # each stream's tokens after its first
+    rate = tokens / (max(lasts) - start)
+    del engine, lm
+    gc.collect()
+    return rate
+
+
+def rows(found: dict) -> list:
+    default, small = found["default_tps"], found["1gib_tps"]
+    cache = found["cache"]
+    before = 0.88 * 2**30 / 46080
+    result = [
+        (f"{SHORT_CHATS} concurrent short chats ({SHORT_TOKENS} tokens), OpenAI API, default budget",
+         f"{default:.1f} tok/s", "1.00x", ""),
+        (f"{SHORT_CHATS} concurrent short chats, --kv-cache-memory 1GiB", f"{small:.1f} tok/s",
+         f"{small / default:.2f}x default budget", ">= 0.9x (0.39x before the pool)"),
+        ("start-up line, --kv-cache-memory 1GiB", f"{pool_tokens(found['1gib_line'])} tokens", "",
+         ">= 20,000 tokens"),
+        ("start-up line, default budget", f"{pool_tokens(found['default_line'])} tokens", "", ""),
+        (f"prefix cache after {LONG_PROMPTS} distinct long prompts ({cache['prompt_tokens']} tokens, "
+         f"{cache['seconds']:.0f} s), default budget", f"{cache.get('prefix_cache', 0)} tokens cached",
+         f"{cache.get('prefix_cache', 0) / before:.1f}x the 0.88 GiB before the pool", ">= 5x"),
+    ]
+    if "decode_pool" in found:
+        pool, full = found["decode_pool"], found["decode_full"]
+        result += [
+            (f"decode, {DECODE_ROWS} rows x ~{DECODE_CONTEXT} tokens, rows at full length (the storage before "
+             "the pool)", f"{full:.1f} tok/s", "1.00x", ""),
+            (f"decode, {DECODE_ROWS} rows x ~{DECODE_CONTEXT} tokens, rows as long as their tokens (the pool)",
+             f"{pool:.1f} tok/s", f"{pool / full:.2f}x", ">= 0.95x"),
+        ]
+    return result
+
+
+def measures(path: Path, real_model_server, openai_stream, length, model: str) -> dict:
+    found = {"decode_full": decode_rate(path, True), "decode_pool": decode_rate(path, False)}
+    found["decode_full"] = statistics.mean([found["decode_full"], decode_rate(path, True)])
+    found["decode_pool"] = statistics.mean([found["decode_pool"], decode_rate(path, False)])
+    return found | server_measures(real_model_server, openai_stream, length, model)
