@@ -862,6 +862,8 @@ async def _migrating(send, continuation: _Continuation, routed, connections):
                 if isinstance(response, StreamInterrupted) and left > 0:
                     cut = response  # the stream ends here; no error for the client
                     continue
+                if isinstance(response, StreamInterrupted):
+                    gateway_metrics().migration("exhausted")
                 if not isinstance(response, BaseException):
                     continuation.took(response)
                 yield response, metadata
@@ -873,8 +875,10 @@ async def _migrating(send, continuation: _Continuation, routed, connections):
         dead = routed.route.replica
         routed = _route(continuation.request, connections, exclude=(dead,))
         if routed is None:  # no replica left to route to: the error as without migration
+            gateway_metrics().migration("no_replica")
             yield cut, None
             return
+        gateway_metrics().migration("continued")
         log.warning("a stream's replica %s stopped after %d tokens (%s); continuing it on %s", dead,
                     len(continuation.ids), cut.__cause__ or cut, routed.route.replica)
         continuation.resumed()

@@ -275,13 +275,13 @@ def websocket_prompts(count: int) -> list:
 
 
 async def websocket_answers(port: int, prompts: list, on_piece=None) -> list:
-    """Jina's WebSocket client: one request per prompt over one connection, the answers back in order as they
-    come (Jina streams no tokens over WebSocket: each answer is a piece of the connection's stream)."""
+    """Jina's WebSocket client: one request per prompt over one connection, each answer back as soon as it is
+    complete (Jina streams no tokens over WebSocket: each answer is a piece of the connection's stream)."""
     from jina import Client
 
     client = Client(host=f"websocket://127.0.0.1:{port}", asyncio=True)
     answers = []
-    async for docs in client.post("/chat", inputs=DocList[Prompt](prompts), request_size=1, results_in_order=True,
+    async for docs in client.post("/chat", inputs=DocList[Prompt](prompts), request_size=1, results_in_order=False,
                                   return_type=DocList[Generation]):
         answers.extend(docs)
         if on_piece is not None:
@@ -291,8 +291,9 @@ async def websocket_answers(port: int, prompts: list, on_piece=None) -> list:
 
 def test_websocket_requests_are_routed_and_go_on_when_their_replica_dies(slow_model):
     """Through a Flow's gateway (what --protocol websocket serves): a long prompt sent twice meets its prefix
-    (the routed counter), and a stream of 12 requests whose busiest replica is killed after the 5th answer
-    completes equal to the uninterrupted run."""
+    (the routed counter), and a stream of 12 requests whose busiest replica is killed after the 5th answer came
+    (each replica answers two at a time: the third pair is in flight then) completes equal to the uninterrupted
+    run, the killed replica's requests sent again to the other one."""
     ws_port, metrics = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "websocket", "--port",
             str(ws_port), "--replicas", "2", "--max_batch_size", "2", "--monitoring", "--port-monitoring",
@@ -313,7 +314,8 @@ def test_websocket_requests_are_routed_and_go_on_when_their_replica_dies(slow_mo
         whole = run(websocket_answers(ws_port, prompts))
         cut = run(websocket_answers(ws_port, prompts, killer(alive)))
         assert len(alive) == 1
-        assert [(a.text, a.completion_tokens) for a in cut] == [(a.text, a.completion_tokens) for a in whole]
+        assert len({a.text for a in whole}) == 12  # distinct answers: equal as sets means each equals its own
+        assert sorted((a.text, a.completion_tokens) for a in cut) == sorted((a.text, a.completion_tokens) for a in whole)
         reissued = counter(metrics, "jina_llm_stream_migrations_total", 'outcome="reissued"')
         moved = re.findall(r"a /chat call's replica \S+ stopped before answering", log.read_text(errors="replace"))
         assert reissued == len(moved) >= 1, (reissued, moved)
