@@ -90,6 +90,10 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--monitoring", action="store_true", help="serve Prometheus metrics")
     parser.add_argument("--port-monitoring", "--port_monitoring", dest="port_monitoring", type=int, default=None,
                         help="port of the metrics endpoint (with --monitoring)")
+    parser.add_argument("--gateway-port-monitoring", "--gateway_port_monitoring", dest="gateway_port_monitoring",
+                        type=int, default=None,
+                        help="with --monitoring: port of the gateway's metrics (routing and migration counters); "
+                             "default: a free port, named in the log (a Flow's: --port-monitoring)")
     parser.add_argument("--ssl-certfile", "--ssl_certfile", dest="ssl_certfile", default=None,
                         help="TLS certificate (PEM) for gRPC, HTTP and WebSocket; needs --ssl-keyfile")
     parser.add_argument("--ssl-keyfile", "--ssl_keyfile", dest="ssl_keyfile", default=None,
@@ -208,13 +212,16 @@ def serve(args, settings) -> int:
         gateway = {k: kwargs.pop(k) for k in ("port", "protocol", "host")} | {"timeout_ctrl": 5}
         tls = {k: kwargs.pop(k) for k in ("ssl_certfile", "ssl_keyfile") if k in kwargs}
         if args.monitoring:
-            gateway.update(monitoring=True, port_monitoring=kwargs.pop("port_monitoring"))
+            port_monitoring = kwargs.pop("port_monitoring")
+            gateway.update(monitoring=True, port_monitoring=args.gateway_port_monitoring or port_monitoring)
             kwargs.pop("monitoring")
         # TLS through config_gateway: Flow(...) arguments also reach the Executor, which would then speak
         # TLS to the gateway as well.
         server = Flow(**gateway).config_gateway(**tls).add(name="llm", **kwargs)
     else:
         server = Deployment(**kwargs)
+        if args.monitoring:
+            monitor_the_gateway(server, args.gateway_port_monitoring)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     signal.signal(signal.SIGINT, _stop_like_ctrl_c)
     if not args.model_name or is_gguf(args.model_name):
@@ -247,6 +254,17 @@ def serve(args, settings) -> int:
     return 0
 
 
+def monitor_the_gateway(deployment, port) -> None:
+    """A Deployment's --monitoring covers its replicas only; the routing and migration counters live in its
+    gateway's process (executor/jina_compat.py), so the gateway serves metrics too, on ``port`` or a free one."""
+    gateway_args = deployment.pod_args["gateway"]
+    if gateway_args is None:
+        return
+    gateway_args.monitoring, gateway_args.port_monitoring = True, port or free_loopback_ports(1)[0]
+    logging.getLogger("jina_llm_stream").info("gateway metrics (routing, migrations) on port %d",
+                                              gateway_args.port_monitoring)
+
+
 def openai_router(args):
     """With several replicas and prefix routing, the OpenAI port is a router's (executor/gateway.py), and each
     replica serves its API on a loopback port of its own; otherwise the replicas share the port itself."""
@@ -258,7 +276,7 @@ def openai_router(args):
     ports = free_loopback_ports(args.replicas)
     os.environ[OPENAI_REPLICA_PORTS_ENV] = ",".join(map(str, ports))  # read by each replica (forked after this)
     return OpenAIRouter(args.host, args.openai_port, [f"http://127.0.0.1:{port}" for port in ports],
-                        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, monitoring=args.monitoring)
 
 
 def free_loopback_ports(count: int) -> list:

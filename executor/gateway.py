@@ -26,7 +26,7 @@ import threading
 import time
 
 from executor import jina_compat
-from executor.migration import HOP_HEADERS, Migrator, OpenAIStream, relay
+from executor.migration import HOP_HEADERS, AnswerCut, Migrator, OpenAIStream, relay
 from executor.openai_api import Settings
 from executor.router import MIGRATIONS_ENV, ROUTING_ENV
 
@@ -108,23 +108,36 @@ def no_replica():
                                         "type": "server_busy", "param": None, "code": None}}, status=503)
 
 
+def answer_cut(error):
+    from aiohttp import web
+
+    return web.json_response({"error": {"message": f"the answer was cut off: its replica stopped ({error}); send the "
+                                                   "request again", "type": "server_error", "param": None,
+                                        "code": None}}, status=500)
+
+
 class OpenAIRouter:
     """The OpenAI API's port in front of several replicas' own APIs (``targets``: base URLs): each request goes
     where executor/router.py says, its answer (an event stream too) is passed back as it comes, and a client
     that leaves closes the connection to the replica, which cancels the generation. A replica that cannot be
     reached is skipped; no replica reachable is a 503."""
 
-    def __init__(self, host: str, port: int, targets: list, ssl_certfile=None, ssl_keyfile=None):
+    def __init__(self, host: str, port: int, targets: list, ssl_certfile=None, ssl_keyfile=None, monitoring=False):
+        from prometheus_client import CollectorRegistry
+
+        from executor.metrics import NoRoutingMetrics, RoutingMetrics
         from executor.router import PrefixRouter
 
         self.host, self.port, self.targets = host, port, targets
-        self.router = PrefixRouter(targets)
+        # --monitoring: GET /metrics on this port serves the router's counters (it runs in no Jina process)
+        self.registry = CollectorRegistry() if monitoring else None
+        self.metrics = RoutingMetrics(self.registry) if monitoring else NoRoutingMetrics()
+        self.router = PrefixRouter(targets, on_route=self.metrics.route)
         self.ssl_files = (ssl_certfile, ssl_keyfile) if ssl_certfile else None
         self._session = None
         self._site = None
 
     async def _forward(self, request):
-        import aiohttp
         from aiohttp import web
 
         try:
@@ -135,24 +148,23 @@ class OpenAIRouter:
                                                 "code": "request_too_large"}}, status=413)
         messages = openai_messages(body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        migrator = Migrator(self._session, self.router, self.metrics)
         stream = OpenAIStream.of(request.path, body)
-        if stream is not None:
-            answer = await Migrator(self._session, self.router).forward(request, stream, messages, headers)
-            return answer if answer is not None else no_replica()
-        tried = set()
-        while len(tried) < len(self.targets):
-            route = self.router.choose(messages, exclude=tried)
-            tried.add(route.replica)
-            try:
-                async with self._session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
-                                                  headers=headers, auto_decompress=False) as response:
-                    return await relay(request, response, {
-                        k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS})
-            except aiohttp.ClientConnectorError as error:  # nothing was sent: the next replica
-                log.warning("OpenAI API of the replica at %s unreachable: %s", route.replica, error)
-            finally:
-                self.router.finished(route.replica)
-        return no_replica()
+        try:
+            if stream is not None:
+                answer = await migrator.forward(request, stream, messages, headers)
+            else:
+                answer = await migrator.forward_whole(request, body, messages, headers)
+        except AnswerCut as error:  # its replica died before answering, and no migration was left (--migrations)
+            return answer_cut(error)
+        return answer if answer is not None else no_replica()
+
+    async def _metrics(self, request):
+        """This router's counters (executor/metrics.py's RoutingMetrics) in Prometheus' text format."""
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def serve(self) -> None:
         import ssl
@@ -162,6 +174,8 @@ class OpenAIRouter:
 
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         app = web.Application(client_max_size=MAX_BODY_BYTES)
+        if self.registry is not None:
+            app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{path:.*}", self._forward)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()

@@ -52,10 +52,17 @@ is imported, i.e. in the worker process before it builds its gRPC handlers and i
    (``gen_conf.continuation: []``), keeps them and takes them out of the pieces, and re-sends the request with
    the ids so far as ``gen_conf.continuation``; that replica sends only what follows (executor/output.py's
    ``resume``). At most ``JINA_LLM_STREAM_MIGRATIONS`` times per request (jina_server.py's ``--migrations``,
-   default 1); past it, the client gets 6's error.
+   default 1); past it, the client gets 6's error. A ``/chat`` call (one request, answered whole) whose replica
+   dies under it was retried by Jina on another replica from its start, with no bound: that re-issue is its
+   continuation (the client had nothing yet), and it is now bounded by the same setting; past it, the client
+   gets the error (AnswerInterrupted). A replica that could not be reached at all is retried as before.
+12. Metrics. The gateway's process routes, so its registry (``--monitoring``: Jina's ``metrics_registry`` of the
+   gateway's server, served on its monitoring port) gets executor/metrics.py's RoutingMetrics: requests routed
+   per reason, and migrations per outcome.
 """
 
 import asyncio
+import contextvars
 import json
 import logging
 
@@ -83,6 +90,7 @@ def install() -> None:
     _patch_gateway_batch_cancellation()
     _patch_gateway_http_app()
     _patch_gateway_routing()
+    _patch_gateway_monitoring()
 
 
 # ---- gRPC: stream_doc -------------------------------------------------------------------------------------
@@ -372,6 +380,8 @@ def _add_event_stream_route(app, endpoint: str, input_model, caller) -> None:
 def _patch_gateway_batch_cancellation() -> None:
     import contextvars
 
+    import grpc
+
     from jina.serve.networking.connection_stub import _ConnectionStubs
     from jina.serve.stream import RequestStreamer
 
@@ -394,6 +404,13 @@ def _patch_gateway_batch_cancellation() -> None:
                     call.cancel()
 
     async def send_requests(self, requests, metadata, compression, timeout=None):
+        try:
+            return await cancellable_send(self, requests, metadata, compression, timeout)
+        except grpc.aio.AioRpcError as error:
+            _bound_reissue(error, self.address)  # Jina's retry re-sends the request from its start
+            raise
+
+    async def cancellable_send(self, requests, metadata, compression, timeout):
         calls = worker_calls.get()
         if calls is None or len(requests) != 1 or type(requests[0]) is not DataRequest:
             return await original_send(self, requests, metadata, compression, timeout)
@@ -521,9 +538,11 @@ def _patch_load_balancer_body() -> None:
         headers = {name: request.headers[name] for name in ("Content-Type", "Accept") if name in request.headers}
         stream = JinaEventStream.of(request.path, body) if router is not None and request.method == "GET" else None
         if stream is not None:  # a /stream that goes on on another replica if its replica dies
-            answer = await Migrator(_balancer_session(self), router).forward(request, stream,
-                                                                             http_body_messages(body), headers)
+            answer = await Migrator(_balancer_session(self), router, gateway_metrics()).forward(
+                request, stream, http_body_messages(body), headers)
             return answer if answer is not None else web.Response(text="Error: no replica is reachable", status=500)
+        if router is not None and request.method == "POST":  # /chat: answered whole, re-sent if its replica dies
+            return await _whole_through(self, router, request, body, headers)
         route = router.choose(http_body_messages(body)) if router is not None else None
         target = route.replica if route is not None else next(self.load_balancer_servers)
         try:
@@ -537,6 +556,19 @@ def _patch_load_balancer_body() -> None:
                 router.finished(route.replica)
 
     GatewayRequestHandler._load_balance = _load_balance
+
+
+async def _whole_through(handler, router, request, body: bytes, headers: dict):
+    from aiohttp import web
+
+    from .migration import AnswerCut
+
+    try:
+        answer = await Migrator(_balancer_session(handler), router, gateway_metrics()).forward_whole(
+            request, body, http_body_messages(body), headers)
+    except AnswerCut as error:  # its replica died and no migration was left: the error, as without migration
+        return web.Response(text=f"Error: {error}", status=500)
+    return answer if answer is not None else web.Response(text="Error: no replica is reachable", status=500)
 
 
 def _balancer_session(handler):
@@ -562,7 +594,7 @@ def _http_router(handler):
             if servers and server == servers[0]:
                 break
             servers.append(server)
-        handler._llm_router = PrefixRouter(servers) if len(servers) > 1 else None
+        handler._llm_router = PrefixRouter(servers, on_route=_count_route) if len(servers) > 1 else None
     return handler._llm_router
 
 
@@ -711,7 +743,7 @@ def _route(request, connections, exclude=()):
         return None
     known = _routers.get(id(connections))
     if known is None or known[0] is not connections:
-        known = _routers[id(connections)] = (connections, PrefixRouter(sorted(by_address)))
+        known = _routers[id(connections)] = (connections, PrefixRouter(sorted(by_address), on_route=_count_route))
     router = known[1]
     if set(router.replicas) != set(by_address):  # a replica came up (they start one by one) or went away
         router.sync(sorted(by_address))
@@ -747,7 +779,11 @@ def _patch_gateway_routing() -> None:
         routed = _route(requests[0], connections) if len(requests) == 1 else None
         if routed is None:
             return original_batch(self, requests, connections, *args, **kwargs)
-        task = original_batch(self, requests, routed, *args, **kwargs)
+        budget = _reissues.set(_Reissues())  # the request's task (created now) copies this context
+        try:
+            task = original_batch(self, requests, routed, *args, **kwargs)
+        finally:
+            _reissues.reset(budget)
         task.add_done_callback(lambda _task: routed.finish())
         return task
 
@@ -826,6 +862,8 @@ async def _migrating(send, continuation: _Continuation, routed, connections):
                 if isinstance(response, StreamInterrupted) and left > 0:
                     cut = response  # the stream ends here; no error for the client
                     continue
+                if isinstance(response, StreamInterrupted):
+                    gateway_metrics().migration("exhausted")
                 if not isinstance(response, BaseException):
                     continuation.took(response)
                 yield response, metadata
@@ -837,8 +875,85 @@ async def _migrating(send, continuation: _Continuation, routed, connections):
         dead = routed.route.replica
         routed = _route(continuation.request, connections, exclude=(dead,))
         if routed is None:  # no replica left to route to: the error as without migration
+            gateway_metrics().migration("no_replica")
             yield cut, None
             return
+        gateway_metrics().migration("continued")
         log.warning("a stream's replica %s stopped after %d tokens (%s); continuing it on %s", dead,
                     len(continuation.ids), cut.__cause__ or cut, routed.route.replica)
         continuation.resumed()
+
+
+# ---- replicas: a /chat call whose replica dies is sent again, bounded -------------------------------------
+class AnswerInterrupted(RuntimeError):
+    """A whole answer's replica died under it and no migration was left: an error for the client."""
+
+
+class _Reissues:
+    """How often one routed batch request may still be sent again after its replica died under it."""
+
+    def __init__(self):
+        from executor.router import migrations
+
+        self.left = migrations()
+
+
+_reissues = contextvars.ContextVar("jina_llm_stream_reissues", default=None)
+
+
+def _died_under(error) -> bool:
+    """Whether a worker call's error says its replica went away during the call (the request reached it), not
+    that it could not be reached (gRPC: "failed to connect to all addresses"), which Jina retries freely."""
+    import grpc
+
+    codes = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    return error.code() in codes and "failed to connect" not in (error.details() or "")
+
+
+def _bound_reissue(error, address: str) -> None:
+    """Before Jina retries a routed batch request whose replica died under it: count the re-issue, or, with no
+    migration left, raise AnswerInterrupted (not a gRPC error: Jina passes it to the client, no retry)."""
+    budget = _reissues.get()
+    if budget is None or not _died_under(error):
+        return
+    if budget.left == 0:
+        gateway_metrics().migration("exhausted")
+        raise AnswerInterrupted(f"the answer was cut off: its Executor stopped ({error.code().name}: "
+                                f"{error.details()}); send the request again") from error
+    budget.left -= 1
+    gateway_metrics().migration("reissued")
+    log.warning("a /chat call's replica %s stopped before answering (%s: %s); sending it again elsewhere", address,
+                error.code().name, error.details())
+
+
+# ---- gateway: routing and migration counters in the gateway's registry ----------------------------------
+_gateway_metrics = None  # RoutingMetrics once the gateway's server has a registry (--monitoring)
+
+
+def gateway_metrics():
+    from executor.metrics import NoRoutingMetrics
+
+    return _gateway_metrics or NoRoutingMetrics()
+
+
+def _count_route(route) -> None:
+    gateway_metrics().route(route)
+
+
+def _patch_gateway_monitoring() -> None:
+    from jina.serve.runtimes.monitoring import MonitoringMixin
+
+    original = MonitoringMixin._setup_monitoring
+
+    def _setup_monitoring(self, monitoring, port_monitoring):
+        global _gateway_metrics
+        original(self, monitoring, port_monitoring)
+        handler = getattr(self, "req_handler_cls", None)
+        registry = getattr(self, "metrics_registry", None)
+        if registry is not None and getattr(handler, "__name__", "") == "GatewayRequestHandler" and \
+                getattr(_gateway_metrics, "registry", None) is not registry:  # once per registry
+            from executor.metrics import RoutingMetrics
+
+            _gateway_metrics = RoutingMetrics(registry)
+
+    MonitoringMixin._setup_monitoring = _setup_monitoring

@@ -94,3 +94,43 @@ class _KVCopies(Collector):
         moved.add_metric(["join"], stats["join_moved_bytes"])
         moved.add_metric(["step"], stats["copied_bytes"]["move"])
         return [copied, rows, moves, moved]
+
+
+class RoutingMetrics:
+    """The routers' counters, in the registry of the process that routes (the Jina gateway's for Jina's protocols,
+    the OpenAI router's for the OpenAI API): where each request went and why, and what became of requests whose
+    replica died under them. Every label value is there from the start, at 0, so a rate over it is defined."""
+
+    REASONS = ("prefix", "least_loaded")  # executor/router.py's Route.reason
+    # continued: a stream went on on another replica; reissued: a whole answer (/chat, a non-streamed completion)
+    # was sent again from its start to another replica; exhausted: no migration was left (--migrations), the
+    # client got the error; no_replica: no other replica could take it, the client got the error.
+    OUTCOMES = ("continued", "reissued", "exhausted", "no_replica")
+
+    def __init__(self, registry):
+        prefix, self.registry = "jina_llm_stream", registry
+        self.routed = Counter(f"{prefix}_routed_requests", "Requests sent to a replica, by why that one: prefix "
+                              "(it was sent the longest prefix of the messages) or least_loaded", ["reason"],
+                              registry=registry)
+        self.migrations = Counter(f"{prefix}_migrations", "Requests whose replica died under them, by outcome: "
+                                  "continued, reissued, exhausted, no_replica", ["outcome"], registry=registry)
+        for reason in self.REASONS:
+            self.routed.labels(reason)
+        for outcome in self.OUTCOMES:
+            self.migrations.labels(outcome)
+
+    def route(self, route) -> None:
+        self.routed.labels(route.reason).inc()
+
+    def migration(self, outcome: str) -> None:
+        self.migrations.labels(outcome).inc()
+
+
+class NoRoutingMetrics:
+    """RoutingMetrics' calls where nothing is scraped (no --monitoring)."""
+
+    def route(self, route) -> None:
+        pass
+
+    def migration(self, outcome: str) -> None:
+        pass

@@ -8,13 +8,18 @@ token ids (``continuation: []``, the engine's gen_conf.continuation), the router
 of the events the client gets; when the replica's connection breaks before the stream's last event, the
 request is sent to another replica with the ids so far as its continuation, and that replica's events follow
 in the same response: the client sees one stream, nothing repeated, nothing lost. At most ``migrations()``
-times per request; past that, the client's stream is cut as without migration. No Jina in here.
+times per request; past that, the client's stream is cut as without migration.
+
+A whole answer (a non-streamed completion, Jina's ``POST /chat``) sends the client nothing before it is complete,
+so a replica that dies under it is re-sent the request from its start (``Migrator.forward_whole``): that is its
+continuation. What happened is counted in ``metrics`` (executor/metrics.py's RoutingMetrics). No Jina in here.
 """
 
 import json
 import logging
 import re
 
+from .metrics import NoRoutingMetrics
 from .router import migrations
 
 log = logging.getLogger("jina_llm_stream.migration")
@@ -151,12 +156,16 @@ def _json_object(body: bytes):
     return payload if isinstance(payload, dict) else None
 
 
+class AnswerCut(Exception):
+    """A whole answer's replica died before answering and no migration was left: the router answers the error."""
+
+
 class Migrator:
     """Sends a migratable stream to the replicas ``router`` chooses (a PrefixRouter over base URLs), through an
     aiohttp ``session``, and answers the client's aiohttp ``request`` with it."""
 
-    def __init__(self, session, router):
-        self.session, self.router = session, router
+    def __init__(self, session, router, metrics=None):
+        self.session, self.router, self.metrics = session, router, metrics or NoRoutingMetrics()
 
     async def forward(self, request, stream: MigratableStream, messages: list, headers: dict):
         """The client's response: the first replica's, and a continuation's events after a replica's death."""
@@ -176,15 +185,54 @@ class Migrator:
             if cut is None:
                 continue  # the replica could not be reached: nothing was sent, another one is tried
             if left == 0:
+                self.metrics.migration("exhausted")
                 raise cut  # no migration left: the client's stream is cut, as without migration
+            if len(excluded) == len(self.router.replicas):
+                break
             left -= 1
+            self.metrics.migration("continued")
             log.warning("a stream's replica %s stopped after %d tokens (%s); continuing it elsewhere", route.replica,
                         len(stream.ids), cut)
         if answer is None:
             return None  # no replica reachable: the router answers that
+        self.metrics.migration("no_replica")
         await answer.write(stream.error_event("no other replica could continue it"))
         await answer.write_eof()
         return answer
+
+    async def forward_whole(self, request, body: bytes, messages: list, headers: dict):
+        """The client's response to a request answered whole; None when no replica is reachable. A replica that
+        dies before its answer came is sent nothing more: the request goes to another replica from its start, at
+        most ``migrations()`` times; past that (or with no other replica), AnswerCut (the client has nothing yet)."""
+        import aiohttp
+
+        left, excluded = migrations(), set()
+        while len(excluded) < len(self.router.replicas):
+            route = self.router.choose(messages, exclude=excluded)
+            excluded.add(route.replica)
+            try:
+                response = await self.session.request(request.method, f"{route.replica}{request.path_qs}", data=body,
+                                                      headers=headers, auto_decompress=False)
+            except aiohttp.ClientConnectorError as error:  # never reached: nothing to count, the next replica
+                log.warning("the replica at %s is unreachable: %s", route.replica, error)
+                self.router.finished(route.replica)
+                continue
+            except _cut_errors() as error:  # it died before its answer's headers: the client has nothing yet
+                self.router.finished(route.replica)
+                if left == 0 or len(excluded) == len(self.router.replicas):
+                    self.metrics.migration("exhausted" if left == 0 else "no_replica")
+                    raise AnswerCut(error) from error
+                left -= 1
+                self.metrics.migration("reissued")
+                log.warning("a whole answer's replica %s stopped before answering (%s); sending it again elsewhere",
+                            route.replica, error)
+                continue
+            try:
+                async with response:
+                    return await relay(request, response, _end_to_end(response.headers))
+            finally:
+                self.router.finished(route.replica)
+        return None
 
     async def _stream_from(self, replica: str, request, stream: MigratableStream, headers: dict, answer):
         """Pass one replica's events on. Returns the finished response, or ``(answer, cut)``: the client's
@@ -208,12 +256,18 @@ class Migrator:
         except aiohttp.ClientConnectorError as error:
             log.warning("the replica at %s is unreachable: %s", replica, error)
             return answer, None
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+        except _cut_errors() as error:
             return answer, error
         if stream.done:
             await answer.write_eof()
             return answer
         return answer, ConnectionError("the replica's answer ended before its last event")
+
+
+def _cut_errors():
+    import aiohttp
+
+    return aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError
 
 
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}

@@ -1,12 +1,16 @@
 """Request migration through `jina_server.py --replicas N`: the replica serving a stream is killed (SIGKILL) after
 the client has its 5th piece, and the stream goes on on another replica. The client's whole answer equals the
 uninterrupted answer byte for byte (greedy and seeded). With `--migrations 0` the client gets the error, as
-tests/e2e/test_faults.py checks."""
+tests/e2e/test_faults.py checks. Whole answers (`/chat`, a non-streamed OpenAI completion) whose replica is killed
+mid-generation are sent again from their start to another replica (bounded the same way), over gRPC and over
+Jina's WebSocket; the routers' counters (`--monitoring`) say what happened."""
 
 import asyncio
 import os
 import re
 import signal
+
+from docarray import DocList
 
 from conftest import PYTHON, free_port, run, serve_process
 from schemas import Generation, Prompt
@@ -43,9 +47,10 @@ def killer(alive: set, after: int = 5):
 
 
 def test_a_killed_replica_s_greedy_and_seeded_streams_go_on_on_another_replica(slow_model):
-    port = free_port()
+    port, gateway_metrics = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(port), "--replicas", "3",
-            "--max_batch_size", "2"]
+            "--max_batch_size", "2", "--monitoring", "--port-monitoring", str(free_port()),
+            "--gateway-port-monitoring", str(gateway_metrics)]
     with serve_process(args) as (process, log):
         assert process.poll() is None, log.read_text()
         alive = {int(pid) for pid in replica_pids(log)}
@@ -60,6 +65,7 @@ def test_a_killed_replica_s_greedy_and_seeded_streams_go_on_on_another_replica(s
             assert all(p.token_ids is None for p in cut), "the router's token ids reached the client"
             moved = re.findall(r"a stream's replica \S+ stopped after (\d+) tokens", log.read_text(errors="replace"))
             assert len(moved) == number and 0 < int(moved[-1]) < 200, log.read_text(errors="replace")[-3000:]
+            assert migrations_counted(gateway_metrics)["continued"] == number
         assert process.poll() is None
 
 
@@ -108,7 +114,7 @@ async def sse_text(port: int, gen_conf: dict, on_piece=None) -> tuple:
 def test_a_killed_replica_s_openai_stream_goes_on_on_another_replica(slow_model):
     port, openai_port = free_port(), free_port()
     args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(port), "--replicas", "2",
-            "--max_batch_size", "2", "--openai-port", str(openai_port)]
+            "--max_batch_size", "2", "--openai-port", str(openai_port), "--monitoring"]
     body = {"messages": MESSAGES, "max_tokens": 200, "min_tokens": 200, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     with serve_process(args) as (process, log):
@@ -123,6 +129,8 @@ def test_a_killed_replica_s_openai_stream_goes_on_on_another_replica(slow_model)
         assert len({re.search(r'"id": "([^"]+)"', e).group(1) for e in cut if '"id"' in e}) == 1
         assert "token_ids" not in "".join(cut)
         assert re.search(r"a stream's replica \S+ stopped after \d+ tokens", log.read_text(errors="replace"))
+        assert migrations_counted(openai_port, "/metrics") == \
+            {"continued": 1, "reissued": 0, "exhausted": 0, "no_replica": 0}
         assert process.poll() is None
 
 
@@ -147,4 +155,170 @@ def test_a_killed_replica_s_http_event_stream_goes_on_on_another_replica(slow_mo
         assert (cut_text, cut_last["completion_tokens"], cut_last.get("token_ids")) == \
             (text, last["completion_tokens"], None)
         assert re.search(r"a stream's replica \S+ stopped after \d+ tokens", log.read_text(errors="replace"))
+        assert process.poll() is None
+
+
+# ---- whole answers: /chat and non-streamed OpenAI completions ---------------------------------------------
+WHOLE = {"max_new_tokens": 400, "min_new_tokens": 400, "temperature": 0}  # about 3 s on one replica here
+
+
+def counter(port: int, name: str, labels: str, path: str = "/") -> float:
+    """A counter's value on a Prometheus endpoint, e.g. counter(p, "jina_llm_stream_migrations_total",
+    'outcome="reissued"')."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).text
+    line = f"{name}{{{labels}}} "
+    values = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+    assert len(values) == 1, f"{line!r} not in {text[-2000:]}"
+    return values[0]
+
+
+def migrations_counted(port: int, path: str = "/") -> dict:
+    return {outcome: counter(port, "jina_llm_stream_migrations_total", f'outcome="{outcome}"', path)
+            for outcome in ("continued", "reissued", "exhausted", "no_replica")}
+
+
+async def killed_midway(alive: set, answer, delay: float = 0.3):
+    """``answer`` (a coroutine) with the replica generating it SIGKILLed once it has run ``delay`` s (plus the
+    half second ``busiest`` watches); its result, or the exception it raised."""
+    task = asyncio.ensure_future(answer)
+    await asyncio.sleep(delay)
+    victim = await asyncio.get_running_loop().run_in_executor(None, busiest, sorted(alive))
+    assert not task.done(), "the answer was complete before its replica could be killed"
+    os.kill(victim, signal.SIGKILL)
+    alive.discard(victim)
+    try:
+        return await task
+    except Exception as error:  # noqa: BLE001 - the test looks at it
+        return error
+
+
+async def grpc_chat(port: int, gen_conf: dict, protocol: str = "grpc") -> Generation:
+    from jina import Client
+
+    client = Client(host=f"{protocol}://127.0.0.1:{port}", asyncio=True)
+    answers = [doc async for docs in client.post("/chat", inputs=Prompt(message=MESSAGES, gen_conf=gen_conf),
+                                                 return_type=DocList[Generation]) for doc in docs]
+    return answers[0]
+
+
+async def openai_whole(port: int, model: str) -> str:
+    """A non-streamed chat completion through the official client (no retries of its own)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+        answer = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=400, temperature=0,
+                                                      extra_body={"min_tokens": 400})
+    return answer.choices[0].message.content
+
+
+def whole_answer_server(slow_model, replicas: int, migrations: int):
+    """(args, ports) of a server with --monitoring: the gateway's metrics port and the OpenAI router's port."""
+    port, metrics, gateway_metrics, openai_port = free_port(), free_port(), free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--port", str(port), "--replicas",
+            str(replicas), "--max_batch_size", "2", "--migrations", str(migrations), "--openai-port",
+            str(openai_port), "--monitoring", "--port-monitoring", str(metrics), "--gateway-port-monitoring",
+            str(gateway_metrics)]
+    return args, {"grpc": port, "gateway_metrics": gateway_metrics, "openai": openai_port}
+
+
+def test_a_killed_replica_s_chat_and_whole_openai_answers_are_sent_again_elsewhere(slow_model):
+    args, ports = whole_answer_server(slow_model, replicas=3, migrations=1)
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        alive = {int(pid) for pid in replica_pids(log)}
+        assert len(alive) == 3, log.read_text()
+        whole = run(grpc_chat(ports["grpc"], WHOLE))
+        before = migrations_counted(ports["gateway_metrics"])
+        cut = run(killed_midway(alive, grpc_chat(ports["grpc"], WHOLE)))
+        assert isinstance(cut, Generation), cut
+        assert (cut.text, cut.completion_tokens) == (whole.text, whole.completion_tokens)
+        after = migrations_counted(ports["gateway_metrics"])
+        assert after == {**before, "reissued": before["reissued"] + 1}, (before, after)
+        assert re.search(r"a /chat call's replica \S+ stopped before answering", log.read_text(errors="replace"))
+
+        model = run(openai_model(ports["openai"]))
+        whole_text = run(openai_whole(ports["openai"], model))
+        assert whole_text == whole.text  # the same greedy answer as /chat's
+        cut_text = run(killed_midway(alive, openai_whole(ports["openai"], model)))
+        assert cut_text == whole_text, cut_text
+        assert migrations_counted(ports["openai"], "/metrics") == \
+            {"continued": 0, "reissued": 1, "exhausted": 0, "no_replica": 0}
+        assert re.search(r"a whole answer's replica \S+ stopped before answering", log.read_text(errors="replace"))
+        assert len(alive) == 1 and process.poll() is None
+
+
+def test_without_migrations_a_killed_replica_s_whole_answers_are_errors(slow_model):
+    import openai
+    from jina.excepts import BadServerFlow
+
+    args, ports = whole_answer_server(slow_model, replicas=2, migrations=0)
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        alive = {int(pid) for pid in replica_pids(log)}
+        assert len(alive) == 2, log.read_text()
+        cut = run(killed_midway(alive, grpc_chat(ports["grpc"], WHOLE)))
+        assert isinstance(cut, BadServerFlow) and "the answer was cut off" in str(cut), repr(cut)
+        assert migrations_counted(ports["gateway_metrics"])["exhausted"] == 1
+        model = run(openai_model(ports["openai"]))
+        cut = run(killed_midway(alive, openai_whole(ports["openai"], model)))
+        assert isinstance(cut, openai.InternalServerError) and "the answer was cut off" in str(cut), repr(cut)
+        assert migrations_counted(ports["openai"], "/metrics")["exhausted"] == 1
+        assert not re.search(r"stopped before answering", log.read_text(errors="replace"))
+
+
+# ---- WebSocket: a stream of /chat requests over one connection --------------------------------------------
+def websocket_prompts(count: int) -> list:
+    return [Prompt(message=[{"role": "user", "content": f"Tell me everything about river number {n}."}],
+                   gen_conf={"max_new_tokens": 300, "min_new_tokens": 300, "temperature": 0}) for n in range(count)]
+
+
+async def websocket_answers(port: int, prompts: list, on_piece=None) -> list:
+    """Jina's WebSocket client: one request per prompt over one connection, each answer back as soon as it is
+    complete (Jina streams no tokens over WebSocket: each answer is a piece of the connection's stream)."""
+    from jina import Client
+
+    client = Client(host=f"websocket://127.0.0.1:{port}", asyncio=True)
+    answers = []
+    async for docs in client.post("/chat", inputs=DocList[Prompt](prompts), request_size=1, results_in_order=False,
+                                  return_type=DocList[Generation]):
+        answers.extend(docs)
+        if on_piece is not None:
+            await on_piece(len(answers))
+    return answers
+
+
+def test_websocket_requests_are_routed_and_go_on_when_their_replica_dies(slow_model):
+    """Through a Flow's gateway (what --protocol websocket serves): a long prompt sent twice meets its prefix
+    (the routed counter), and a stream of 12 requests whose busiest replica is killed after the 5th answer came
+    (each replica answers two at a time: the third pair is in flight then) completes equal to the uninterrupted
+    run, the killed replica's requests sent again to the other one."""
+    ws_port, metrics = free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(slow_model), "--protocol", "websocket", "--port",
+            str(ws_port), "--replicas", "2", "--max_batch_size", "2", "--monitoring", "--port-monitoring",
+            str(metrics)]
+    routed = lambda reason: counter(metrics, "jina_llm_stream_routed_requests_total", f'reason="{reason}"')  # noqa
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        alive = {int(pid) for pid in replica_pids(log)}
+        assert len(alive) == 2, log.read_text()
+        long_prompt = Prompt(message=[{"role": "system", "content": "You know all rivers of the world. " * 12},
+                                      {"role": "user", "content": "Which is longest?"}], gen_conf={"max_new_tokens": 4})
+        before = routed("prefix"), routed("least_loaded")
+        run(websocket_answers(ws_port, [long_prompt]))
+        run(websocket_answers(ws_port, [long_prompt]))
+        assert (routed("prefix"), routed("least_loaded")) == (before[0] + 1, before[1] + 1)
+
+        prompts = websocket_prompts(12)
+        whole = run(websocket_answers(ws_port, prompts))
+        cut = run(websocket_answers(ws_port, prompts, killer(alive)))
+        assert len(alive) == 1
+        assert len({a.text for a in whole}) == 12  # distinct answers: equal as sets means each equals its own
+        assert sorted((a.text, a.completion_tokens) for a in cut) == sorted((a.text, a.completion_tokens) for a in whole)
+        reissued = counter(metrics, "jina_llm_stream_migrations_total", 'outcome="reissued"')
+        moved = re.findall(r"a /chat call's replica \S+ stopped before answering", log.read_text(errors="replace"))
+        assert reissued == len(moved) >= 1, "\n".join(line[:220] for line in log.read_text(errors="replace")
+                                                       .splitlines() if "endpoint=/chat" in line or "connect" in line
+                                                       or "stopped" in line or "rror" in line)
         assert process.poll() is None

@@ -201,3 +201,48 @@ def test_a_client_leaving_the_openai_router_stops_its_generation(tiny_models):
     log = log_path.read_text(errors="replace")
     assert re.search(r"endpoint=/v1/chat/completions .* finish=cancelled", log), log[-3000:]
     assert not re.search(r"endpoint=/v1/chat/completions .* new_tokens=450 ", log), "the generation went on"
+
+
+def routed_counts(port: int, path: str = "/") -> tuple:
+    """(prefix, least_loaded) of jina_llm_stream_routed_requests_total on a metrics endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).text
+    counts = dict(re.findall(r'^jina_llm_stream_routed_requests_total\{reason="(\w+)"\} (\S+)$', text, re.M))
+    return float(counts["prefix"]), float(counts["least_loaded"])
+
+
+def test_routing_counters_count_each_request_by_reason(tiny_models):
+    """--monitoring: the gateway's metrics port counts the Jina protocols' requests, the OpenAI router's
+    GET /metrics its own. A long prompt sent three times goes once by load (nothing matched yet), then twice by
+    prefix; a short one always by load."""
+    port, openai_port, gateway_metrics = free_port(), free_port(), free_port()
+    args = [PYTHON, "jina_server.py", "--model_name", str(tiny_models["chat"]), "--port", str(port), "--replicas",
+            "2", "--openai-port", str(openai_port), "--monitoring", "--port-monitoring", str(free_port()),
+            "--gateway-port-monitoring", str(gateway_metrics)]
+    long = [{"role": "system", "content": system_prompt(1)}, {"role": "user", "content": "Question?"}]
+    short = [{"role": "user", "content": "hi"}]
+
+    async def grpc_requests():
+        client = Client(host=f"grpc://127.0.0.1:{port}", asyncio=True)
+        for turn, messages in enumerate([long, long, long, short, short]):
+            await conversation_turn(client, messages, turn)  # /chat and /stream in turn
+
+    async def openai_requests():
+        async with httpx.AsyncClient(timeout=60) as http:
+            for messages in [long, long, long, short, short]:
+                response = await http.post(f"http://127.0.0.1:{openai_port}/v1/chat/completions",
+                                           json={"model": str(tiny_models["chat"]), "messages": messages,
+                                                 "max_tokens": 4})
+                assert response.status_code == 200, response.text
+
+    with serve_process(args) as (process, log):
+        assert process.poll() is None, log.read_text()
+        assert f"gateway metrics (routing, migrations) on port {gateway_metrics}" in log.read_text()
+        run(until_every_replica_answers(port, log, 2, "grpc"))
+        before = routed_counts(gateway_metrics)
+        run(grpc_requests())
+        after = routed_counts(gateway_metrics)
+        assert (after[0] - before[0], after[1] - before[1]) == (2, 3), (before, after)
+        assert routed_counts(openai_port, "/metrics") == (0, 0)
+        run(openai_requests())
+        assert routed_counts(openai_port, "/metrics") == (2, 3)
+        assert routed_counts(gateway_metrics) == after  # the OpenAI router's requests are not the gateway's

@@ -81,3 +81,38 @@ def test_kv_pool_holders_are_read_at_each_scrape_and_preemptions_are_counted_by_
     metrics.preempted("fairness")
     assert value("jina_llm_stream_preemptions_total", {"reason": "kv_pool"}) == 2
     assert value("jina_llm_stream_preemptions_total", {"reason": "fairness"}) == 1
+
+
+def test_routing_metrics_count_routes_by_reason_and_migrations_by_outcome():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from executor.metrics import RoutingMetrics
+    from executor.router import Route
+
+    registry = CollectorRegistry()
+    metrics = RoutingMetrics(registry)
+    before = generate_latest(registry).decode()
+    assert 'jina_llm_stream_routed_requests_total{reason="prefix"} 0.0' in before  # there from the start
+    assert 'jina_llm_stream_migrations_total{outcome="no_replica"} 0.0' in before
+    for reason in ("prefix", "prefix", "least_loaded"):
+        metrics.route(Route("a", reason, 0))
+    metrics.migration("reissued")
+    text = generate_latest(registry).decode()
+    assert 'jina_llm_stream_routed_requests_total{reason="prefix"} 2.0' in text
+    assert 'jina_llm_stream_routed_requests_total{reason="least_loaded"} 1.0' in text
+    assert 'jina_llm_stream_migrations_total{outcome="reissued"} 1.0' in text
+
+
+def test_a_replica_that_could_not_be_reached_is_not_a_cut_answer():
+    import grpc
+
+    from executor.jina_compat import _died_under
+
+    class Error:
+        def __init__(self, code, details):
+            self.code, self.details = (lambda: code), (lambda: details)
+
+    assert _died_under(Error(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert not _died_under(Error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
+                                                              "UNKNOWN: ipv4:127.0.0.1:1: Connection refused"))
+    assert not _died_under(Error(grpc.StatusCode.INVALID_ARGUMENT, "bad"))
