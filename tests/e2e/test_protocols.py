@@ -217,9 +217,11 @@ def test_prometheus_metrics(server):
     generated = [line for line in text.splitlines() if line.startswith("jina_llm_stream_generated_tokens_total")]
     assert float(generated[0].split()[-1]) > 0
     assert 'outcome="length"' in text or 'outcome="stop"' in text
-    joined = [line for line in text.splitlines()
-              if line.startswith('jina_llm_stream_kv_copied_bytes_total{cause="join"}')]
-    assert float(joined[0].split()[-1]) > 0, "a row joined the batch (the warm-up's at least): its tokens were copied"
+    joined = [line for line in text.splitlines() if line.startswith('jina_llm_stream_kv_rows_total{event="join"}')]
+    assert float(joined[0].split()[-1]) > 0, "a row joined the batch (the warm-up's at least)"
+    assert 'jina_llm_stream_kv_copied_bytes_total{cause="join"}' in text  # 0 when each joined an empty batch
+    pool = dict(re.findall(r'jina_llm_stream_kv_pool_tokens\{holder="(\w+)"\} ([0-9.e+]+)', text))
+    assert set(pool) == {"batch", "prefix_cache", "free"} and float(pool["prefix_cache"]) > 0, pool
 
 
 def replica_metrics_ports(server) -> list:
