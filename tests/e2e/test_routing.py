@@ -114,8 +114,12 @@ async def until_every_replica_answers(port: int, log, replicas: int, protocol: s
     prompt = Prompt(message=[{"role": "user", "content": "hi"}], gen_conf={"max_new_tokens": 2})
 
     async def one():
-        return [p async for p in client.stream_doc(on="/stream", inputs=prompt, return_type=Generation)]
+        try:
+            return [p async for p in client.stream_doc(on="/stream", inputs=prompt, return_type=Generation)]
+        except ConnectionError as error:  # the server's own account of why its gateway is not there
+            raise AssertionError(f"{error}\nserver log (end):\n{log.read_text(errors='replace')[-6000:]}") from error
 
+    assert "ready to serve" in log.read_text(errors="replace"), log.read_text(errors="replace")[-6000:]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         await asyncio.gather(*(one() for _ in range(replicas)))
