@@ -203,6 +203,7 @@ def serve(args, settings) -> int:
     kwargs = deployment_kwargs(args, settings, TokenStreamingExecutor)
     os.environ[ROUTING_ENV] = args.routing  # read by the gateway's process (executor/jina_compat.py)
     os.environ[MIGRATIONS_ENV] = str(args.migrations)  # likewise, and by the OpenAI router
+    share_the_cores(args.replicas)
     # Bounds how long a stop waits for each process's "I am down" signal (Jina's default: 60 s), which
     # it can miss when Ctrl-C reaches the whole process group at once. Local readiness pings need far less.
     kwargs["timeout_ctrl"] = 5
@@ -263,6 +264,15 @@ def monitor_the_gateway(deployment, port) -> None:
     gateway_args.monitoring, gateway_args.port_monitoring = True, port or free_loopback_ports(1)[0]
     logging.getLogger("jina_llm_stream").info("gateway metrics (routing, migrations) on port %d",
                                               gateway_args.port_monitoring)
+
+
+def share_the_cores(replicas: int) -> None:
+    """Several replicas on this machine: each computes on its share of the cores (executor.py's
+    share_the_cpu), unless the user chose the threads (OMP_NUM_THREADS, or the variable itself)."""
+    from executor.executor import CPU_THREADS_ENV
+
+    if replicas > 1 and CPU_THREADS_ENV not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ[CPU_THREADS_ENV] = str(max(1, len(os.sched_getaffinity(0)) // replicas))
 
 
 def openai_router(args):

@@ -14,6 +14,7 @@ import threading
 from dataclasses import replace
 from typing import Optional
 
+import torch
 from docarray import DocList
 from jina import Executor, requests
 
@@ -37,6 +38,21 @@ jina_compat.install()
 log = logging.getLogger("jina_llm_stream.executor")
 
 STREAM_TEXT_MODES = ("delta", "cumulative")
+
+
+# Set by jina_server.py when several replicas share one machine: each replica's share of its CPU threads.
+CPU_THREADS_ENV = "JINA_LLM_STREAM_CPU_THREADS"
+
+
+def share_the_cpu() -> None:
+    """Replicas on one machine each take their share of its cores: with torch's default (every core) in each,
+    N replicas run N x cores compute threads on the cores, and a busy replica's answers reached its clients in
+    bursts (the thread sending the pieces got no CPU for seconds: measured with 2 replicas on 2 cores)."""
+    threads = os.environ.get(CPU_THREADS_ENV)
+    if threads and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+        log.info("this replica computes on %d CPU thread(s): its share of the machine's (%s)", int(threads),
+                 CPU_THREADS_ENV)
 
 
 class TokenStreamingExecutor(Executor):
@@ -83,6 +99,7 @@ class TokenStreamingExecutor(Executor):
         self.max_prompts_per_call = min(max_prompts_per_call, max_queue)
         # What a chat template may add around the content (role markers, system preambles) is bounded too.
         self.max_rendered_chars = 2 * max_prompt_chars + 65_536
+        share_the_cpu()
         try:
             loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                           allow_pickle=allow_pickle, quantize=quantize)
