@@ -40,18 +40,27 @@ log = logging.getLogger("jina_llm_stream.executor")
 STREAM_TEXT_MODES = ("delta", "cumulative")
 
 
-# Set by jina_server.py when several replicas share one machine: each replica's share of its CPU threads.
+# Set when several replicas share one machine: each replica's CPU threads, a number (jina_server.py) or
+# ``share:N``, the cores this replica sees divided by N replicas (the docker-compose export's workers).
 CPU_THREADS_ENV = "JINA_LLM_STREAM_CPU_THREADS"
+
+
+def cpu_threads(value: str | None):
+    """The threads ``JINA_LLM_STREAM_CPU_THREADS`` asks for, or None (unset or not understood)."""
+    value = (value or "").strip()
+    if value.startswith("share:") and value[len("share:"):].isdigit() and int(value[len("share:"):]) > 0:
+        return max(1, len(os.sched_getaffinity(0)) // int(value[len("share:"):]))
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def share_the_cpu() -> None:
     """Replicas on one machine each take their share of its cores: with torch's default (every core) in each,
     N replicas run N x cores compute threads on the cores, and a busy replica's answers reached its clients in
     bursts (the thread sending the pieces got no CPU for seconds: measured with 2 replicas on 2 cores)."""
-    threads = os.environ.get(CPU_THREADS_ENV)
-    if threads and threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-        log.info("this replica computes on %d CPU thread(s): its share of the machine's (%s)", int(threads),
+    threads = cpu_threads(os.environ.get(CPU_THREADS_ENV))
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("this replica computes on %d CPU thread(s): its share of the machine's (%s)", threads,
                  CPU_THREADS_ENV)
 
 

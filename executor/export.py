@@ -8,7 +8,8 @@ Jina writes a gateway that runs its stock image and a worker per replica. Rewrit
 - the gateway routes by prefix (executor/router.py) unless ``--routing round_robin`` was given, and continues
   streams of a dead replica ``--migrations`` times (default 1);
 - docker-compose: Jina mounts the host's ``~/.cache/jina`` over the worker's ``/app``, which hides the
-  project's code there; the workspace moves to ``/tmp`` and the mount goes.
+  project's code there; the workspace moves to ``/tmp`` and the mount goes. Its workers run on one host, so
+  each computes on its share of the cores (``JINA_LLM_STREAM_CPU_THREADS=share:N``, executor.py).
 """
 
 from pathlib import Path
@@ -54,6 +55,7 @@ def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routi
                            migrations: int = DEFAULT_MIGRATIONS) -> None:
     path = Path(file)
     compose = yaml.safe_load(path.read_text())
+    workers = [name for name in compose["services"] if name != "gateway"]
     for name, service in compose["services"].items():
         if name == "gateway":
             service["image"] = image
@@ -63,10 +65,21 @@ def rewrite_docker_compose(file: str, image: str, openai_port: int | None, routi
                 service.setdefault("ports", []).append(f"{openai_port}:{openai_port}")
         else:
             service.pop("volumes", None)
+            _set_environment(service, "JINA_LLM_STREAM_CPU_THREADS", f"share:{len(workers)}")
             command = service["command"]
             if "--workspace" in command:
                 command[command.index("--workspace") + 1] = "/tmp/jina-workspace"
     path.write_text(yaml.safe_dump(compose, sort_keys=False))
+
+
+def _set_environment(service: dict, name: str, value: str) -> None:
+    """Set one variable in a compose service's environment (a mapping, or Jina's list of NAME=value)."""
+    environment = service.get("environment") or []
+    if isinstance(environment, dict):
+        environment[name] = value
+    else:
+        environment = [item for item in environment if not str(item).startswith(f"{name}=")] + [f"{name}={value}"]
+    service["environment"] = environment
 
 
 def _gateway_flags(openai_port: int | None, routing: str, migrations: int) -> list:

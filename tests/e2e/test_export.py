@@ -91,6 +91,10 @@ def test_docker_compose_export_runs_the_projects_gateway_and_publishes_the_opena
     assert all(uses_with_of(w["command"])["openai_port"] == 8000 for w in workers)
     # Jina mounted the host's ~/.cache/jina over /app, where the project's code is.
     assert all("volumes" not in w and "/tmp/jina-workspace" in w["command"] for w in workers)
+    # The workers share one host: each computes on its share of the cores (executor.share_the_cpu).
+    environments = [w["environment"] if isinstance(w["environment"], list) else
+                    [f"{k}={v}" for k, v in w["environment"].items()] for w in workers]
+    assert len(workers) == 2 and all("JINA_LLM_STREAM_CPU_THREADS=share:2" in e for e in environments), environments
 
 
 def test_the_exported_gateway_routes_by_prefix_unless_told_round_robin(tmp_path):
