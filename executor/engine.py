@@ -391,11 +391,12 @@ class Engine(AsyncCalls):
 
     def _decode_step(self) -> None:
         drafts = self.speculator.plan(self.runner.running) if self.speculator else None
+        rows = len(self.runner.running)
         self._make_room(1 + max((len(draft) for draft in drafts), default=0) if drafts is not None else 1)
+        if len(self.runner.running) != rows:  # rows were preempted: the drafts no longer line up, a plain step
+            drafts = None
         if not self.runner.running:
             return
-        if drafts is not None and len(drafts) != len(self.runner.running):
-            drafts = self.speculator.plan(self.runner.running)
         running = self.runner.running
         started = time.perf_counter()
         if drafts is not None:

@@ -248,9 +248,9 @@ class BatchKV(Cache):
         # are read masked like padding, skipped by ``row_kv`` and squeezed out when the live columns move.
         self.holes = [0] * max_rows
         self._staged = {}  # row -> StagedKV of a prompt being prefilled there (rows above the running ones)
-        self.capacity_rows = min(max_rows, self.pool.tokens // columns)
-        self.mask = torch.zeros((self.capacity_rows, columns), dtype=torch.long, device=device)
-        layers = [_BatchLayer(self, *self.pool.rows_view(i, self.capacity_rows, columns)) for i in range(len(shapes))]
+        self.mask = torch.zeros((self._view_rows(columns), columns), dtype=torch.long, device=device)
+        layers = [_BatchLayer(self, *self.pool.rows_view(i, self._view_rows(columns), columns))
+                  for i in range(len(shapes))]
         super().__init__(layers=layers)
         self.moves = 0  # times the live columns were moved (for tests), at a join or at a step
         # What was copied (module docstring), counted with integer arithmetic only: bytes by cause, rows that
@@ -374,7 +374,7 @@ class BatchKV(Cache):
         if not self._claim(owned, columns):
             return False
         keep = min(self.columns, columns)
-        capacity = min(self.max_rows, self.pool.tokens // columns)
+        capacity = self._view_rows(columns)
         moved = [self.pool.rows_view(i, capacity, columns) for i in range(len(self.layers))]
         # Growing, a row's new place is after its old one: last row first; shrinking, first row first. Each
         # row goes through a temporary (its old and new place may overlap).
@@ -387,11 +387,15 @@ class BatchKV(Cache):
             layer.keys, layer.values = keys, values
         mask = torch.zeros((capacity, columns), dtype=self.mask.dtype, device=self.device)
         mask[:owned, :keep] = self.mask[:owned, :keep]
-        self.mask, self.columns, self.capacity_rows = mask, columns, capacity
+        self.mask, self.columns = mask, columns
         self.copied_bytes["resize"] += owned * keep * self.token_bytes
         self.resizes += 1
         self._claim(owned)  # shorter rows give blocks back
         return True
+
+    def _view_rows(self, columns: int) -> int:
+        """Rows of ``columns`` the views span: as many as the pool holds (only the held ones are written)."""
+        return min(self.max_rows, self.pool.tokens // columns)
 
     def _claim(self, rows: int, columns: int | None = None) -> bool:
         return self.pool.claim_for_batch(rows * (columns or self.columns))
