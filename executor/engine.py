@@ -34,6 +34,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .errors import EngineError
+from .kv_cache import PoolFull
 from .kv_manager import KVManager
 from .model import context_length, sliding_window
 from .model_runner import ModelRunner, cache_kwarg
@@ -369,7 +370,7 @@ class Engine(AsyncCalls):
             self.scheduler.prefill_done(sequence)
         for sequence in sequences:
             if sequence.generated:  # resumed after a preemption: its next input is known already
-                self.runner.join(sequence, sequence.generated[-1])
+                self._join(sequence, sequence.generated[-1])
         fresh = [(row, s) for row, s in enumerate(sequences) if not s.generated]
         if not fresh:
             return
@@ -377,7 +378,15 @@ class Engine(AsyncCalls):
         chosen = choose_tokens([s.sampler for _, s in fresh], logits[rows, -1, :])
         for (_, sequence), (token, logprob) in zip(fresh, chosen):
             if self.output.accept(sequence, token, logprob):
-                self.runner.join(sequence, token)
+                self._join(sequence, token)
+
+    def _join(self, sequence, next_token: int) -> None:
+        """The prefilled sequence joins the batch; when the rows grew meanwhile and the pool no longer holds it
+        beside them, it waits again (its blocks are in the prefix cache: resuming is cheap)."""
+        try:
+            self.runner.join(sequence, next_token)
+        except PoolFull as error:
+            self._preempt(sequence, f"it could not join ({error})")
 
     # ---- decode -----------------------------------------------------------------------------------
     def _decode_guarded(self) -> None:
@@ -423,13 +432,17 @@ class Engine(AsyncCalls):
                 self.scheduler.prefilling.remove(victim)
             else:
                 self.runner.remove_rows([self.runner.running.index(victim)])
-            self.kv.forget_computed(victim)
-            with self.scheduler.lock:
-                self.scheduler.requeue(victim)
-            log.info("request %d preempted: the KV pool (%d tokens) is short for %d rows' next step",
-                     victim.request_id, self.kv.pool.tokens, len(self.runner.running))
-            if self.metrics is not None:
-                self.metrics.preempted("kv_pool")
+            self._preempt(victim, f"the KV pool ({self.kv.pool.tokens} tokens) is short for "
+                                  f"{len(self.runner.running)} rows' next step")
+
+    def _preempt(self, victim, why: str) -> None:
+        """A sequence out of the batch and the prefilling list gives its row back and waits again."""
+        self.kv.forget_computed(victim)
+        with self.scheduler.lock:
+            self.scheduler.requeue(victim)
+        log.info("request %d preempted: %s", victim.request_id, why)
+        if self.metrics is not None:
+            self.metrics.preempted("kv_pool")
 
     def _verify_step(self, drafts: list) -> None:
         """A speculative step: every row's next token and draft in one forward pass; each row keeps what its

@@ -197,7 +197,12 @@ def plan_kv_memory(memory, bytes_per_token: int, max_rows: int, max_context: int
 
 
 # ---- the running batch ----------------------------------------------------------------------------------
-COPY_CAUSES = ("join", "staged", "leave", "move", "resize")  # the keys of BatchKV.copied_bytes (module docstring)
+class PoolFull(RuntimeError):
+    """A prefilled row cannot join: the rows grew while it was prefilled and the pool holds no more of them
+    (the engine preempts it; it joins later)."""
+
+
+COPY_CAUSES = ("join", "staged", "leave", "move", "resize", "hit")  # the keys of BatchKV.copied_bytes (module docstring)
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -247,6 +252,9 @@ class BatchKV(Cache):
         # Masked columns inside a row's span: draft tokens a speculative step rejected (``commit_step``). They
         # are read masked like padding, skipped by ``row_kv`` and squeezed out when the live columns move.
         self.holes = [0] * max_rows
+        # The cached prefix each row reads in place (SharedPrefix, or None): its tokens come before the row's
+        # own columns (attention.py reads both).
+        self.shared = [None] * max_rows
         self._staged = {}  # row -> StagedKV of a prompt being prefilled there (rows above the running ones)
         self.mask = torch.zeros((self._view_rows(columns), columns), dtype=torch.long, device=device)
         layers = [_BatchLayer(self, *self.pool.rows_view(i, self._view_rows(columns), columns))
@@ -297,8 +305,11 @@ class BatchKV(Cache):
             self.holes[row] += advance - row_kept
 
     def held(self, row: int) -> int:
-        """Tokens whose keys and values the row holds (its span without holes)."""
-        return self.lengths[row] - self.holes[row]
+        """Tokens whose keys and values the row has: its shared prefix, then its span without holes."""
+        return self.shared_tokens(row) + self.lengths[row] - self.holes[row]
+
+    def shared_tokens(self, row: int) -> int:
+        return self.shared[row].tokens if self.shared[row] is not None else 0
 
     # -- prompts being prefilled --
     def stage(self, length: int | None = None) -> "StagedKV":
@@ -323,14 +334,15 @@ class BatchKV(Cache):
         """The fewest columns that hold every running row (after a move of the live columns) and every staged
         prompt."""
         running = self._live_width() + 1 if self.rows else 0
-        return max([running] + [max(s.length, s.filled) + 1 for s in self._staged.values()])
+        return max([running] + [max(s.length, s.own_filled) + 1 for s in self._staged.values()])
 
-    def room_for_row(self, length: int) -> bool:
-        """Could a prompt of ``length`` tokens be staged now (evicting cached blocks if need be)?"""
+    def room_for_row(self, length: int, pinning: int = 0) -> bool:
+        """Could a prompt of ``length`` tokens be staged now (evicting cached blocks if need be), with
+        ``pinning`` more cached blocks pinned (a shared prefix it would read in place)?"""
         row = self._free_row()
         need = max(length + 1, self._needed_columns())
         return row is not None and need <= self.max_columns and \
-            max(self.owned_rows(), row + 1) * need <= self.pool.tokens
+            max(self.owned_rows(), row + 1) * need <= self.pool.batch_room() - pinning * self.pool.block_size
 
     def room_for_step(self, width: int = 1) -> bool:
         """Could the next step of ``width`` tokens per row run (after a move of the live columns, or with longer
@@ -338,14 +350,14 @@ class BatchKV(Cache):
         if self.column + width <= self.columns:
             return True
         need = max(self._live_width() + width, self._needed_columns())
-        return need <= self.columns or (need <= self.max_columns and self.owned_rows() * need <= self.pool.tokens)
+        return need <= self.columns or (need <= self.max_columns and self.owned_rows() * need <= self.pool.batch_room())
 
     def _fit(self, rows: int, need: int) -> bool:
         """Lay the rows out so that ``rows`` rows of at least ``need`` columns fit in the pool: longer where a
         row needs more, shorter (the live columns moved to the start first) where the pool cannot hold them so
         long; then hold their blocks. False, with nothing changed, when they cannot fit."""
         need = max(need, self._needed_columns())
-        if need > self.columns or rows * self.columns > self.pool.tokens:
+        if need > self.columns or rows * self.columns > self.pool.batch_room():
             columns = self.grown_columns(need, rows)
             if columns is None:
                 return False
@@ -359,7 +371,7 @@ class BatchKV(Cache):
         """Columns for rows that must hold ``need``: a quarter more (a move every so many steps, not every
         step), within ``max_columns`` and what the pool holds for ``rows`` rows; None when ``need`` does not
         fit."""
-        fits = min(self.max_columns, self.pool.tokens // max(1, rows))
+        fits = min(self.max_columns, self.pool.batch_room() // max(1, rows))
         if need > fits:
             return None
         wanted = -(-(need + max(16, need // 4)) // 16) * 16
@@ -403,15 +415,22 @@ class BatchKV(Cache):
     def unstage(self, staged: "StagedKV") -> None:
         if self._staged.get(staged.row) is staged:
             del self._staged[staged.row]
+            staged.release_shared()
             self._give_back()
 
     def join(self, staged: "StagedKV", length: int) -> int:
         """Move a prefilled prompt's first ``length`` tokens into the running batch (next row); returns it."""
-        target = self.rows
-        kv = staged.tokens(0, length)
+        own = length - staged.shared_tokens
+        if not self._fit(max(self.owned_rows(), self.rows + 1), own + 1):  # before anything changes
+            raise PoolFull(f"a row of {own} tokens does not fit the KV pool's {self.pool.batch_room()} tokens "
+                           f"beside {self.rows} rows of {self._needed_columns()}")
+        target, shared = self.rows, staged.shared
+        kv = staged.tokens(staged.shared_tokens, length)
+        length -= staged.shared_tokens  # its own columns (the shared prefix is read where it is cached)
+        staged.shared = None  # the row takes the reference over
         if target == staged.row and self.rows == 0:  # it is the batch's first row already: nothing moves
             del self._staged[staged.row]
-            return self._adopt_row(target, length)
+            return self._adopt_row(target, length, shared)
         if target == staged.row or target in self._staged:
             kv = [(keys.clone(), values.clone()) for keys, values in kv]  # its row is about to be written
             self.copied_bytes["join"] += length * self.token_bytes
@@ -419,23 +438,25 @@ class BatchKV(Cache):
         other = self._staged.get(target)
         if other is not None:  # another prompt is being prefilled in that row: it moves to the freed one
             self._move_staged(other, staged.row)
-        row = self.add_row(kv, length)
+        row = self.add_row(kv, length, shared)
         self._give_back()
         return row
 
     def _move_staged(self, staged: "StagedKV", row: int) -> None:
+        own = staged.own_filled
         for layer in self.layers:
-            layer.keys[row, :, :staged.filled].copy_(layer.keys[staged.row, :, :staged.filled])
-            layer.values[row, :, :staged.filled].copy_(layer.values[staged.row, :, :staged.filled])
-        self.copied_bytes["staged"] += staged.filled * self.token_bytes
+            layer.keys[row, :, :own].copy_(layer.keys[staged.row, :, :own])
+            layer.values[row, :, :own].copy_(layer.values[staged.row, :, :own])
+        self.copied_bytes["staged"] += own * self.token_bytes
         del self._staged[staged.row]
         staged.row = row
         self._staged[row] = staged
 
     # -- rows --
-    def add_row(self, layer_kv: list, length: int) -> int:
-        """Copy one sequence's cache (per layer ``(keys, values)`` of ``[kv_heads, length, dim]``) into a new
-        row, right-aligned to the write column. Returns the row's index."""
+    def add_row(self, layer_kv: list, length: int, shared=None) -> int:
+        """Copy one sequence's cache (per layer ``(keys, values)`` of ``[kv_heads, length, dim]``: the tokens
+        after its ``shared`` prefix, if it reads one in place) into a new row, right-aligned to the write
+        column. Returns the row's index."""
         if self.rows == self.max_rows or self.rows in self._staged:
             raise RuntimeError("no free row in the KV cache")  # the engine admits at most max_rows
         # (From ``join`` this changes no layout: the staged row was laid out for its tokens and held.)
@@ -456,18 +477,19 @@ class BatchKV(Cache):
         self.mask[row, start:self.column] = 1
         self.lengths[row] = length
         self.holes[row] = 0
+        self.shared[row] = shared
         self.rows += 1
         self.copied_bytes["join"] += length * self.token_bytes
         self.joins += 1
         return row
 
-    def _adopt_row(self, row: int, length: int) -> int:
+    def _adopt_row(self, row: int, length: int, shared=None) -> int:
         """The staged row ``row`` (the batch's first) becomes a running row as it is: its tokens are in
         columns ``[0, length)``, so the write column is ``length``."""
         self.column = length
         self.mask[row].zero_()
         self.mask[row, :length] = 1
-        self.lengths[row], self.holes[row] = length, 0
+        self.lengths[row], self.holes[row], self.shared[row] = length, 0, shared
         self.rows += 1
         self.joins += 1
         return row
@@ -485,6 +507,9 @@ class BatchKV(Cache):
         order = list(range(self.rows))
         for index in sorted(set(indices), reverse=True):
             last = len(order) - 1
+            if self.shared[index] is not None:
+                self.shared[index].release()
+                self.shared[index] = None
             if index != last:
                 self._copy_row(last, index)
                 self.copied_bytes["leave"] += self.column * self.token_bytes
@@ -504,10 +529,12 @@ class BatchKV(Cache):
                 "token_bytes": self.token_bytes}
 
     def row_kv(self, row: int, start: int, end: int) -> list:
-        """Per layer ``(keys, values)`` of tokens ``[start, end)`` of ``row`` (its own positions): views, or
-        copies gathered around its holes."""
-        if not 0 <= start <= end <= self.held(row):  # a short read would broadcast into a block unnoticed
-            raise IndexError(f"tokens [{start}, {end}) of row {row}, which holds {self.held(row)}")
+        """Per layer ``(keys, values)`` of tokens ``[start, end)`` of ``row`` (positions in its sequence, after
+        its shared prefix, which stays where it is cached): views, or copies gathered around its holes."""
+        shared = self.shared_tokens(row)
+        if not shared <= start <= end <= self.held(row):  # a short read would broadcast into a block unnoticed
+            raise IndexError(f"tokens [{start}, {end}) of row {row}, which holds [{shared}, {self.held(row)})")
+        start, end = start - shared, end - shared
         first = self.column - self.lengths[row]
         if self.holes[row]:
             columns = self._held_columns(row)[start:end]
@@ -528,6 +555,7 @@ class BatchKV(Cache):
         self.mask[target].copy_(self.mask[source])
         self.lengths[target] = self.lengths[source]
         self.holes[target] = self.holes[source]
+        self.shared[target], self.shared[source] = self.shared[source], None
 
     def _squeeze_holes(self) -> int:
         """Right-align each row's held tokens to the write column, without holes. Returns the bytes copied."""
@@ -591,17 +619,17 @@ class _StagedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        row, start = self.staged.row, self.staged.filled
+        row, start = self.staged.row, self.staged.own_filled
         end = start + key_states.shape[-2]
         self.storage.keys[row, :, start:end].copy_(key_states[0])
         self.storage.values[row, :, start:end].copy_(value_states[0])
         return self.storage.keys[row:row + 1, :, :end], self.storage.values[row:row + 1, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple:
-        return self.staged.filled + query_length, 0
+        return self.staged.own_filled + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.staged.filled
+        return self.staged.own_filled
 
     def get_max_length(self) -> int:
         return self.storage.keys.shape[2]
@@ -610,33 +638,84 @@ class _StagedLayer(CacheLayerMixin):
 class StagedKV(Cache):
     """One prompt's cache while it is prefilled: a free row of the batch's storage (so it is inside the memory
     budget), filled from column 0, chunk after chunk or with blocks from the prefix cache; ``filled`` tokens
-    are valid. ``BatchKV.join`` then moves it into the running batch."""
+    are valid. A prompt may start with a ``shared`` prefix read in place where the prefix cache keeps it
+    (attention.py): its own columns then hold the tokens after it (``filled`` counts both; positions given to
+    ``tokens`` and ``write`` are the sequence's). ``BatchKV.join`` then moves it into the running batch."""
 
     def __init__(self, batch: "BatchKV", row: int, length: int = 0):
         self.batch, self.row, self.filled = batch, row, 0
-        self.length = length  # the tokens it is staged for (the row is at least one longer)
+        self.length = length  # the own tokens it is staged for (the row is at least one longer)
+        self.shared = None  # a SharedPrefix, or None
         super().__init__(layers=[_StagedLayer(self, layer) for layer in batch.layers])
 
+    @property
+    def shared_tokens(self) -> int:
+        return self.shared.tokens if self.shared is not None else 0
+
+    @property
+    def own_filled(self) -> int:
+        return self.filled - self.shared_tokens
+
+    def share(self, shared) -> None:
+        """Read ``shared`` (a SharedPrefix, or None) in place of the first tokens; only before any token of its
+        own is computed. The prefix it read before is released."""
+        if self.own_filled:
+            raise RuntimeError("a shared prefix can only be taken before the row computes tokens of its own")
+        if self.shared is not None and self.shared is not shared:
+            self.shared.release()
+        self.shared = shared
+        self.filled = self.shared_tokens
+
+    def release_shared(self) -> None:
+        """It leaves without joining: its shared prefix is unpinned."""
+        if self.shared is not None:
+            self.shared.release()
+            self.shared = None
+
     def tokens(self, start: int, end: int) -> list:
-        """Per layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` views."""
-        return [(layer.keys[self.row, :, start:end], layer.values[self.row, :, start:end])
+        """Per layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` views of positions ``[start, end)``, after
+        the shared prefix."""
+        own = start - self.shared_tokens
+        if own < 0:
+            raise IndexError(f"tokens from {start} of a row whose first {self.shared_tokens} are shared")
+        return [(layer.keys[self.row, :, own:own + end - start], layer.values[self.row, :, own:own + end - start])
                 for layer in self.batch.layers]
 
     def write(self, layer_kv: list, start: int) -> None:
-        """Copy per layer ``(keys, values)`` ``[kv_heads, tokens, dim]`` in at ``start``; ``filled`` follows."""
-        end = start + layer_kv[0][0].shape[-2]
-        for layer, (keys, values) in zip(self.batch.layers, layer_kv):
-            layer.keys[self.row, :, start:end].copy_(keys)
-            layer.values[self.row, :, start:end].copy_(values)
-        self.filled = max(self.filled, end)
+        """Copy per layer ``(keys, values)`` ``[kv_heads, tokens, dim]`` in at position ``start`` (after the
+        shared prefix); ``filled`` follows."""
+        count = layer_kv[0][0].shape[-2]
+        for (keys, values), (new_keys, new_values) in zip(self.tokens(start, start + count), layer_kv):
+            keys.copy_(new_keys)
+            values.copy_(new_values)
+        self.filled = max(self.filled, start + count)
 
 
 # ---- the prefix cache -----------------------------------------------------------------------------------
 class _Block:
-    __slots__ = ("tokens", "parent", "children", "index")
+    __slots__ = ("tokens", "parent", "children", "index", "pins")
 
     def __init__(self, tokens: tuple, parent, index: int):
         self.tokens, self.parent, self.children, self.index = tokens, parent, {}, index
+        self.pins = 0  # rows reading it in place: it may move, never be evicted
+
+
+class SharedPrefix:
+    """Cached blocks (a path from the root) that a row reads in place instead of copying them: pinned in the
+    prefix cache until ``release``. ``tokens`` of the row's sequence come from them."""
+
+    def __init__(self, cache: "PrefixCache", path: list):
+        self.cache, self.path = cache, path
+        self.tokens = len(path) * cache.block_size
+        self.key = path[-1]  # the deepest block names the whole path: rows with the same key read together
+
+    def block_indices(self) -> list:
+        return [node.index for node in self.path]
+
+    def release(self) -> None:
+        if self.path:
+            self.cache._unpin(self.path)
+            self.path = []
 
 
 class PrefixCache:
@@ -650,7 +729,7 @@ class PrefixCache:
         self.pool.tenant = self
         self.block_size = self.pool.block_size
         # Per layer [blocks, kv_heads, block_size, dim] views: block i is contiguous.
-        self._views = [self.pool.blocks_view(layer) for layer in range(len(shapes))]
+        self.block_views = [self.pool.blocks_view(layer) for layer in range(len(shapes))]
         self._root = _Block((), None, -1)
         self.floor = self.pool.batch_blocks  # blocks below are the batch's
         self._free = list(range(self.floor, self.pool.blocks))  # popped from the end: the highest first
@@ -658,6 +737,7 @@ class PrefixCache:
         self._leaves: OrderedDict = OrderedDict()  # evictable blocks, least recently used first
         self.evictions = 0
         self.relocations = 0  # blocks moved out of the growing batch's way
+        self.pinned_blocks = 0  # blocks that running or prefilling rows read in place (SharedPrefix)
 
     @property
     def capacity(self) -> int:
@@ -677,11 +757,11 @@ class PrefixCache:
             while index in self._by_index:
                 if self._free:
                     self._move(self._by_index[index], self._free.pop())
-                else:
-                    self._evict(next(iter(self._leaves)))
+                else:  # the pool checked that the pinned blocks fit above (KVPool.batch_room)
+                    self._evict(self._evictable())
 
     def _move(self, node: "_Block", index: int) -> None:
-        for keys, values in self._views:
+        for keys, values in self.block_views:
             keys[index].copy_(keys[node.index])
             values[index].copy_(values[node.index])
         del self._by_index[node.index]
@@ -718,15 +798,17 @@ class PrefixCache:
                 runs[-1][2] += 1
             else:
                 runs.append([number, node.index, 1])  # [first block number, first pool index, blocks]
-        for layer, (keys, values) in zip(target.batch.layers, self._views):
+        offset = target.shared_tokens  # the target's own columns start after its shared prefix
+        for layer, (keys, values) in zip(target.batch.layers, self.block_views):
             for number, index, count in runs:
-                span = slice(number * size, (number + count) * size)
+                span = slice(number * size - offset, (number + count) * size - offset)
                 # The row's columns seen as [blocks, kv_heads, block_size, dim], the blocks' own layout.
                 layer.keys[target.row, :, span].unflatten(1, (count, size)).transpose(0, 1).copy_(
                     keys[index:index + count])
                 layer.values[target.row, :, span].unflatten(1, (count, size)).transpose(0, 1).copy_(
                     values[index:index + count])
         target.filled = max(target.filled, len(path) * size)
+        target.batch.copied_bytes["hit"] += (len(path) - skip) * size * target.batch.token_bytes
 
     def insert(self, tokens, count: int, layer_kv) -> int:
         """Add the whole blocks of ``tokens[:count]`` that are missing. ``layer_kv(start, end)`` gives the
@@ -739,7 +821,7 @@ class PrefixCache:
                 if index is None:
                     break
                 start = number * self.block_size
-                for (keys, values), (k, v) in zip(self._views, layer_kv(start, start + self.block_size)):
+                for (keys, values), (k, v) in zip(self.block_views, layer_kv(start, start + self.block_size)):
                     keys[index].copy_(k)
                     values[index].copy_(v)
                 child = _Block(block_tokens, node, index)
@@ -754,10 +836,33 @@ class PrefixCache:
             node = child
         return added
 
+    def _evictable(self, protect: frozenset = frozenset()):
+        """The least recently used leaf that no row reads and ``protect`` does not hold; None if none."""
+        return next((leaf for leaf in self._leaves if not leaf.pins and leaf not in protect), None)
+
+    def share(self, path: list) -> SharedPrefix:
+        """Pin ``path`` (from ``match``) for a row that reads it in place."""
+        for node in path:
+            if not node.pins:
+                self.pinned_blocks += 1
+            node.pins += 1
+        return SharedPrefix(self, path)
+
+    @staticmethod
+    def unpinned(path: list) -> int:
+        """Blocks of ``path`` that pinning it would add to ``pinned_blocks``."""
+        return sum(1 for node in path if not node.pins)
+
+    def _unpin(self, path: list) -> None:
+        for node in path:
+            node.pins -= 1
+            if not node.pins:
+                self.pinned_blocks -= 1
+
     def _allocate(self, protect: set):
         if self._free:
             return self._free.pop()
-        victim = next((leaf for leaf in self._leaves if leaf not in protect), None)
+        victim = self._evictable(protect)
         if victim is None:
             return None
         self._evict(victim)

@@ -11,6 +11,9 @@ share as their tokens come and go; a sequence is admitted when the pool holds it
 
 import logging
 
+import torch
+
+from .attention import PrefixGroup, SharedPrefixPass, enable_shared_prefix
 from .kv_cache import BatchKV, PrefixCache, StagedKV, plan_kv_memory, probe_layer_shapes
 from .kv_pool import KVPool
 
@@ -42,18 +45,64 @@ class KVManager:
         self.batch = BatchKV(shapes, self.plan.rows, min(INITIAL_COLUMNS, self.plan.columns), device, self.pool,
                              max_columns=self.plan.columns)
         self.prefix = PrefixCache(shapes, 0, block_size, device, self.pool) if prefix_caching else None
+        self.device = device
+        # Hits by reference: a row reads its cached prefix where the prefix cache keeps it (attention.py).
+        self.sharing = False
+        if self.prefix is not None:
+            refused = enable_shared_prefix(model, cache_kwarg, device, block_size)
+            self.sharing = refused is None
+            if refused:
+                log.info("prefix-cache hits are copied into each row for this model (%s)", refused)
 
     # -- a sequence's own cache --
     def stage(self, sequence) -> None:
-        """Give a sequence about to be prefilled a free row of the storage, if it has none yet."""
-        if sequence.cache is None:
-            sequence.cache = self.batch.stage(len(sequence.context_ids()))
+        """Give a sequence about to be prefilled a free row of the storage, if it has none yet. A fresh one
+        reads its longest cached prefix in place (pinned now, so that it cannot be evicted under it), and its
+        row only holds the tokens after it."""
+        if sequence.cache is not None:
+            return
+        context = sequence.context_ids()
+        path = self._shareable(context) if sequence.prefilled == 0 else []
+        shared = self.prefix.share(path) if path and self._can_pin(path) else None
+        try:
+            staged = self.batch.stage(len(context) - (shared.tokens if shared else 0))
+        except RuntimeError:
+            if shared is not None:
+                shared.release()
+            raise
+        sequence.cache = staged
+        if shared is not None:
+            self._take_shared(sequence, staged, shared)
+
+    def _shareable(self, context: list) -> list:
+        """The cached path a fresh prompt would read in place (empty when hits are copied or too short)."""
+        if not self.sharing:
+            return []
+        path = self.prefix.match(context, len(context) - 1)
+        return path if len(path) * self.block_size >= MIN_REUSED_TOKENS else []
+
+    def _can_pin(self, path: list) -> bool:
+        """Would the batch's rows, as laid out now, still fit beside ``path`` pinned?"""
+        extra = self.prefix.unpinned(path) * self.block_size
+        return self.pool.batch_blocks * self.block_size <= self.pool.batch_room() - extra
+
+    def _take_shared(self, sequence, staged: StagedKV, shared) -> None:
+        before = staged.shared_tokens
+        staged.share(shared)
+        if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
+            sequence.cached_tokens += shared.tokens - before
+        sequence.prefilled = shared.tokens
 
     def room_for(self, sequence) -> bool:
-        """Admission by tokens: does the pool hold this sequence's context and the first ``ANSWER_MARGIN``
-        tokens of what it still has to answer, beside the rows there now (cached blocks give way)?"""
+        """Admission by tokens: does the pool hold this sequence's context (less a cached prefix it would read
+        in place) and the first ``ANSWER_MARGIN`` tokens of what it still has to answer, beside the rows there
+        now (cached blocks give way)?"""
         answer = min(ANSWER_MARGIN, max(0, sequence.max_new_tokens - len(sequence.generated)))
-        return self.batch.room_for_row(len(sequence.context_ids()) + answer)
+        context = sequence.context_ids()
+        path = self._shareable(context) if sequence.prefilled == 0 else []
+        # Its newly pinned blocks leave the batch less room: counted with its row.
+        return self.batch.room_for_row(len(context) - len(path) * self.block_size + answer,
+                                       self.prefix.unpinned(path) if path else 0)
 
     def release(self, sequence) -> None:
         """A sequence leaving before it joined the batch (finished, failed, preempted) frees its staged row;
@@ -79,6 +128,10 @@ class KVManager:
         have = sequence.prefilled // size
         if len(path) <= have or (have == 0 and len(path) * size < MIN_REUSED_TOKENS):
             return
+        if self.sharing and not sequence.cache.own_filled and self._can_pin(path):
+            # Nothing computed of its own yet: read it in place.
+            self._take_shared(sequence, sequence.cache, self.prefix.share(path))
+            return
         self.prefix.read_into(path, have, sequence.cache)
         if not sequence.generated:  # a resumed (preempted) sequence already reported its cached tokens
             sequence.cached_tokens += (len(path) - have) * size
@@ -98,6 +151,19 @@ class KVManager:
             sequence, length = running[index], self.batch.held(index)
             self.prefix.insert(sequence.tokens()[:length], length,
                                lambda a, b, row=index: self.batch.row_kv(row, a, b))
+
+    def shared_pass(self, shared: list):
+        """What a forward pass whose rows read ``shared`` (a SharedPrefix or None per row) in place needs
+        (attention.py), or None when no row does."""
+        groups = {}
+        for row, prefix in enumerate(shared):
+            if prefix is not None:
+                groups.setdefault(prefix.key, (prefix, []))[1].append(row)
+        if not groups:
+            return None
+        return SharedPrefixPass([PrefixGroup(torch.tensor(rows, device=self.device),
+                                             _blocks(prefix.block_indices(), self.device), prefix.tokens)
+                                 for prefix, rows in groups.values()], self.prefix.block_views)
 
     # -- prompts that arrive together and share blocks compute them once --
     def claimed_blocks(self, prefilling: list) -> dict:
@@ -133,3 +199,11 @@ class KVManager:
                 hashes.append(running)
             sequence.block_hashes = (len(context), hashes)
         return sequence.block_hashes[1]
+
+
+def _blocks(indices: list, device):
+    """Block indices as a slice when they are one ascending run (a view, no gather), else a tensor."""
+    first = indices[0]
+    if indices == list(range(first, first + len(indices))):
+        return slice(first, first + len(indices))
+    return torch.tensor(indices, device=device)

@@ -54,12 +54,17 @@ class KVPool:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
+    def batch_room(self) -> int:
+        """Token slots the batch may hold: all but the cached blocks that running rows read in place (pinned:
+        they may move out of the batch's way, never be evicted)."""
+        return (self.blocks - (self.tenant.pinned_blocks if self.tenant is not None else 0)) * self.block_size
+
     def claim_for_batch(self, tokens: int) -> bool:
         """Let the batch hold ``tokens`` token slots from the pool's start (more or fewer than now). False,
-        with nothing changed, when the pool is smaller; otherwise the prefix cache's blocks in the way move up
-        or are evicted first."""
+        with nothing changed, when the pool (less its pinned blocks) is smaller; otherwise the prefix cache's
+        blocks in the way move up or are evicted first."""
         blocks = self.blocks_for(tokens)
-        if blocks > self.blocks:
+        if blocks > self.batch_room() // self.block_size:
             return False
         if self.tenant is not None:
             self.tenant.vacate_below(blocks)

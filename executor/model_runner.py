@@ -9,9 +9,12 @@ accepted. It chooses no token and emits nothing (vLLM's model runner and persist
 """
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
+
+from .attention import SHARED
 
 
 def cache_kwarg(model) -> str:
@@ -36,10 +39,12 @@ class ModelRunner:
     # -- prefill --
     def prefill_chunk(self, sequence, token_ids: list, start: int) -> torch.Tensor:
         """Positions ``start ..`` of one sequence, into its staged cache; the last position's logits."""
-        end = start + len(token_ids)
-        logits = self._prefill_logits(torch.tensor([token_ids], dtype=torch.long, device=self.device),
-                                      torch.ones((1, end), dtype=torch.long, device=self.device),
-                                      torch.arange(start, end, device=self.device).unsqueeze(0), sequence.cache)
+        end, cache = start + len(token_ids), sequence.cache
+        with self._reading(self.kv.shared_pass([cache.shared])):
+            logits = self._prefill_logits(torch.tensor([token_ids], dtype=torch.long, device=self.device),
+                                          torch.ones((1, end - cache.shared_tokens), dtype=torch.long,
+                                                     device=self.device),
+                                          torch.arange(start, end, device=self.device).unsqueeze(0), cache)
         sequence.cache.filled = end
         return logits
 
@@ -110,13 +115,14 @@ class ModelRunner:
         the chosen tokens back with ``set_next_tokens`` before the next step."""
         batch = self.kv.batch
         mask = batch.start_step(1)
-        output = self.model(
-            input_ids=self._next_tokens,
-            attention_mask=mask,
-            position_ids=self._positions.unsqueeze(1),
-            use_cache=True,
-            **{self._cache_kwarg: batch},  # written in place
-        )
+        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])):
+            output = self.model(
+                input_ids=self._next_tokens,
+                attention_mask=mask,
+                position_ids=self._positions.unsqueeze(1),
+                use_cache=True,
+                **{self._cache_kwarg: batch},  # written in place
+            )
         batch.end_step(1)
         self._positions = self._positions + 1
         self.steps += 1
@@ -129,13 +135,16 @@ class ModelRunner:
         width = 1 + max(len(draft) for draft in drafts)
         padded = [draft + [0] * (width - 1 - len(draft)) for draft in drafts]
         input_ids = torch.cat([self._next_tokens, torch.tensor(padded, dtype=torch.long, device=self.device)], dim=1)
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=self.kv.batch.start_step(width),
-            position_ids=self._positions.unsqueeze(1) + torch.arange(width, device=self.device),
-            use_cache=True,
-            **{self._cache_kwarg: self.kv.batch},  # written in place
-        )
+        batch = self.kv.batch
+        mask = batch.start_step(width)
+        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])):
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=self._positions.unsqueeze(1) + torch.arange(width, device=self.device),
+                use_cache=True,
+                **{self._cache_kwarg: batch},  # written in place
+            )
         self._verify_width = width
         return output.logits
 
@@ -146,6 +155,16 @@ class ModelRunner:
         self._positions = self._positions + torch.tensor(kept, dtype=torch.long, device=self.device)
         self.set_next_tokens(next_tokens)
         self.steps += 1
+
+    @staticmethod
+    @contextmanager
+    def _reading(shared_pass):
+        """The rows' shared prefixes (kv_manager.shared_pass), read by attention.py during one forward pass."""
+        token = SHARED.set(shared_pass)
+        try:
+            yield
+        finally:
+            SHARED.reset(token)
 
     def set_next_tokens(self, tokens: list) -> None:
         self._next_tokens = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)

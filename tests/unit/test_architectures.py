@@ -7,6 +7,7 @@ prefix-cache hit far longer than the window changes no answer of a sliding-windo
 """
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -151,3 +152,43 @@ def test_a_prefix_cache_hit_longer_than_the_sliding_window_changes_no_answer(nam
     texts = [text for text, _ in answers]
     assert texts[0] != texts[2], "both questions end in '?': the answers depend on more than the last token"
     assert texts == [generate_alone(model, p, tokenizer) for p in (first, between, last)]
+
+
+# Architectures whose cached prefix is read in place (attention.py); the others copy it into each row: their
+# attention does not come through transformers' interface (bloom's ALiBi, falcon) or needs more than plain
+# attention over the prefix (sliding windows, Gemma 2's soft-capping through eager).
+COPY_HITS = {"bloom", "falcon", "mistral_sliding_window", "gemma2_hybrid", "gemma3_hybrid"}
+
+
+@pytest.mark.parametrize("name", list(configs(1)))
+def test_a_prefix_hit_is_read_in_place_where_the_attention_allows_and_changes_no_answer(name, tokenizer):
+    """Two prompts share the passage's whole blocks, then both run at once: every answer is
+    ``model.generate``'s, and a model that reads the hit in place copied no cached block into a row."""
+    model = build_model(name, tokenizer)
+    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, prefill_chunk=32)).start()
+    limits = Limits(context_length=256)
+    prompts = [tokenizer(PASSAGE + question)["input_ids"] for question in (QUESTION, SHORT_QUESTION, "Why not?")]
+
+    async def ask(prompt_ids):
+        setting = fit_to_context(parse_gen_conf({"max_new_tokens": NEW_TOKENS}, limits), len(prompt_ids), limits)
+        events = [event async for event in engine.stream(prompt_ids, setting)]
+        return "".join(event.text for event in events), events[-1].cached_tokens
+
+    async def together(prompt_ids):
+        return await asyncio.gather(*(ask(p) for p in prompt_ids))
+
+    try:
+        first = asyncio.run(ask(prompts[0]))
+        rest = asyncio.run(together(prompts[1:]))
+        deadline = time.monotonic() + 5  # the last answers are sent inside a step; their rows leave at its end
+        while engine.load()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sharing, hit_bytes = engine.kv.sharing, engine.kv.batch.copied_bytes["hit"]
+        pinned = engine.kv.prefix.pinned_blocks
+    finally:
+        engine.shutdown()
+    assert sharing == (name not in COPY_HITS)
+    assert rest[0][1] == rest[1][1] >= MIN_REUSED_TOKENS, "both took the passage's whole blocks"
+    assert (hit_bytes == 0) == sharing, "read in place: no copy; otherwise the hit is copied"
+    assert pinned == 0, "rows that left unpinned their shared blocks"
+    assert [first[0]] + [text for text, _ in rest] == [generate_alone(model, p, tokenizer) for p in prompts]

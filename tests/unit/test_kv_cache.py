@@ -123,13 +123,13 @@ def test_copy_counters_a_join_into_an_empty_batch_copies_its_own_tokens_only():
     batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
     assert batch.token_bytes == TOKEN == 96
     batch.add_row(row_tokens(1, 5), 5)
-    assert batch.copied_bytes == {"join": 5 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0}
+    assert batch.copied_bytes == {"join": 5 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     batch.add_row(row_tokens(2, 3), 3)  # shorter than the write column: no move
-    assert batch.copied_bytes == {"join": 8 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0}
+    assert batch.copied_bytes == {"join": 8 * 96, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     step(batch, [7.0, 8.0])  # a decode step copies nothing already cached
     assert batch.copied_bytes["join"] == 768 and sum(batch.copied_bytes.values()) == 768
     assert (batch.joins, batch.leaves, batch.moves, batch.step_moves) == (2, 0, 0, 0)
-    assert batch.copy_stats() == {"copied_bytes": {"join": 768, "staged": 0, "leave": 0, "move": 0, "resize": 0}, "joins": 2,
+    assert batch.copy_stats() == {"copied_bytes": {"join": 768, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}, "joins": 2,
                                   "leaves": 0, "moves": 0, "step_moves": 0, "join_moved_bytes": 0, "token_bytes": 96}
 
 
@@ -138,9 +138,9 @@ def test_copy_counters_a_longer_row_joining_pays_for_moving_every_running_row():
     batch.add_row(row_tokens(1, 3), 3)
     step(batch, [9.0])
     batch.add_row(row_tokens(2, 4), 4)  # as long as the write column: no move
-    assert copied(batch) == {"join": 3 + 4, "staged": 0, "leave": 0, "move": 0, "resize": 0} and batch.moves == 0
+    assert copied(batch) == {"join": 3 + 4, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0} and batch.moves == 0
     batch.add_row(row_tokens(3, 10), 10)  # the live columns (2 rows x 4 tokens) move right first
-    assert copied(batch) == {"join": 3 + 4 + 2 * 4 + 10, "staged": 0, "leave": 0, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 3 + 4 + 2 * 4 + 10, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     assert batch.copied_bytes["join"] == 25 * 96 == 2400 and batch.join_moved_bytes == 2 * 4 * 96
     assert (batch.joins, batch.moves, batch.step_moves) == (3, 1, 0), "a move forced by a join is no step move"
 
@@ -149,12 +149,12 @@ def test_copy_counters_a_leave_copies_the_last_row_up_to_the_write_column_the_la
     batch = BatchKV(SHAPES, max_rows=4, columns=64, device=CPU)
     for seed, length in ((1, 4), (2, 6), (3, 2)):
         batch.add_row(row_tokens(seed, length), length)
-    assert copied(batch) == {"join": 4 + 1 * 4 + 6 + 2, "staged": 0, "leave": 0, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 4 + 1 * 4 + 6 + 2, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     assert batch.column == 6
     batch.remove_rows([0])  # the 2-token last row fills the hole: copied up to column 6, padding included
     assert copied(batch)["leave"] == 6 and batch.copied_bytes["leave"] == 576
     batch.remove_rows([0, 1])  # 1 is the last row, then 0 is: nothing to move
-    assert copied(batch) == {"join": 16, "staged": 0, "leave": 6, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 16, "staged": 0, "leave": 6, "move": 0, "resize": 0, "hit": 0}
     assert (batch.joins, batch.leaves) == (3, 3)
 
 
@@ -164,9 +164,9 @@ def test_copy_counters_compaction_and_the_end_of_the_storage_are_step_moves_of_e
     batch.add_row(row_tokens(2, 4), 4)
     batch.add_row(row_tokens(3, 6), 6)
     batch.remove_rows([0])  # the longest row leaves: row 2 (6 tokens) is copied up to column 30
-    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 0, "resize": 0, "hit": 0}
     step(batch, [1.0, 2.0])  # 24 leading columns > max(16, 6 // 4): compaction, 2 rows x 6 live tokens
-    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 2 * 6, "resize": 0}
+    assert copied(batch) == {"join": 40, "staged": 0, "leave": 30, "move": 2 * 6, "resize": 0, "hit": 0}
     assert batch.column == 7 and (batch.moves, batch.step_moves) == (1, 1)
 
     end = BatchKV(SHAPES, max_rows=2, columns=16, device=CPU)
@@ -177,7 +177,7 @@ def test_copy_counters_compaction_and_the_end_of_the_storage_are_step_moves_of_e
     assert end.column == 16 and end.lengths[:2] == [16, 12] and end.copied_bytes["move"] == 0
     end.remove_rows([0])  # row 1 (12 tokens) fills the hole: 16 columns; 4 leading columns stay
     step(end, [5.0])  # the write column is at the end of the storage: 1 row x 12 live tokens move back
-    assert copied(end) == {"join": 8, "staged": 0, "leave": 16, "move": 12, "resize": 0}
+    assert copied(end) == {"join": 8, "staged": 0, "leave": 16, "move": 12, "resize": 0, "hit": 0}
     assert end.column == 13 and (end.moves, end.step_moves) == (1, 1)
 
 
@@ -188,14 +188,14 @@ def test_copy_counters_a_join_into_the_row_of_a_prompt_being_prefilled_moves_tha
     assert (high.row, low.row) == (2, 1)
     high.write([(k[:, :5], v[:, :5]) for k, v in row_tokens(2, 5)], 0)
     low.write([(k[:, :3], v[:, :3]) for k, v in row_tokens(3, 3)], 0)
-    assert copied(batch) == {"join": 4, "staged": 0, "leave": 0, "move": 0, "resize": 0}, "prefilling in place is no copy"
+    assert copied(batch) == {"join": 4, "staged": 0, "leave": 0, "move": 0, "resize": 0, "hit": 0}, "prefilling in place is no copy"
     batch.join(high, 5)
     # Row 1 is low's: high's 5 tokens go to a temporary, low's 3 move to row 2, the running row (4 tokens)
     # moves right for the longer one, then high's 5 tokens land in row 1.
-    assert copied(batch) == {"join": 4 + 5 + 4 + 5, "staged": 3, "leave": 0, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 4 + 5 + 4 + 5, "staged": 3, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     batch.join(low, 3)  # row 2 is its own: a temporary again, then its 3 tokens
-    assert copied(batch) == {"join": 18 + 3 + 3, "staged": 3, "leave": 0, "move": 0, "resize": 0}
-    assert batch.copied_bytes == {"join": 2304, "staged": 288, "leave": 0, "move": 0, "resize": 0}
+    assert copied(batch) == {"join": 18 + 3 + 3, "staged": 3, "leave": 0, "move": 0, "resize": 0, "hit": 0}
+    assert batch.copied_bytes == {"join": 2304, "staged": 288, "leave": 0, "move": 0, "resize": 0, "hit": 0}
     assert batch.join_moved_bytes == 4 * 96
     assert (batch.joins, batch.moves) == (3, 1)
 
@@ -319,7 +319,7 @@ def test_a_growing_batch_moves_cached_blocks_out_of_its_way_and_evicts_only_when
     for number in range(4):  # what is left is intact, wherever it is now
         path = cache.match([10 * number + i for i in range(4)] + [0], 5)
         if path:
-            keys, _ = cache._views[1]
+            keys, _ = cache.block_views[1]
             assert keys[path[0].index][0, :, 0].tolist() == [1000 * number + 100_000 + i for i in range(4)]
     assert row_contents(batch, 2).tolist() == [7000 + i for i in range(4)]
     assert not pool.claim_for_batch(33) and pool.batch_blocks == 6, "never more than the pool"

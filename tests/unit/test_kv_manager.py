@@ -42,11 +42,39 @@ def computed(kv, tokens) -> Sequence:
 
 
 def staged_keys(seq, count) -> list:
-    keys, _ = seq.cache.tokens(0, count)[0]
-    return keys[0, :, 0].tolist()
+    """The first ``count`` keys the sequence reads (layer 0, head 0, channel 0): its shared prefix where the
+    prefix cache keeps it, then its own row."""
+    cache, keys = seq.cache, []
+    if cache.shared is not None:
+        blocks, _ = cache.shared.cache.block_views[0]
+        keys = blocks[torch.tensor(cache.shared.block_indices())][:, 0, :, 0].flatten().tolist()
+    own = count - cache.shared_tokens
+    if own > 0:
+        own_keys, _ = cache.tokens(cache.shared_tokens, count)[0]
+        keys += own_keys[0, :, 0].tolist()
+    return keys[:count]
 
 
-def test_a_prompt_takes_the_whole_cached_blocks_of_its_prefix(kv):
+def test_a_prompt_takes_the_whole_cached_blocks_of_its_prefix_by_reference(kv):
+    assert kv.sharing, "the tiny llama attends through the interface: hits are read in place"
+    shared = list(range(1, 81))  # 5 blocks
+    first = computed(kv, shared + [90, 91])
+    kv.remember_prefill(first, first.context_ids())
+    second = sequence(shared + [92, 93, 94])
+    kv.stage(second)  # at admission: the cached prefix is pinned and the row holds only what follows it
+    assert second.prefilled == second.cached_tokens == 80
+    assert second.cache.shared.tokens == 80 and second.cache.length == 3
+    assert kv.batch.copied_bytes["hit"] == 0, "a hit by reference copies nothing"
+    keys, _ = kv.prefix.block_views[0]
+    read = keys[torch.tensor(second.cache.shared.block_indices())][:, 0, :, 0].flatten().tolist()
+    assert read == [float(t) for t in shared]
+    assert kv.prefix.pinned_blocks == 5
+    kv.release(second)
+    assert kv.prefix.pinned_blocks == 0
+
+
+def test_a_prompt_copies_the_whole_cached_blocks_of_its_prefix_when_the_model_cannot_share(kv):
+    kv.sharing = False  # as for a model whose attention does not come through the interface
     shared = list(range(1, 81))  # 5 blocks
     first = computed(kv, shared + [90, 91])
     kv.remember_prefill(first, first.context_ids())
@@ -54,6 +82,7 @@ def test_a_prompt_takes_the_whole_cached_blocks_of_its_prefix(kv):
     kv.reuse_cached_prefix(second, second.context_ids())
     assert second.prefilled == second.cached_tokens == 80
     assert staged_keys(second, 80) == [float(t) for t in shared]
+    assert kv.batch.copied_bytes["hit"] == 80 * kv.batch.token_bytes
 
 
 def test_the_last_prompt_token_is_always_computed_and_short_prefixes_are_not_reused(kv):

@@ -1,11 +1,13 @@
 """The engine with its prefix cache and memory budget, on a tiny real model: a hit changes no answer."""
 
 import asyncio
+import time
 
 import pytest
 import torch
 
 from executor.engine import Engine, EngineConfig
+from executor.kv_manager import MIN_REUSED_TOKENS
 from executor.model import encode_prompt, load
 from executor.validation import Limits, fit_to_context, parse_gen_conf
 
@@ -274,3 +276,47 @@ def test_a_burst_against_a_small_budget_stays_within_the_model_plus_the_budget(s
     # What must not be there: memory per waiting request (each of these prompts' caches is 27 MiB).
     assert grown <= budget + 64 * mib, f"grew {grown / mib:.0f} MiB for a budget of {budget / mib:.0f} MiB"
     assert burst <= 48 * mib, f"the burst added {burst / mib:.0f} MiB to what one request needed"
+
+
+def wait_idle(engine) -> None:
+    """The last answers are sent from inside a step; their rows leave at its end, a moment later."""
+    deadline = time.monotonic() + 5
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_rows_reading_a_cached_prefix_in_place_answer_as_without_a_cache_and_never_write_into_it(lm, plain,
+                                                                                                  speculate):
+    """Six questions behind the same passages run at once, each reading the passages' blocks where the prefix
+    cache keeps them (no copy), in a pool small enough to preempt: answers are those of an engine without a
+    cache, the shared blocks hold the same keys and values before and after, and nothing stays pinned."""
+    prompts = [rag_prompt(lm, f"Question {i}: what does passage {i % 3 + 1} say?") for i in range(6)]
+    expected = [asyncio.run(ask(plain, lm, p, 100))[0] for p in prompts]
+    engine = make_engine(lm, speculate=speculate, kv_cache_memory=480 * engine_bytes_per_token(lm), max_context=320)
+    kv = engine.kv
+    try:
+        assert kv.sharing
+        warm = asyncio.run(ask(engine, lm, prompts[0], 100))[0]
+        path = kv.prefix.match(prompts[1], len(prompts[1]) - 1)
+        assert len(path) * 16 >= MIN_REUSED_TOKENS
+
+        def blocks():
+            keys, values = kv.prefix.block_views[0]
+            return torch.stack([torch.stack([keys[node.index], values[node.index]]) for node in path])
+
+        before = blocks().clone()
+
+        async def together():
+            return await asyncio.gather(*(ask(engine, lm, p, 100) for p in prompts[1:]))
+
+        answers = asyncio.run(together())
+        wait_idle(engine)
+        assert [warm] + [text for text, _ in answers] == expected
+        assert all(last.cached_tokens >= len(path) * 16 for _, last in answers)
+        assert kv.batch.copied_bytes["hit"] == 0, "every hit read in place"
+        assert torch.equal(blocks(), before), "no row wrote into a block it shares"
+        assert kv.prefix.pinned_blocks == 0
+        assert engine.preemptions > 0, "the pool was short: rows waited again, from the blocks they share"
+    finally:
+        engine.shutdown()
