@@ -31,10 +31,10 @@ NAME = "jina_shared_prefix"
 
 @dataclass
 class PrefixGroup:
-    """Rows of one forward pass (``rows``: their indices) that share one cached prefix: ``blocks`` of the
-    pool (a slice for one ascending run, else an index tensor), ``tokens`` long."""
+    """Rows of one forward pass that share one cached prefix, ``tokens`` long: ``rows`` of the pass and
+    ``blocks`` of the pool, each a slice where they are one ascending run, else an index tensor."""
 
-    rows: torch.Tensor
+    rows: object
     blocks: object
     tokens: int
 
@@ -63,69 +63,82 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
             or kwargs.get("position_bias") is not None or (dropout and module.training):
         raise RuntimeError("a shared prefix was read by a layer with soft-capping, a sliding window, a position "
                            "bias or dropout: enable_shared_prefix refuses such a model")
-    layer = module.layer_idx
-    current.layers_seen.add(layer)
-    keys_blocks, values_blocks = current.block_views[layer]
+    current.layers_seen.add(module.layer_idx)
+    keys_blocks, values_blocks = current.block_views[module.layer_idx]
     rows, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = heads // kv_heads * q_len  # query rows per key/value head: heads sharing it x positions
     scale = scaling if scaling is not None else dim ** -0.5
-    # Queries grouped by their key/value head (GQA without repeating keys): [rows, kv_heads, grouped, dim].
-    queries = query.reshape(rows, kv_heads, grouped, dim)
-    scores = torch.matmul(queries, key.transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(~_own_mask(attention_mask, rows, heads // kv_heads, q_len, key.shape[2], query.device),
-                        float("-inf"))
-    peak = scores.amax(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row with every own column masked: no NaN
-    weights = scores.sub_(peak).exp_()
-    total = weights.sum(dim=-1, keepdim=True)
-    out = torch.matmul(weights, value.to(weights.dtype))
+    attend = _attend_flash if query.device.type == "cpu" else _attend_matmul
+    # Every part in the grouped layout: [rows, kv_heads, heads per kv head x q_len, dim] (GQA without repeats).
+    out, lse = attend(query, key, value, _own_mask(attention_mask, rows, q_len, key.shape[2], query.device), scale)
     for group in current.groups:
-        _merge_prefix(group, queries, scale, keys_blocks, values_blocks, peak, total, out)
-    out = out.div_(total).to(query.dtype)
-    return out.reshape(rows, heads, q_len, -1).transpose(1, 2).contiguous(), None
+        queries = _grouped(query, kv_heads)[group.rows]
+        count, _, grouped, _ = queries.shape
+        stacked = queries.transpose(0, 1).reshape(1, kv_heads, count * grouped, dim)
+        prefix_keys, prefix_values = (_as_tokens(view, group.blocks) for view in (keys_blocks, values_blocks))
+        prefix_out, prefix_lse = attend(stacked, prefix_keys, prefix_values, None, scale)
+        prefix_out = prefix_out.reshape(kv_heads, count, grouped, -1).transpose(0, 1)
+        prefix_lse = prefix_lse.reshape(kv_heads, count, grouped).transpose(0, 1)
+        own_lse = lse[group.rows]
+        both = torch.logaddexp(own_lse, prefix_lse)
+        out[group.rows] = (out[group.rows] * (own_lse - both).exp_().unsqueeze(-1)
+                           + prefix_out * (prefix_lse - both).exp_().unsqueeze(-1))
+        lse[group.rows] = both
+    out = out.to(query.dtype).reshape(rows, heads, q_len, -1)
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _own_mask(attention_mask, rows: int, repeat: int, q_len: int, columns: int, device) -> torch.Tensor:
-    """The boolean mask of the rows' own columns, ``[rows, 1, repeat * q_len, columns]`` (grouped queries)."""
+def _grouped(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[rows, heads, q_len, x]`` -> ``[rows, kv_heads, heads // kv_heads * q_len, x]`` (query head h reads
+    key/value head h // (heads // kv_heads), as transformers' repeat_kv lays them out)."""
+    rows, heads, q_len, last = tensor.shape
+    return tensor.reshape(rows, kv_heads, heads // kv_heads * q_len, last)
+
+
+def _own_mask(attention_mask, rows: int, q_len: int, columns: int, device) -> torch.Tensor:
+    """The rows' own columns as an additive mask ``[rows, 1, q_len, columns]`` (0 or -inf)."""
     if attention_mask is None:  # sdpa's convention: no mask means causal over the last q_len columns
-        mask = torch.ones((q_len, columns), dtype=torch.bool, device=device).tril_(columns - q_len)[None, None]
+        allowed = torch.ones((q_len, columns), dtype=torch.bool, device=device).tril_(columns - q_len)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
     else:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    mask = mask[..., -columns:].expand(rows, 1, q_len, columns)
-    return mask.repeat(1, 1, repeat, 1) if repeat > 1 else mask
+        return attention_mask[..., -columns:].expand(rows, 1, q_len, columns)
+    allowed = allowed[..., -columns:].expand(rows, 1, q_len, columns)
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def _merge_prefix(group, queries, scale, keys_blocks, values_blocks, peak, total, out) -> None:
-    """Attend the group's queries to its shared blocks and merge into the rows' running statistics (peak,
-    total of exponentials, unnormalised output), in place."""
-    rows = group.rows
-    count, kv_heads, grouped, dim = queries[rows].shape
-    stacked = queries[rows].transpose(0, 1).reshape(kv_heads, count * grouped, dim)
-    # The shared blocks as one [kv_heads, tokens, dim] operand (a gather, once per group per layer: read by
-    # all the group's rows in one product; small, many-block products ran several times slower).
-    keys, values = (_as_tokens(blocks_view[group.blocks]) for blocks_view in (keys_blocks, values_blocks))
-    scores = torch.matmul(stacked, keys.transpose(-1, -2)).mul_(scale)  # [kv_heads, queries, tokens]
-    prefix_peak = scores.amax(dim=-1, keepdim=True)
-    weights = scores.sub_(prefix_peak).exp_()
-    prefix_total = weights.sum(dim=-1, keepdim=True)
-    prefix_out = torch.matmul(weights, values.to(weights.dtype))  # [kv_heads, queries, dim]
-
-    def per_row(tensor):  # [kv_heads, count * grouped, x] -> [count, kv_heads, grouped, x]
-        return tensor.reshape(kv_heads, count, grouped, -1).transpose(0, 1)
-
-    prefix_peak, prefix_total, prefix_out = per_row(prefix_peak), per_row(prefix_total), per_row(prefix_out)
-    own_peak = peak[rows]
-    both = torch.maximum(own_peak, prefix_peak)
-    own_factor, prefix_factor = (own_peak - both).exp_(), (prefix_peak - both).exp_()
-    peak[rows] = both
-    total[rows] = total[rows] * own_factor + prefix_total * prefix_factor
-    out[rows] = out[rows] * own_factor + prefix_out * prefix_factor
+def _attend_flash(query, key, value, mask, scale) -> tuple:
+    """Attention and its log-sum-exp from torch's CPU flash kernel (GQA native), in the grouped layout."""
+    rows, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len == 1 and heads != kv_heads:  # one query per head: the heads of a kv head become its queries
+        query, mask = query.reshape(rows, kv_heads, heads // kv_heads, dim), mask
+        q_len = heads // kv_heads
+        mask = None if mask is None else mask.expand(rows, 1, q_len, mask.shape[-1])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=None if mask is None else mask.to(query.dtype), scale=scale)
+    return _grouped(out, kv_heads), _grouped(lse.unsqueeze(-1), kv_heads).squeeze(-1)
 
 
-def _as_tokens(blocks: torch.Tensor) -> torch.Tensor:
-    """``[blocks, kv_heads, size, dim]`` -> ``[kv_heads, blocks * size, dim]``."""
-    count, kv_heads, size, dim = blocks.shape
-    return blocks.transpose(0, 1).reshape(kv_heads, count * size, dim)
+def _attend_matmul(query, key, value, mask, scale) -> tuple:
+    """The same with plain products (devices without the CPU kernel)."""
+    kv_heads = key.shape[1]
+    queries = _grouped(query, kv_heads)
+    repeat = queries.shape[2] // query.shape[2]
+    scores = torch.matmul(queries, key.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores += mask.repeat(1, 1, repeat, 1) if repeat > 1 else mask
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = scores.sub_(lse.unsqueeze(-1)).exp_()
+    return torch.matmul(weights, value.to(weights.dtype)), lse
+
+
+def _as_tokens(blocks_view: torch.Tensor, blocks) -> torch.Tensor:
+    """The blocks ``blocks`` (a slice or an index tensor) of a ``[blocks, kv_heads, size, dim]`` view as one
+    ``[1, kv_heads, tokens, dim]`` operand: one gather, read by all of a group's rows at once."""
+    chosen = blocks_view[blocks].transpose(0, 1)  # (index_select on the transposed view copied the whole pool)
+    kv_heads, count, size, dim = chosen.shape
+    return chosen.reshape(1, kv_heads, count * size, dim)
 
 
 def register() -> None:

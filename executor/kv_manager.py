@@ -161,9 +161,9 @@ class KVManager:
                 groups.setdefault(prefix.key, (prefix, []))[1].append(row)
         if not groups:
             return None
-        return SharedPrefixPass([PrefixGroup(torch.tensor(rows, device=self.device),
-                                             _blocks(prefix.block_indices(), self.device), prefix.tokens)
-                                 for prefix, rows in groups.values()], self.prefix.block_views)
+        return SharedPrefixPass([PrefixGroup(_as_index(rows, self.device), _as_index(prefix.block_indices(), self.device),
+                                             prefix.tokens) for prefix, rows in groups.values()],
+                                self.prefix.block_views)
 
     # -- prompts that arrive together and share blocks compute them once --
     def claimed_blocks(self, prefilling: list) -> dict:
@@ -201,8 +201,8 @@ class KVManager:
         return sequence.block_hashes[1]
 
 
-def _blocks(indices: list, device):
-    """Block indices as a slice when they are one ascending run (a view, no gather), else a tensor."""
+def _as_index(indices: list, device):
+    """Row or block indices as a slice when they are one ascending run (a view, no gather), else a tensor."""
     first = indices[0]
     if indices == list(range(first, first + len(indices))):
         return slice(first, first + len(indices))
