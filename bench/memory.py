@@ -9,6 +9,10 @@ model, SmolLM2-135M-Instruct (46,080 bytes of keys and values per token).
 - Decode speed at 16 rows x ~900 tokens of context, in-process: rows as long as their tokens need (the pool)
   against rows laid out at full length from the start (the storage before the pool: ``INITIAL_COLUMNS`` set to
   the longest row), the same 16 prompts, one engine at a time.
+- Hits by reference (executor/attention.py), in-process: 16 RAG-shaped prompts behind the same cached
+  passages, each reading them in place against each copying them into its row (``KVManager.sharing`` off),
+  alternated, the same engine settings: the batch's peak token slots, the KV bytes copied by cause, the
+  median 16-row decode step, the aggregate rate and the TTFT p50.
 """
 
 import asyncio
@@ -26,6 +30,7 @@ SHORT_TOKENS = 64
 LONG_PROMPTS = 70  # distinct prompts of about LONG_WORDS words: more than the largest cache holds
 LONG_WORDS = 1500
 DECODE_ROWS, DECODE_CONTEXT, DECODE_TOKENS = 16, 900, 112  # the first rows decode while the last prefill
+SHARED_TOKENS = 128  # new tokens per prompt of the shared-prefix burst
 
 
 def pool_line(log_path: Path) -> str:
@@ -158,6 +163,97 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
     return rate
 
 
+def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
+    """One burst of ``prompts`` (128 new tokens each) after ``warm`` put their passages in the prefix cache."""
+    import torch
+
+    from executor.engine import Engine, EngineConfig
+    from executor.validation import Limits, fit_to_context, parse_gen_conf
+
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                    EngineConfig(max_batch_size=len(prompts), max_context=2048)).start()
+    engine.kv.sharing = sharing
+    limits, steps, peak = Limits(context_length=4096), [], [0]
+    decode_step = engine._decode_step
+
+    def timed_step():
+        started = time.perf_counter()
+        decode_step()
+        if len(engine.runner.running) == len(prompts) and not engine.scheduler.prefilling:
+            steps.append(time.perf_counter() - started)
+        peak[0] = max(peak[0], engine.kv.pool.batch_blocks * engine.kv.pool.block_size)
+
+    engine._decode_step = timed_step
+
+    async def one(prompt_ids, tokens):
+        settings = fit_to_context(parse_gen_conf({"max_new_tokens": tokens, "min_new_tokens": tokens}, limits),
+                                  len(prompt_ids), limits)
+        started, first = time.perf_counter(), None
+        async for _ in engine.stream(prompt_ids, settings):
+            first = first if first is not None else time.perf_counter() - started
+        return first
+
+    async def burst():
+        return await asyncio.gather(*(one(p, SHARED_TOKENS) for p in prompts))
+
+    try:
+        with torch.inference_mode():
+            asyncio.run(one(warm, 4))
+            before = dict(engine.kv.batch.copied_bytes)
+            started = time.perf_counter()
+            ttfts = asyncio.run(burst())
+            seconds = time.perf_counter() - started
+    finally:
+        engine.shutdown()
+    copied = {cause: value - before[cause] for cause, value in engine.kv.batch.copied_bytes.items()}
+    return {"rate": len(prompts) * SHARED_TOKENS / seconds, "step": statistics.median(steps), "peak": peak[0],
+            "copied": copied, "ttft": statistics.median(ttfts)}
+
+
+def shared_prefix_measures(path: Path) -> dict:
+    """In place vs copied, alternated twice; the best rate and step of each, the rest from its first run."""
+    from executor.model import encode_prompt, load
+    from workloads import rag_prompts
+
+    lm = load(str(path))
+    chats, warm = rag_prompts(lm.tokenizer, 16, seed=3)
+    prompts = [encode_prompt(lm.tokenizer, chat) for chat in chats]
+    runs = {True: [], False: []}
+    for sharing in (True, False, True, False):
+        runs[sharing].append(shared_prefix_run(lm, prompts, encode_prompt(lm.tokenizer, warm), sharing))
+    shared = len(os.path.commonprefix([tuple(p) for p in prompts]))
+    result = {"lengths": (min(map(len, prompts)), max(map(len, prompts))), "shared": shared}
+    for sharing, found in runs.items():
+        result[sharing] = found[0] | {"rate": max(r["rate"] for r in found), "step": min(r["step"] for r in found)}
+    del lm
+    gc.collect()
+    return result
+
+
+def shared_prefix_rows(found: dict) -> list:
+    low, high = found["lengths"]
+    place, copy = found[True], found[False]
+    mib = 2**20
+
+    def copies(run):
+        return ", ".join(f"{cause} {value / mib:.0f}" for cause, value in run["copied"].items() if value) or "none"
+
+    what = f"16 RAG-shaped prompts ({low}-{high} tokens, {found['shared']} shared and cached), {SHARED_TOKENS} new"
+    return [
+        (f"{what}: hits copied into each row (before), aggregate", f"{copy['rate']:.1f} tok/s", "1.00x", ""),
+        (f"{what}: hits read in place (attention.py), aggregate", f"{place['rate']:.1f} tok/s",
+         f"{place['rate'] / copy['rate']:.2f}x copied", ""),
+        ("the same: decode step with 16 rows (median), in place / copied",
+         f"{place['step'] * 1e3:.0f} / {copy['step'] * 1e3:.0f} ms", f"{copy['step'] / place['step']:.2f}x",
+         ">= 0.95x"),
+        ("the same: the batch's peak token slots, in place / copied", f"{place['peak']} / {copy['peak']}",
+         f"{copy['peak'] / max(1, place['peak']):.1f}x fewer", ""),
+        ("the same: KV bytes copied (MiB by cause), in place / copied", f"{copies(place)} / {copies(copy)}",
+         "", "hit: 0 in place"),
+        ("the same: TTFT p50, in place / copied", f"{place['ttft'] * 1e3:.0f} / {copy['ttft'] * 1e3:.0f} ms", "", ""),
+    ]
+
+
 def rows(found: dict) -> list:
     default, small = found["default_tps"], found["1gib_tps"]
     cache = found["cache"]
@@ -185,11 +281,14 @@ def rows(found: dict) -> list:
             (f"decode, {DECODE_ROWS} rows x ~{DECODE_CONTEXT} tokens, rows as long as their tokens (the pool)",
              f"{pool:.1f} tok/s", f"{pool / full:.2f}x", ">= 0.95x"),
         ]
+    if "shared_prefix" in found:
+        result += shared_prefix_rows(found["shared_prefix"])
     return result
 
 
 def measures(path: Path, real_model_server, openai_stream, length, model: str) -> dict:
-    found = {"decode_full": decode_rate(path, True), "decode_pool": decode_rate(path, False)}
+    found = {"shared_prefix": shared_prefix_measures(path)}
+    found |= {"decode_full": decode_rate(path, True), "decode_pool": decode_rate(path, False)}
     found["decode_full"] = statistics.mean([found["decode_full"], decode_rate(path, True)])
     found["decode_pool"] = statistics.mean([found["decode_pool"], decode_rate(path, False)])
     return found | server_measures(real_model_server, openai_stream, length, model)

@@ -77,7 +77,9 @@ class _KVCopies(Collector):
                                      "batch's KV cache copied, by cause: join (a row's own tokens and any move of "
                                      "the live columns it forced), staged (a prompt being prefilled moved to "
                                      "another row), leave (the last row moved into a leaving row's place), move "
-                                     "(the live columns moved at a step)", labels=["cause"])
+                                     "(the live columns moved at a step), resize (rows laid out longer or shorter), hit (cached blocks "
+                                     "copied into a row: models whose attention cannot read them in place)",
+                                     labels=["cause"])
         for cause, value in stats["copied_bytes"].items():
             copied.add_metric([cause], value)
         rows = CounterMetricFamily(f"{self.prefix}_kv_rows", "Rows that joined or left the running batch",
