@@ -35,15 +35,20 @@ values of every layer; the attention mask's 8 bytes a column are left out), with
   rows x live width tokens, whatever the cause.
 - ``resize``: the rows laid out longer (the longest outgrew them) or shorter (the pool must hold another
   row): every held row's columns up to the shorter of the two lengths, through a temporary per row.
+- ``hit``: cached blocks copied into a prompt's row, for a model whose attention cannot read them in place
+  (with one that can, a hit copies nothing: the row reads the prefix cache's blocks).
 
 A move reads its source through a temporary clone, so its memory traffic is twice what it counts. The
 README ("Long prompts") has what ``make bench`` measured on its RAG-shaped burst.
 
 ``PrefixCache`` keeps the keys and values of whole blocks of tokens after their requests are gone, in the
 pool's blocks above the batch's, in a tree of blocks keyed by their tokens under their parent block (SGLang's
-radix cache, at vLLM's block granularity); blocks in the way of a growing batch move up or are evicted. A request copies the blocks of its longest cached prefix into its own cache and computes only
-the rest; blocks are only ever written once, when they are added, so a reader can never see them change.
-Leaves are evicted least recently used first.
+radix cache, at vLLM's block granularity); blocks in the way of a growing batch move up or are evicted. A
+request reads the blocks of its longest cached prefix in place (``SharedPrefix``: pinned while a row reads
+them; attention.py attends to them and to the row's own columns) and computes only the rest; for a model whose
+attention cannot read them there, it copies them into its own row (``read_into``, counted as ``hit``).
+Blocks are only ever written once, when they are added, so a reader can never see them change. Leaves are
+evicted least recently used first; pinned blocks may move, never be evicted.
 """
 
 import logging

@@ -1,7 +1,8 @@
 """The KV manager: which keys and values a sequence gets from where, and which it leaves behind.
 
 The policy over ``kv_cache.py``'s storage (vLLM's ``KVCacheManager``, SGLang's radix-cache request hooks):
-a prompt takes the longest cached prefix (``reuse_cached_prefix``), the blocks it computes are remembered as
+a prompt takes the longest cached prefix (read in place from its staging on, ``stage``; copied for a model whose
+attention cannot read it there: ``reuse_cached_prefix``), the blocks it computes are remembered as
 soon as they are computed (``remember_prefill``), a row's blocks are remembered before it leaves the batch
 (``remember_rows``), a prompt waits for a shared block that an earlier prompt is computing
 (``waits_for_a_shared_block``), and a sequence that leaves gives its staged row back (``release``). The
@@ -161,9 +162,9 @@ class KVManager:
                 groups.setdefault(prefix.key, (prefix, []))[1].append(row)
         if not groups:
             return None
-        return SharedPrefixPass([PrefixGroup(_as_index(rows, self.device), _as_index(prefix.block_indices(), self.device),
-                                             prefix.tokens) for prefix, rows in groups.values()],
-                                self.prefix.block_views)
+        return SharedPrefixPass([PrefixGroup(_as_index(rows, self.device),
+                                             _as_index(prefix.block_indices(), self.device), prefix.tokens)
+                                 for prefix, rows in groups.values()], self.prefix.block_views)
 
     # -- prompts that arrive together and share blocks compute them once --
     def claimed_blocks(self, prefilling: list) -> dict:
