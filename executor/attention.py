@@ -47,6 +47,15 @@ class SharedPrefixPass:
     groups: list
     block_views: list
     layers_seen: set = field(default_factory=set)
+    _masks: dict = field(default_factory=dict)
+
+    def own_mask(self, attention_mask, rows: int, q_len: int, columns: int) -> torch.Tensor:
+        """``_own_mask``, made once per pass (every layer gets the same mask)."""
+        key = (id(attention_mask), rows, q_len, columns)
+        if key not in self._masks:
+            device = attention_mask.device if attention_mask is not None else self.block_views[0][0].device
+            self._masks[key] = (attention_mask, _own_mask(attention_mask, rows, q_len, columns, device))
+        return self._masks[key][1]
 
 
 SHARED: contextvars.ContextVar = contextvars.ContextVar("jina_shared_prefix_pass", default=None)
@@ -70,8 +79,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
     scale = scaling if scaling is not None else dim ** -0.5
     attend = _attend_flash if query.device.type == "cpu" else _attend_matmul
     # Every part in the grouped layout: [rows, kv_heads, heads per kv head x q_len, dim] (GQA without repeats).
-    out, lse = attend(query, key, value, _own_mask(attention_mask, rows, q_len, key.shape[2], query.device), scale)
-    for group in current.groups:
+    out, lse = attend(query, key, value, current.own_mask(attention_mask, rows, q_len, key.shape[2]), scale)
+    for group in current.groups:  # a row reads at most one shared prefix: each row is merged once
         queries = _grouped(query, kv_heads)[group.rows]
         count, _, grouped, _ = queries.shape
         stacked = queries.transpose(0, 1).reshape(1, kv_heads, count * grouped, dim)
@@ -79,11 +88,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
         prefix_out, prefix_lse = attend(stacked, prefix_keys, prefix_values, None, scale)
         prefix_out = prefix_out.reshape(kv_heads, count, grouped, -1).transpose(0, 1)
         prefix_lse = prefix_lse.reshape(kv_heads, count, grouped).transpose(0, 1)
-        own_lse = lse[group.rows]
-        both = torch.logaddexp(own_lse, prefix_lse)
-        out[group.rows] = (out[group.rows] * (own_lse - both).exp_().unsqueeze(-1)
-                           + prefix_out * (prefix_lse - both).exp_().unsqueeze(-1))
-        lse[group.rows] = both
+        # The own part's share of the softmax mass: exp(own) / (exp(own) + exp(prefix)) = sigmoid(own - prefix).
+        own_share = (lse[group.rows] - prefix_lse).sigmoid_().unsqueeze(-1)
+        out[group.rows] = torch.lerp(prefix_out, out[group.rows], own_share)
     out = out.to(query.dtype).reshape(rows, heads, q_len, -1)
     return out.transpose(1, 2).contiguous(), None
 

@@ -819,10 +819,14 @@ class PrefixCache:
         """Add the whole blocks of ``tokens[:count]`` that are missing. ``layer_kv(start, end)`` gives the
         per-layer ``(keys, values)`` ``[kv_heads, end-start, dim]`` of those tokens. Returns blocks added."""
         node, added, on_path = self._root, 0, set()
-        for number, block_tokens in enumerate(self._blocks_of(tokens, count // self.block_size)):
+        blocks = list(self._blocks_of(tokens, count // self.block_size))
+        # The free blocks for the missing ones, taken together in ascending order: a prefix stored as one run of
+        # blocks is read as one slice (attention.py gathers it without an index).
+        reserved = self._reserve(len(blocks) - self._depth(blocks))
+        for number, block_tokens in enumerate(blocks):
             child = node.children.get(block_tokens)
             if child is None:
-                index = self._allocate(protect=on_path | {node})
+                index = reserved.pop(0) if reserved else self._allocate(protect=on_path | {node})
                 if index is None:
                     break
                 start = number * self.block_size
@@ -839,7 +843,26 @@ class PrefixCache:
                 self._leaves.move_to_end(child)
             on_path.add(child)
             node = child
+        self._free.extend(reversed(reserved))  # not used (the pool ran out of evictable blocks): free again
         return added
+
+    def _depth(self, blocks: list) -> int:
+        """How many of ``blocks`` (their tokens, from the root) are cached already."""
+        node, depth = self._root, 0
+        for block_tokens in blocks:
+            node = node.children.get(block_tokens)
+            if node is None:
+                break
+            depth += 1
+        return depth
+
+    def _reserve(self, count: int) -> list:
+        """Up to ``count`` free blocks, ascending (the highest free ones: one run while the pool is unfragmented)."""
+        if count <= 0 or not self._free:
+            return []
+        taken = sorted(self._free[-count:])
+        del self._free[-len(taken):]
+        return taken
 
     def _evictable(self, protect: frozenset = frozenset()):
         """The least recently used leaf that no row reads and ``protect`` does not hold; None if none."""
