@@ -31,8 +31,9 @@ NAME = "jina_shared_prefix"
 
 @dataclass
 class PrefixGroup:
-    """Rows of one forward pass that share one cached prefix, ``tokens`` long: ``rows`` of the pass and
-    ``blocks`` of the pool, each a slice where they are one ascending run, else an index tensor."""
+    """Rows of one forward pass that share one cached prefix, ``tokens`` long: ``rows`` of the pass (a slice
+    where they are one ascending run, else an index tensor) and ``blocks`` of the pool (a list of slices, one
+    per run of blocks, or an index tensor)."""
 
     rows: object
     blocks: object
@@ -141,9 +142,13 @@ def _attend_matmul(query, key, value, mask, scale) -> tuple:
 
 
 def _as_tokens(blocks_view: torch.Tensor, blocks) -> torch.Tensor:
-    """The blocks ``blocks`` (a slice or an index tensor) of a ``[blocks, kv_heads, size, dim]`` view as one
-    ``[1, kv_heads, tokens, dim]`` operand: one gather, read by all of a group's rows at once."""
-    chosen = blocks_view[blocks].transpose(0, 1)  # (index_select on the transposed view copied the whole pool)
+    """The blocks ``blocks`` (slices, one per run of blocks, or an index tensor) of a ``[blocks, kv_heads,
+    size, dim]`` view as one ``[1, kv_heads, tokens, dim]`` operand: one gather, read by all of a group's rows
+    at once."""
+    if isinstance(blocks, torch.Tensor):
+        chosen = blocks_view[blocks].transpose(0, 1)  # (index_select on the transposed view copied the whole pool)
+    else:
+        chosen = torch.cat([blocks_view[run].transpose(0, 1) for run in blocks], dim=1)
     kv_heads, count, size, dim = chosen.shape
     return chosen.reshape(1, kv_heads, count * size, dim)
 
@@ -174,7 +179,7 @@ def enable_shared_prefix(model, cache_kwarg: str, device, block_size: int) -> st
         first = DynamicCache()
         _last_logits(model, cache_kwarg, tokens[:, :block_size], 0, first)
         views = [(layer.keys, layer.values) for layer in first.layers]  # one block: [1, kv_heads, size, dim]
-        current = SharedPrefixPass([PrefixGroup(torch.tensor([0], device=device), slice(0, 1), block_size)], views)
+        current = SharedPrefixPass([PrefixGroup(torch.tensor([0], device=device), [slice(0, 1)], block_size)], views)
         token = SHARED.set(current)
         try:
             shared = _last_logits(model, cache_kwarg, tokens[:, block_size:], block_size, DynamicCache())

@@ -304,8 +304,9 @@ class Engine(AsyncCalls):
                         continue
                 sequence.admission = next(self._admissions)
                 self.scheduler.start_prefill(sequence)
+                alone = not (self.runner.running or self.scheduler.waiting or len(self.scheduler.prefilling) > 1)
                 try:
-                    self.kv.stage(sequence)  # now: the next sequence's room is counted with this one's row
+                    self.kv.stage(sequence, alone)  # now: the next sequence's room is counted with this one's row
                 except RuntimeError as error:  # room_for said it fits: a bug, for this request only
                     self.scheduler.prefill_done(sequence)
                     self.output.fail(sequence, EngineError(f"generation failed: {error}"))

@@ -651,6 +651,7 @@ class StagedKV(Cache):
         self.batch, self.row, self.filled = batch, row, 0
         self.length = length  # the own tokens it is staged for (the row is at least one longer)
         self.shared = None  # a SharedPrefix, or None
+        self.reads_in_place = True  # may take a shared prefix later (kv_manager.stage decides)
         super().__init__(layers=[_StagedLayer(self, layer) for layer in batch.layers])
 
     @property

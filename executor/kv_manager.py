@@ -56,14 +56,18 @@ class KVManager:
                 log.info("prefix-cache hits are copied into each row for this model (%s)", refused)
 
     # -- a sequence's own cache --
-    def stage(self, sequence) -> None:
+    def stage(self, sequence, alone: bool = False) -> None:
         """Give a sequence about to be prefilled a free row of the storage, if it has none yet. A fresh one
         reads its longest cached prefix in place (pinned now, so that it cannot be evicted under it), and its
-        row only holds the tokens after it."""
+        row only holds the tokens after it; except a sequence ``alone`` in the engine while the pool holds it
+        whole: reading in place costs a gather of the prefix per step that only rows sharing it amortise, so
+        it copies the prefix once, as before (``reuse_cached_prefix``)."""
         if sequence.cache is not None:
             return
         context = sequence.context_ids()
         path = self._shareable(context) if sequence.prefilled == 0 else []
+        if path and alone and self.batch.room_for_row(len(context) + ANSWER_MARGIN):
+            path = []
         shared = self.prefix.share(path) if path and self._can_pin(path) else None
         try:
             staged = self.batch.stage(len(context) - (shared.tokens if shared else 0))
@@ -72,6 +76,7 @@ class KVManager:
                 shared.release()
             raise
         sequence.cache = staged
+        staged.reads_in_place = not alone or shared is not None
         if shared is not None:
             self._take_shared(sequence, staged, shared)
 
@@ -129,7 +134,7 @@ class KVManager:
         have = sequence.prefilled // size
         if len(path) <= have or (have == 0 and len(path) * size < MIN_REUSED_TOKENS):
             return
-        if self.sharing and not sequence.cache.own_filled and self._can_pin(path):
+        if self.sharing and sequence.cache.reads_in_place and not sequence.cache.own_filled and self._can_pin(path):
             # Nothing computed of its own yet: read it in place.
             self._take_shared(sequence, sequence.cache, self.prefix.share(path))
             return
@@ -163,7 +168,7 @@ class KVManager:
         if not groups:
             return None
         return SharedPrefixPass([PrefixGroup(_as_index(rows, self.device),
-                                             _as_index(prefix.block_indices(), self.device), prefix.tokens)
+                                             _as_runs(prefix.block_indices(), self.device), prefix.tokens)
                                  for prefix, rows in groups.values()], self.prefix.block_views)
 
     # -- prompts that arrive together and share blocks compute them once --
@@ -203,8 +208,25 @@ class KVManager:
 
 
 def _as_index(indices: list, device):
-    """Row or block indices as a slice when they are one ascending run (a view, no gather), else a tensor."""
+    """Row indices as a slice when they are one ascending run (a view, no gather), else a tensor."""
     first = indices[0]
     if indices == list(range(first, first + len(indices))):
         return slice(first, first + len(indices))
     return torch.tensor(indices, device=device)
+
+
+MAX_RUNS = 8  # a prefix stored in more runs of blocks than this is gathered by an index instead
+
+
+def _as_runs(indices: list, device):
+    """Block indices as a list of slices, one per ascending run (a prompt's blocks are stored a run per
+    remembered chunk), or an index tensor when they are scattered."""
+    runs = []
+    for index in indices:
+        if runs and index == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, index + 1])
+    if len(runs) > MAX_RUNS:
+        return torch.tensor(indices, device=device)
+    return [slice(start, stop) for start, stop in runs]

@@ -9,6 +9,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from executor import attention
+from executor.kv_manager import _as_runs
 
 BLOCK = 16
 
@@ -17,6 +18,10 @@ def as_index(indices: list):
     first = indices[0]
     return slice(first, first + len(indices)) if indices == list(range(first, first + len(indices))) \
         else torch.tensor(indices)
+
+
+def as_blocks(indices: list):
+    return _as_runs(indices, "cpu")
 
 
 def reference_and_shared(rows, heads, kv_heads, q_len, own, groups, dim=32, blocks=64):
@@ -42,7 +47,7 @@ def reference_and_shared(rows, heads, kv_heads, q_len, own, groups, dim=32, bloc
             keys[row, :, longest - tokens:longest] = prefix_keys
             values[row, :, longest - tokens:longest] = prefix_values
             mask[row, :, :, longest - tokens:longest] = True
-        plan.append(attention.PrefixGroup(as_index(group_rows), as_index(group_blocks), tokens))
+        plan.append(attention.PrefixGroup(as_index(group_rows), as_blocks(group_blocks), tokens))
     module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
     expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=dim ** -0.5)
     token = attention.SHARED.set(attention.SharedPrefixPass(plan, [(keys_blocks, values_blocks)]))
@@ -58,7 +63,9 @@ CASES = {
     "decode, two prefixes, scattered rows and blocks, a row without": (5, 9, 3, 1, 80,
                                                                        [([0, 2, 4], [5, 3, 9, 1]), ([1], [10, 11])]),
     "verify step, multi-head": (3, 4, 4, 5, 60, [([0, 1, 2], list(range(2, 6)))]),
-    "prefill chunk, GQA, blocks in descending order": (1, 9, 3, 40, 64, [([0], list(range(60, 50, -1)))]),
+    "prefill chunk, GQA, blocks in descending order (gathered by index)": (1, 9, 3, 40, 64,
+                                                                         [([0], list(range(60, 50, -1)))]),
+    "decode, a prefix stored in two runs": (4, 9, 3, 1, 50, [([0, 1, 2, 3], list(range(30, 36)) + list(range(8, 12)))]),
 }
 
 
