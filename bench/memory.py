@@ -13,6 +13,9 @@ model, SmolLM2-135M-Instruct (46,080 bytes of keys and values per token).
   passages, each reading them in place against each copying them into its row (``KVManager.sharing`` off),
   alternated, the same engine settings: the batch's peak token slots, the KV bytes copied by cause, the
   median 16-row decode step, the aggregate rate and the TTFT p50.
+- A long row spilled to the prefix cache (``KVManager.spill_long_row``), in-process: SPILL_CHATS short chats
+  arriving beside a ~3,000-token request under 1 GiB, spilling against the long row laid out in full (rows as
+  long as it), alternated: the chats' aggregate rate and TTFT p50, the long request's time.
 """
 
 import asyncio
@@ -31,6 +34,7 @@ LONG_PROMPTS = 70  # distinct prompts of about LONG_WORDS words: more than the l
 LONG_WORDS = 1500
 DECODE_ROWS, DECODE_CONTEXT, DECODE_TOKENS = 16, 900, 112  # the first rows decode while the last prefill
 SHARED_TOKENS = 128  # new tokens per prompt of the shared-prefix burst
+SPILL_CHATS, SPILL_LONG_TOKENS = 16, 256  # short chats beside one long request (~3,000 tokens) in 1 GiB
 
 
 def pool_line(log_path: Path) -> str:
@@ -254,6 +258,82 @@ def shared_prefix_rows(found: dict) -> list:
     ]
 
 
+def spill_run(lm, long_ids, chats, spilling: bool) -> dict:
+    """A long request decoding under ``--kv-cache-memory 1GiB``, then SPILL_CHATS short chats arriving beside it;
+    ``spilling`` off: the long row is never read from the prefix cache (rows are laid out as long as it)."""
+    import torch
+
+    from executor.engine import Engine, EngineConfig
+    from executor.validation import Limits, fit_to_context, parse_gen_conf
+
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                    EngineConfig(max_batch_size=len(chats) + 1, max_context=4096, kv_cache_memory=2**30)).start()
+    if not spilling:
+        engine.kv.spill_long_row = lambda *args, **kwargs: False
+    limits = Limits(context_length=8192)
+
+    async def one(prompt_ids, tokens):
+        settings = fit_to_context(parse_gen_conf({"max_new_tokens": tokens, "min_new_tokens": tokens}, limits),
+                                  len(prompt_ids), limits)
+        started, first = time.perf_counter(), None
+        async for _ in engine.stream(prompt_ids, settings):
+            first = first if first is not None else time.perf_counter() - started
+        return first, time.perf_counter() - started
+
+    async def scenario():
+        long_task = asyncio.create_task(one(long_ids, SPILL_LONG_TOKENS))
+        while not engine.runner.running:
+            await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        answered = await asyncio.gather(*(one(chat, SHORT_TOKENS) for chat in chats))
+        chats_seconds = time.perf_counter() - started
+        _, long_seconds = await long_task
+        return answered, chats_seconds, long_seconds
+
+    try:
+        with torch.inference_mode():
+            answered, chats_seconds, long_seconds = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    return {"rate": len(chats) * SHORT_TOKENS / chats_seconds, "ttft": statistics.median(t for t, _ in answered),
+            "long": long_seconds, "spills": engine.kv.spills, "preemptions": engine.preemptions}
+
+
+def spill_measures(path: Path) -> dict:
+    """A long row spilled to the prefix cache vs laid out in full, alternated (best rate of two each)."""
+    from executor.model import encode_prompt, load
+
+    lm = load(str(path))
+    long_ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": long_prompt(1)[0]["content"] + " "
+                                             + long_prompt(2)[0]["content"]}])
+    chats = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"What is {i} plus {i + 1}? Answer in one line."}])
+             for i in range(SPILL_CHATS)]
+    runs = {True: [], False: []}
+    for spilling in (True, False, True, False):
+        runs[spilling].append(spill_run(lm, long_ids, chats, spilling))
+    del lm
+    gc.collect()
+    return {"long_tokens": len(long_ids),
+            **{spilling: found[0] | {"rate": max(r["rate"] for r in found)} for spilling, found in runs.items()}}
+
+
+def spill_rows(found: dict) -> list:
+    spilled, full = found[True], found[False]
+    what = (f"{SPILL_CHATS} short chats ({SHORT_TOKENS} tokens) beside a {found['long_tokens']}-token request, "
+            "--kv-cache-memory 1GiB")
+    return [
+        (f"{what}: the long row laid out in full (rows as long as it), aggregate of the chats",
+         f"{full['rate']:.1f} tok/s", "1.00x", ""),
+        (f"{what}: the long row reading its head from the prefix cache (spilled), aggregate of the chats",
+         f"{spilled['rate']:.1f} tok/s", f"{spilled['rate'] / full['rate']:.2f}x", ""),
+        ("the same: chats' TTFT p50, spilled / in full", f"{spilled['ttft'] * 1e3:.0f} / {full['ttft'] * 1e3:.0f} ms",
+         "", ""),
+        (f"the same: the long request's {SPILL_LONG_TOKENS} tokens took, spilled / in full",
+         f"{spilled['long']:.1f} / {full['long']:.1f} s", "",
+         f"spills {spilled['spills']}, preemptions {spilled['preemptions']} / {full['preemptions']}"),
+    ]
+
+
 def rows(found: dict) -> list:
     default, small = found["default_tps"], found["1gib_tps"]
     cache = found["cache"]
@@ -283,11 +363,13 @@ def rows(found: dict) -> list:
         ]
     if "shared_prefix" in found:
         result += shared_prefix_rows(found["shared_prefix"])
+    if "spill" in found:
+        result += spill_rows(found["spill"])
     return result
 
 
 def measures(path: Path, real_model_server, openai_stream, length, model: str) -> dict:
-    found = {"shared_prefix": shared_prefix_measures(path)}
+    found = {"shared_prefix": shared_prefix_measures(path), "spill": spill_measures(path)}
     found |= {"decode_full": decode_rate(path, True), "decode_pool": decode_rate(path, False)}
     found["decode_full"] = statistics.mean([found["decode_full"], decode_rate(path, True)])
     found["decode_pool"] = statistics.mean([found["decode_pool"], decode_rate(path, False)])

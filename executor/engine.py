@@ -284,7 +284,7 @@ class Engine(AsyncCalls):
 
     def _admit(self) -> None:
         with self.scheduler.lock:
-            while (decision := self.scheduler.next_admission(self.runner.running, self.kv.room_for)) is not None:
+            while (decision := self.scheduler.next_admission(self.runner.running, self._room_for)) is not None:
                 if isinstance(decision, Preempt):
                     if decision.row is not None:
                         self.runner.remove_rows([decision.row])
@@ -310,6 +310,16 @@ class Engine(AsyncCalls):
                 except RuntimeError as error:  # room_for said it fits: a bug, for this request only
                     self.scheduler.prefill_done(sequence)
                     self.output.fail(sequence, EngineError(f"generation failed: {error}"))
+
+    def _room_for(self, sequence) -> bool:
+        """Admission by tokens (kv.room_for); when the pool is short, a long row may read its head from the
+        prefix cache first, so that the rows beside it need not be as long (kv.spill_long_row)."""
+        newcomer = self.kv.own_need(sequence)
+        self.kv.spill_long_row(self.runner.running, newcomer)  # where padding costs more than the read
+        while not self.kv.room_for(sequence):
+            if not self.kv.spill_long_row(self.runner.running, newcomer, short=True):
+                return False
+        return True
 
     def _speculator(self, most: int):
         if most <= 0:
@@ -421,10 +431,13 @@ class Engine(AsyncCalls):
         self.runner.remove_rows(leaving)
 
     def _make_room(self, width: int) -> None:
-        """The KV pool must hold this step's ``width`` new tokens per row: while it cannot, the most recently
-        admitted sequence (running or prefilling) gives its row back and waits again; it is recomputed later,
-        from the prefix cache where its blocks are still there."""
+        """The KV pool must hold this step's ``width`` new tokens per row: while it cannot, a long row reads its
+        head from the prefix cache (kv.spill_long_row) or, when none can, the most recently admitted sequence
+        (running or prefilling) gives its row back and waits again; it is recomputed later, from the prefix
+        cache where its blocks are still there."""
         while not self.kv.batch.room_for_step(width):
+            if self.kv.spill_long_row(self.runner.running, short=True):
+                continue
             active = self.runner.running + self.scheduler.prefilling
             if len(self.runner.running) <= 1 and not self.scheduler.prefilling:
                 raise EngineError("the KV pool cannot hold the next token of the only running request")

@@ -311,10 +311,33 @@ class BatchKV(Cache):
 
     def held(self, row: int) -> int:
         """Tokens whose keys and values the row has: its shared prefix, then its span without holes."""
-        return self.shared_tokens(row) + self.lengths[row] - self.holes[row]
+        return self.shared_tokens(row) + self.own_tokens(row)
 
     def shared_tokens(self, row: int) -> int:
         return self.shared[row].tokens if self.shared[row] is not None else 0
+
+    def own_tokens(self, row: int) -> int:
+        """Tokens the row holds in its own columns (after its shared prefix)."""
+        return self.lengths[row] - self.holes[row]
+
+    def spill(self, row: int, shared: "SharedPrefix") -> int:
+        """From now on the running row ``row`` reads ``shared``, a longer cached prefix of its own tokens,
+        where the prefix cache keeps it: its own columns up to the end of that prefix are masked, and go with
+        the leading columns at the next move, so that the other rows stop being laid out as long as it.
+        Returns the columns it gave up."""
+        drop = shared.tokens - self.shared_tokens(row)
+        if not 0 < drop < self.own_tokens(row):
+            raise ValueError(f"row {row} holds [{self.shared_tokens(row)}, {self.held(row)}): it cannot read "
+                             f"its first {shared.tokens} tokens from the prefix cache")
+        first = self.column - self.lengths[row]
+        cut = int(self._held_columns(row)[drop - 1]) + 1 - first if self.holes[row] else drop
+        self.mask[row, first:first + cut] = 0
+        self.holes[row] -= cut - drop
+        self.lengths[row] -= cut
+        if self.shared[row] is not None:
+            self.shared[row].release()
+        self.shared[row] = shared
+        return cut
 
     # -- prompts being prefilled --
     def stage(self, length: int | None = None) -> "StagedKV":

@@ -29,6 +29,13 @@ INITIAL_COLUMNS = 256
 # Admission: a prompt joins when the pool holds it and this much of its answer (or all of a shorter one);
 # when the answers outgrow the pool later, the newest row is preempted (the engine's ``_make_room``).
 ANSWER_MARGIN = 64
+# The row that lays every row out as long as itself reads its head from the prefix cache instead
+# (``spill_long_row``) only if that shortens the rows by at least this many columns: below it, the per-step read
+# of its blocks buys too little.
+MIN_SPILL_GAIN = 128
+# Reading a token's keys and values from the prefix cache each step (a gather: a write and a read) costs about
+# as much as this many rows attending to one masked padding column.
+SPILL_READ_COST = 2
 
 
 class KVManager:
@@ -49,6 +56,7 @@ class KVManager:
         self.device = device
         # Hits by reference: a row reads its cached prefix where the prefix cache keeps it (attention.py).
         self.sharing = False
+        self.spills = 0  # long rows that went on to read their head from the prefix cache (spill_long_row)
         if self.prefix is not None:
             refused = enable_shared_prefix(model, cache_kwarg, device, block_size)
             self.sharing = refused is None
@@ -103,12 +111,9 @@ class KVManager:
         """Admission by tokens: does the pool hold this sequence's context (less a cached prefix it would read
         in place) and the first ``ANSWER_MARGIN`` tokens of what it still has to answer, beside the rows there
         now (cached blocks give way)?"""
-        answer = min(ANSWER_MARGIN, max(0, sequence.max_new_tokens - len(sequence.generated)))
-        context = sequence.context_ids()
-        path = self._shareable(context) if sequence.prefilled == 0 else []
+        path = self._shareable(sequence.context_ids()) if sequence.prefilled == 0 else []
         # Its newly pinned blocks leave the batch less room: counted with its row.
-        return self.batch.room_for_row(len(context) - len(path) * self.block_size + answer,
-                                       self.prefix.unpinned(path) if path else 0)
+        return self.batch.room_for_row(self.own_need(sequence), self.prefix.unpinned(path) if path else 0)
 
     def release(self, sequence) -> None:
         """A sequence leaving before it joined the batch (finished, failed, preempted) frees its staged row;
@@ -157,6 +162,53 @@ class KVManager:
             sequence, length = running[index], self.batch.held(index)
             self.prefix.insert(sequence.tokens()[:length], length,
                                lambda a, b, row=index: self.batch.row_kv(row, a, b))
+
+    def spill_long_row(self, running: list, newcomer: int = 0, short: bool = False) -> bool:
+        """The row with the most own columns, when it is much longer than the others (and than a ``newcomer``
+        row of that many tokens about to be laid out beside it), reads its whole blocks where the prefix cache
+        keeps them from now on (remembered there first, if they are not yet), and the rows stop being laid out
+        as long as it. Done when the pool is ``short``, or when the padding it spares every other row per
+        step outweighs the per-step read of its blocks. True when a row gave columns up."""
+        batch, size = self.batch, self.block_size
+        if not self.sharing or not batch.rows:
+            return False
+        order = sorted(range(batch.rows), key=batch.own_tokens, reverse=True)
+        row = order[0]
+        others = [batch.own_tokens(other) for other in order[1:2]] + [newcomer]
+        held = batch.held(row)
+        blocks = (held - 1) // size  # at least its last token stays its own
+        spared = batch.own_tokens(row) - max(others + [held - blocks * size])  # columns every other row sheds
+        beside = batch.owned_rows() - 1 + (newcomer > 0)
+        # Laid out beside it, the newcomer would leave the pool no room to copy the row's blocks into the cache:
+        # the last moment a spill can still be made.
+        last_chance = newcomer > 0 and not batch.room_for_row(newcomer, blocks)
+        worth = short or last_chance or beside * spared >= SPILL_READ_COST * blocks * size
+        if spared < MIN_SPILL_GAIN or not worth:
+            return False
+        tokens = running[row].tokens()[:held]
+        self.prefix.insert(tokens, blocks * size, lambda start, end: batch.row_kv(row, start, end))
+        path = self.prefix.match(tokens, blocks * size)
+        if len(path) * size - batch.shared_tokens(row) < MIN_SPILL_GAIN or not self._can_pin(path):
+            return False
+        own, shared = batch.own_tokens(row), self.prefix.share(path)
+        try:
+            batch.spill(row, shared)
+        except ValueError:
+            shared.release()
+            raise
+        self.spills += 1
+        log.info("request %d reads its first %d tokens where the prefix cache keeps them: its %d own tokens laid "
+                 "out %d other rows as long (%s)", running[row].request_id, len(path) * size, own, beside,
+                 "the KV pool is short" if short or last_chance else "their padding cost more than reading its blocks")
+        return True
+
+    def own_need(self, sequence) -> int:
+        """The columns a sequence about to be admitted would need of its row: its context less a cached prefix
+        it would read in place, plus the first ``ANSWER_MARGIN`` tokens of what it still has to answer."""
+        answer = min(ANSWER_MARGIN, max(0, sequence.max_new_tokens - len(sequence.generated)))
+        context = sequence.context_ids()
+        path = self._shareable(context) if sequence.prefilled == 0 else []
+        return len(context) - len(path) * self.block_size + answer
 
     def shared_pass(self, shared: list):
         """What a forward pass whose rows read ``shared`` (a SharedPrefix or None per row) in place needs

@@ -355,3 +355,38 @@ def test_admission_and_step_room_count_the_pool_s_tokens():
     while batch.room_for_step(1):
         step(batch, [0, 0])
     assert batch.owned_rows() * (batch._live_width() + 1) > pool.tokens, "out of room only when it is"
+
+
+def test_a_spilled_row_reads_its_head_from_the_cache_and_keeps_its_later_tokens_around_its_holes():
+    """``spill``: a row's first blocks (here 8 tokens, cached) are read in place from then on; its columns up to
+    them are masked, the holes of rejected drafts among them leave its count, and what follows stays exact."""
+    pool, batch, cache = pooled(tokens=128, columns=32)
+    batch.add_row(row_tokens(1, 6), 6)
+    batch.add_row(row_tokens(2, 2), 2)
+    batch.start_step(3)
+    states = torch.tensor([[6.0, 7.0, 8.0], [2.0, 3.0, 4.0]]).view(2, 1, 3, 1).expand(2, 2, 3, 3)
+    for index in range(len(batch.layers)):
+        batch.update(states + 1000 + 100_000 * index, -states, index)
+    batch.commit_step(3, [1, 3])  # row 0 keeps 1000+6 only: two holes after it
+    step(batch, [1007.0, 2005.0])
+    step(batch, [1008.0, 2006.0])
+    held = [1000 + i for i in range(9)]
+    assert batch.holes[0] == 2 and batch.held(0) == 9 and row_contents_held(batch, 0) == held
+    cache.insert(list(range(9)), 8, lambda start, end: batch.row_kv(0, start, end))
+    before = batch.column, batch.lengths[0]
+    assert batch.spill(0, cache.share(cache.match(list(range(9)), 8))) == 10, "8 tokens and the 2 holes among them"
+    assert (batch.shared_tokens(0), batch.held(0), batch.holes[0]) == (8, 9, 0)
+    assert batch.column == before[0] and batch.lengths[0] == before[1] - 10
+    assert batch.row_kv(0, 8, 9)[0][0][0, :, 0].tolist() == [1008]
+    assert int(batch.mask[0].sum()) == 1 and batch._live_width() == 7, "row 1 sets the live width now"
+    again = cache.share(cache.match(list(range(9)), 8))
+    with pytest.raises(ValueError):
+        batch.spill(0, again)  # nothing more to give up
+    again.release()
+    batch.remove_rows([0])
+    assert cache.pinned_blocks == 0
+
+
+def row_contents_held(batch: BatchKV, row: int) -> list:
+    keys, _ = batch.row_kv(row, batch.shared_tokens(row), batch.held(row))[0]
+    return keys[0, :, 0].tolist()

@@ -1,6 +1,7 @@
 """The engine with its prefix cache and memory budget, on a tiny real model: a hit changes no answer."""
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -318,5 +319,82 @@ def test_rows_reading_a_cached_prefix_in_place_answer_as_without_a_cache_and_nev
         assert torch.equal(blocks(), before), "no row wrote into a block it shares"
         assert kv.prefix.pinned_blocks == 0
         assert engine.preemptions > 0, "the pool was short: rows waited again, from the blocks they share"
+    finally:
+        engine.shutdown()
+
+
+def long_prompt(lm, tokens: int) -> list:
+    """A chat prompt of exactly ``tokens`` tokens (its user message cut to fit)."""
+    words = " ".join(f"note {i} on the river mill and the stone town;" for i in range(tokens))
+    ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": words}])
+    return ids[:tokens - 1] + ids[-1:]
+
+
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_a_long_row_reads_its_head_from_the_prefix_cache_so_short_rows_fit_beside_it(lm, plain, speculate):
+    """A long request decoding in a pool that cannot hold two rows as long as it: short chats arriving meanwhile
+    do not wait for it to finish. It reads its prompt's blocks where the prefix cache keeps them (a spill), the
+    rows are laid out short, the chats finish while it still decodes, and every answer is exact."""
+    long_ids = long_prompt(lm, 420)
+    shorts = [rag_prompt(lm, f"Question {i}?")[-24:] for i in range(3)]
+    expected_long = asyncio.run(ask(plain, lm, long_ids, 80))[0]
+    expected = [asyncio.run(ask(plain, lm, p, 16))[0] for p in shorts]
+    engine = make_engine(lm, speculate=speculate, kv_cache_memory=800 * engine_bytes_per_token(lm), max_context=512)
+    kv = engine.kv
+    assert 2 * (len(long_ids) + 1) > kv.pool.tokens, "the test wants a pool that cannot hold two long rows"
+
+    async def scenario():
+        finished = []
+
+        async def timed(name, prompt, tokens):
+            answer = await ask(engine, lm, prompt, tokens)
+            finished.append(name)
+            return answer
+
+        long_task = asyncio.create_task(timed("long", long_ids, 80))
+        while not kv.batch.rows:
+            await asyncio.sleep(0.005)
+        answers = await asyncio.gather(*(timed(i, p, 16) for i, p in enumerate(shorts)))
+        return (await long_task)[0], [text for text, _ in answers], finished
+
+    try:
+        assert kv.sharing
+        long_text, texts, finished = asyncio.run(scenario())
+        wait_idle(engine)
+        assert long_text == expected_long and texts == expected
+        assert finished[-1] == "long", f"the short chats waited for the long one: {finished}"
+        assert kv.spills >= 1
+        assert kv.prefix.pinned_blocks == 0 and kv.batch.rows == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_long_row_spills_when_the_padding_of_the_rows_beside_it_costs_more_than_reading_its_head(lm, plain,
+                                                                                                   caplog):
+    """The pool is ample, but every short row beside a long one would attend over the long row's columns: once
+    enough of them join, the long row reads its head from the prefix cache, and every answer stays exact."""
+    long_ids = long_prompt(lm, 420)
+    shorts = [rag_prompt(lm, f"Question {i}?")[-24:] for i in range(4)]
+    expected_long = asyncio.run(ask(plain, lm, long_ids, 60))[0]
+    expected = [asyncio.run(ask(plain, lm, p, 16))[0] for p in shorts]
+    engine = make_engine(lm, kv_cache_memory=4000 * engine_bytes_per_token(lm), max_context=512)
+    kv = engine.kv
+    assert (len(shorts) + 1) * 512 < kv.pool.tokens, "the test wants a pool that holds every row at full length"
+
+    async def scenario():
+        long_task = asyncio.create_task(ask(engine, lm, long_ids, 60))
+        while not kv.batch.rows:
+            await asyncio.sleep(0.005)
+        answers = await asyncio.gather(*(ask(engine, lm, p, 16) for p in shorts))
+        return (await long_task)[0], [text for text, _ in answers]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="jina_llm_stream.kv_manager"):
+            long_text, texts = asyncio.run(scenario())
+        wait_idle(engine)
+        assert long_text == expected_long and texts == expected
+        assert kv.spills == 1 and engine.preemptions == 0
+        assert "their padding cost more than reading its blocks" in caplog.text
+        assert kv.prefix.pinned_blocks == 0 and kv.batch.rows == 0
     finally:
         engine.shutdown()
