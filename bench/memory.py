@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from server_process import free_port, start_server, stop_server
+from server_process import free_port, stop_server
 
 SHORT_CHATS = 32
 SHORT_TOKENS = 64
@@ -123,16 +123,17 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
 
     from executor import kv_manager
     from executor.engine import Engine, EngineConfig
-    from executor.model import load
-    from executor.validation import Limits, fit_to_context, parse_gen_conf
+    from executor.model import in_passing_thread, load
+    from executor.validation import Limits
 
-    lm = load(str(path))
+    lm = in_passing_thread(lambda: load(str(path)))
     saved = kv_manager.INITIAL_COLUMNS
     kv_manager.INITIAL_COLUMNS = 10**9 if full_length_rows else saved
     try:
-        engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
-                        EngineConfig(max_batch_size=DECODE_ROWS, max_context=2048, kv_cache_memory=2**31,
-                                     prefix_caching=False)).start()
+        engine = in_passing_thread(lambda: Engine(
+            lm.model, lm.tokenizer, lm.eos_token_ids,
+            EngineConfig(max_batch_size=DECODE_ROWS, max_context=2048, kv_cache_memory=2**31,
+                         prefix_caching=False))).start()
     finally:
         kv_manager.INITIAL_COLUMNS = saved
     limits = Limits(context_length=2048)
@@ -147,14 +148,8 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
 
     engine._decode_step = timed_step
 
-    async def one(prompt_ids):
-        settings = fit_to_context(parse_gen_conf({"max_new_tokens": DECODE_TOKENS, "min_new_tokens": DECODE_TOKENS},
-                                                 limits), len(prompt_ids), limits)
-        async for _ in engine.stream(prompt_ids, settings):
-            pass
-
     async def burst():
-        await asyncio.gather(*(one(p) for p in prompts))
+        await asyncio.gather(*(timed_stream(engine, limits, p, DECODE_TOKENS) for p in prompts))
 
     try:
         with torch.inference_mode():
@@ -167,15 +162,28 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
     return rate
 
 
+async def timed_stream(engine, limits, prompt_ids, tokens: int) -> tuple:
+    """One request of exactly ``tokens`` new tokens through the engine: (seconds to its first token, in all)."""
+    from executor.validation import fit_to_context, parse_gen_conf
+
+    settings = fit_to_context(parse_gen_conf({"max_new_tokens": tokens, "min_new_tokens": tokens}, limits),
+                              len(prompt_ids), limits)
+    started, first = time.perf_counter(), None
+    async for _ in engine.stream(prompt_ids, settings):
+        first = first if first is not None else time.perf_counter() - started
+    return first, time.perf_counter() - started
+
+
 def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
     """One burst of ``prompts`` (128 new tokens each) after ``warm`` put their passages in the prefix cache."""
     import torch
 
     from executor.engine import Engine, EngineConfig
-    from executor.validation import Limits, fit_to_context, parse_gen_conf
+    from executor.model import in_passing_thread
+    from executor.validation import Limits
 
-    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
-                    EngineConfig(max_batch_size=len(prompts), max_context=2048)).start()
+    engine = in_passing_thread(lambda: Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
+                                              EngineConfig(max_batch_size=len(prompts), max_context=2048))).start()
     engine.kv.sharing = sharing
     limits, steps, peak = Limits(context_length=4096), [], [0]
     decode_step = engine._decode_step
@@ -189,20 +197,12 @@ def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
 
     engine._decode_step = timed_step
 
-    async def one(prompt_ids, tokens):
-        settings = fit_to_context(parse_gen_conf({"max_new_tokens": tokens, "min_new_tokens": tokens}, limits),
-                                  len(prompt_ids), limits)
-        started, first = time.perf_counter(), None
-        async for _ in engine.stream(prompt_ids, settings):
-            first = first if first is not None else time.perf_counter() - started
-        return first
-
     async def burst():
-        return await asyncio.gather(*(one(p, SHARED_TOKENS) for p in prompts))
+        return await asyncio.gather(*(timed_stream(engine, limits, p, SHARED_TOKENS) for p in prompts))
 
     try:
         with torch.inference_mode():
-            asyncio.run(one(warm, 4))
+            asyncio.run(timed_stream(engine, limits, warm, 4))
             before = dict(engine.kv.batch.copied_bytes)
             started = time.perf_counter()
             ttfts = asyncio.run(burst())
@@ -211,15 +211,15 @@ def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
         engine.shutdown()
     copied = {cause: value - before[cause] for cause, value in engine.kv.batch.copied_bytes.items()}
     return {"rate": len(prompts) * SHARED_TOKENS / seconds, "step": statistics.median(steps), "peak": peak[0],
-            "copied": copied, "ttft": statistics.median(ttfts)}
+            "copied": copied, "ttft": statistics.median(first for first, _ in ttfts)}
 
 
 def shared_prefix_measures(path: Path) -> dict:
     """In place vs copied, alternated twice; the best rate and step of each, the rest from its first run."""
-    from executor.model import encode_prompt, load
+    from executor.model import encode_prompt, in_passing_thread, load
     from workloads import rag_prompts
 
-    lm = load(str(path))
+    lm = in_passing_thread(lambda: load(str(path)))
     chats, warm = rag_prompts(lm.tokenizer, 16, seed=3)
     prompts = [encode_prompt(lm.tokenizer, chat) for chat in chats]
     runs = {True: [], False: []}
@@ -264,28 +264,22 @@ def spill_run(lm, long_ids, chats, spilling: bool) -> dict:
     import torch
 
     from executor.engine import Engine, EngineConfig
-    from executor.validation import Limits, fit_to_context, parse_gen_conf
+    from executor.model import in_passing_thread
+    from executor.validation import Limits
 
-    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
-                    EngineConfig(max_batch_size=len(chats) + 1, max_context=4096, kv_cache_memory=2**30)).start()
+    engine = in_passing_thread(lambda: Engine(
+        lm.model, lm.tokenizer, lm.eos_token_ids,
+        EngineConfig(max_batch_size=len(chats) + 1, max_context=4096, kv_cache_memory=2**30))).start()
     if not spilling:
         engine.kv.spill_long_row = lambda *args, **kwargs: False
     limits = Limits(context_length=8192)
 
-    async def one(prompt_ids, tokens):
-        settings = fit_to_context(parse_gen_conf({"max_new_tokens": tokens, "min_new_tokens": tokens}, limits),
-                                  len(prompt_ids), limits)
-        started, first = time.perf_counter(), None
-        async for _ in engine.stream(prompt_ids, settings):
-            first = first if first is not None else time.perf_counter() - started
-        return first, time.perf_counter() - started
-
     async def scenario():
-        long_task = asyncio.create_task(one(long_ids, SPILL_LONG_TOKENS))
+        long_task = asyncio.create_task(timed_stream(engine, limits, long_ids, SPILL_LONG_TOKENS))
         while not engine.runner.running:
             await asyncio.sleep(0.01)
         started = time.perf_counter()
-        answered = await asyncio.gather(*(one(chat, SHORT_TOKENS) for chat in chats))
+        answered = await asyncio.gather(*(timed_stream(engine, limits, chat, SHORT_TOKENS) for chat in chats))
         chats_seconds = time.perf_counter() - started
         _, long_seconds = await long_task
         return answered, chats_seconds, long_seconds
@@ -301,9 +295,9 @@ def spill_run(lm, long_ids, chats, spilling: bool) -> dict:
 
 def spill_measures(path: Path) -> dict:
     """A long row spilled to the prefix cache vs laid out in full, alternated (best rate of two each)."""
-    from executor.model import encode_prompt, load
+    from executor.model import encode_prompt, in_passing_thread, load
 
-    lm = load(str(path))
+    lm = in_passing_thread(lambda: load(str(path)))
     long_ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": long_prompt(1)[0]["content"] + " "
                                              + long_prompt(2)[0]["content"]}])
     chats = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"What is {i} plus {i + 1}? Answer in one line."}])

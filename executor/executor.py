@@ -31,7 +31,7 @@ from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
 from .quantize import check_quantize
 from .speculation import check_speculate
-from .model import PromptTooLong, encode_prompt, encode_raw_prompt, load
+from .model import PromptTooLong, encode_prompt, encode_raw_prompt, in_passing_thread, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
 jina_compat.install()
@@ -110,8 +110,9 @@ class TokenStreamingExecutor(Executor):
         self.max_rendered_chars = 2 * max_prompt_chars + 65_536
         share_the_cpu()
         try:
-            loaded = load(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle, quantize=quantize)
+            loaded = in_passing_thread(lambda: load(model_name, device=device, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                                    quantize=quantize))
         except ModelLoadError as error:
             log.error("%s", error)  # one plain line; Jina's own report of the failure follows
             raise
@@ -123,13 +124,13 @@ class TokenStreamingExecutor(Executor):
             log.error("%s", error)
             raise
         context = loaded.context_length or 1 << 30
-        self.engine = Engine(
+        self.engine = in_passing_thread(lambda: Engine(
             loaded.model, loaded.tokenizer, loaded.eos_token_ids,
             EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                          request_timeout=request_timeout, kv_cache_memory=memory, prefix_caching=prefix_caching,
                          speculate=speculate,
                          max_context=min(context, max_prompt_tokens + max_new_tokens_limit)),
-        )
+        ))
         if self.engine.max_context < min(context, max_prompt_tokens + max_new_tokens_limit):
             log.warning("kv_cache_memory=%s holds prompt + answer of at most %d tokens: longer requests are refused",
                         kv_cache_memory, self.engine.max_context)
