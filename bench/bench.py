@@ -447,6 +447,15 @@ async def openai_stream(http, url: str, model: str, message, new_tokens: int, le
             "tokens": usage["completion_tokens"]}
 
 
+def fresh_connections(most: int):
+    """httpx limits with a new connection per request: llama-server (cpp-httplib) closed a kept-alive connection
+    after a streamed answer without saying so, and the next request on it failed ("Server disconnected without
+    sending a response"); both servers get the same (a localhost connect is far below a request's time)."""
+    import httpx
+
+    return httpx.Limits(max_connections=most, max_keepalive_connections=0)
+
+
 async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: int, tokenizer,
                           length=our_length) -> dict:
     """1 client and ``batch`` concurrent short streams, then ``batch`` RAG-shaped streams, through an OpenAI API
@@ -459,7 +468,7 @@ async def openai_measures(openai_port: int, model: str, new_tokens: int, batch: 
     async def ask(message, tokens):
         return await openai_stream(http, url, model, message, tokens, length)
 
-    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=batch + 4)) as http:
+    async with httpx.AsyncClient(timeout=900, limits=fresh_connections(batch + 4)) as http:
         for _ in range(2):  # warm-up
             await ask(prompts(1)[0], 8)
         single = [await ask(prompts(1)[0], new_tokens) for _ in range(3)]
@@ -916,7 +925,7 @@ async def openai_quote(port: int, model: str, new_tokens: int, length=greedy_len
     import httpx
 
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    async with httpx.AsyncClient(timeout=900) as http:
+    async with httpx.AsyncClient(timeout=900, limits=fresh_connections(2)) as http:
         runs = [await openai_stream(http, url, model, workloads.quote_prompt(), new_tokens, length) for _ in range(2)]
     best = min(runs, key=lambda r: r["decode"])
     return {"quote_tps": (best["tokens"] - 1) / best["decode"]}
