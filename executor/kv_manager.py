@@ -169,23 +169,12 @@ class KVManager:
         keeps them from now on (remembered there first, if they are not yet), and the rows stop being laid out
         as long as it. Done when the pool is ``short``, or when the padding it spares every other row per
         step outweighs the per-step read of its blocks. True when a row gave columns up."""
+        candidate = self._spill_candidate(newcomer, short)
+        if candidate is None:
+            return False
+        row, blocks, reason = candidate
         batch, size = self.batch, self.block_size
-        if not self.sharing or not batch.rows:
-            return False
-        order = sorted(range(batch.rows), key=batch.own_tokens, reverse=True)
-        row = order[0]
-        others = [batch.own_tokens(other) for other in order[1:2]] + [newcomer]
-        held = batch.held(row)
-        blocks = (held - 1) // size  # at least its last token stays its own
-        spared = batch.own_tokens(row) - max(others + [held - blocks * size])  # columns every other row sheds
-        beside = batch.owned_rows() - 1 + (newcomer > 0)
-        # Laid out beside it, the newcomer would leave the pool no room to copy the row's blocks into the cache:
-        # the last moment a spill can still be made.
-        last_chance = newcomer > 0 and not batch.room_for_row(newcomer, blocks)
-        worth = short or last_chance or beside * spared >= SPILL_READ_COST * blocks * size
-        if spared < MIN_SPILL_GAIN or not worth:
-            return False
-        tokens = running[row].tokens()[:held]
+        tokens = running[row].tokens()[:batch.held(row)]
         self.prefix.insert(tokens, blocks * size, lambda start, end: batch.row_kv(row, start, end))
         path = self.prefix.match(tokens, blocks * size)
         if len(path) * size - batch.shared_tokens(row) < MIN_SPILL_GAIN or not self._can_pin(path):
@@ -198,9 +187,29 @@ class KVManager:
             raise
         self.spills += 1
         log.info("request %d reads its first %d tokens where the prefix cache keeps them: its %d own tokens laid "
-                 "out %d other rows as long (%s)", running[row].request_id, len(path) * size, own, beside,
-                 "the KV pool is short" if short or last_chance else "their padding cost more than reading its blocks")
+                 "out the other rows as long (%s)", running[row].request_id, len(path) * size, own, reason)
         return True
+
+    def _spill_candidate(self, newcomer: int, short: bool):
+        """(row, its whole blocks, why) for spill_long_row, or None when no spill pays."""
+        batch, size = self.batch, self.block_size
+        if not self.sharing or not batch.rows:
+            return None
+        order = sorted(range(batch.rows), key=batch.own_tokens, reverse=True)
+        row, held = order[0], batch.held(order[0])
+        blocks = (held - 1) // size  # at least its last token stays its own
+        longest_other = max([batch.own_tokens(other) for other in order[1:2]] + [newcomer, held - blocks * size])
+        spared = batch.own_tokens(row) - longest_other  # the columns every other row sheds
+        if spared < MIN_SPILL_GAIN:
+            return None
+        # Laid out beside it, a newcomer that leaves the pool no room to copy the row's blocks into the cache
+        # makes this the last moment a spill can still be made.
+        if short or (newcomer > 0 and not batch.room_for_row(newcomer, blocks)):
+            return row, blocks, "the KV pool is short"
+        beside = batch.owned_rows() - 1 + (newcomer > 0)
+        if beside * spared >= SPILL_READ_COST * blocks * size:
+            return row, blocks, f"the padding of {beside} rows beside it cost more than reading its blocks"
+        return None
 
     def own_need(self, sequence) -> int:
         """The columns a sequence about to be admitted would need of its row: its context less a cached prefix
