@@ -279,7 +279,7 @@ def grammar_compile_seconds(path: Path) -> dict:
     from executor.model import load
 
     loaded = load(str(path))
-    grammars = Grammars(loaded.tokenizer, loaded.model.get_output_embeddings().weight.shape[0],
+    grammars = Grammars(loaded.tokenizer, loaded.vocab_size,
                         loaded.eos_token_ids)
     fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "doc", "schema": LONG_JSON}})
     started = time.perf_counter()

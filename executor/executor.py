@@ -140,7 +140,7 @@ class TokenStreamingExecutor(Executor):
             max_prompt_tokens=min(max_prompt_tokens, context - 1),
             max_prompt_chars=max_prompt_chars,
             context_length=context,
-            vocab_size=loaded.model.get_output_embeddings().weight.shape[0],
+            vocab_size=loaded.vocab_size,
         )
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
@@ -148,7 +148,7 @@ class TokenStreamingExecutor(Executor):
                                                 self.engine.kv_usage)
         self._call_preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._grammar_compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
-        self.grammars = Grammars(loaded.tokenizer, loaded.model.get_output_embeddings().weight.shape[0],
+        self.grammars = Grammars(loaded.tokenizer, loaded.vocab_size,
                                  loaded.eos_token_ids)
         self.engine.start()
         self._warm_up()

@@ -38,6 +38,12 @@ class LoadedModel:
     context_length: int | None
     name: str
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head: the token ids the model can score (int8's head has no ``weight``)."""
+        head = self.model.get_output_embeddings()
+        return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+
 
 def in_passing_thread(work):
     """``work()`` run in a thread of its own that ends when it returns (its result returned, its exception

@@ -1,22 +1,26 @@
 """``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
 
-Every ``nn.Linear`` of the model but the output head becomes ``Int8Linear``: its weight is int8 with one
-scale per output channel, and each forward pass quantizes its input to 8 bits per token (one scale per row)
-and runs fbgemm's int8 matmul (``quantized::linear_dynamic``). Two things keep the quality that
+Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
+scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
+fbgemm's int8 matmul (``quantized::linear_dynamic``). Three things keep the quality that
 ``torch.ao.quantization.quantize_dynamic`` loses (its perplexity on the default model was 1.7x-3x fp32's):
 
 - SmoothQuant (Xiao et al., 2022): a few input channels carry activations much larger than the rest, so
   one 8-bit scale per row rounds every other channel to a few levels. Each Linear divides its input by a
   per-channel factor ``s = max|x|^0.5 / max|W|^0.5`` and multiplies its weight columns by ``s`` (the same
   product), measured once at load on a fixed calibration text (``CALIBRATION_TEXT``, a chat turn included).
-- Activations keep all 8 bits (``reduce_range=False``; ``quantize_dynamic`` uses 7), and the scale is per
-  token, not shared by the whole prompt: each row is divided by its own largest value first (a whole-prompt
-  scale is what made prefill, and so the first answer token, suffer). The grid is still the batch's
-  (fbgemm takes one min and max), so unlike fp32 a greedy answer can differ alone and in a batch.
+- The scale is per token, not shared by the whole prompt: each row is divided by its own largest value first
+  (a whole-prompt scale is what made prefill, and so the first answer token, suffer). The grid is still the
+  batch's (fbgemm takes one min and max), so unlike fp32 a greedy answer can differ alone and in a batch.
+- No product pair saturates. Without VNNI (AVX2 alone: AMD EPYC before Zen 4, older Intel parts) fbgemm adds
+  each pair of uint8 x int8 products in 16 bits, which saturates at full scale (255 x 127 x 2 > 32767): on
+  such a CPU 8-bit weights and 8-bit inputs put the default model's perplexity at +4.4%. So a layer gives
+  15 bits to the pair: body layers 7-bit weights (+-63) and 8-bit inputs (their inputs have the outliers),
+  the head 8-bit weights and 7-bit inputs (``reduce_range``; the tied embedding rows want the precision).
+  Every x86 CPU then computes the same integers, so the quality measured on one holds on all.
 
-The output head (tied to the embeddings in most small models) stays in its own dtype: quantizing it too
-is faster still but cost more perplexity (README, "int8 weights"). CUDA devices are refused: bf16/fp16 are
-the GPU path.
+Measured on the default model (README, "int8 weights"): perplexity +1.0% against fp32, "Paris" kept. CUDA
+devices are refused: bf16/fp16 are the GPU path.
 """
 
 import logging
@@ -70,12 +74,21 @@ def row_absmax(rows: torch.Tensor) -> torch.Tensor:
     return rows.amax(dim=1, keepdim=True).maximum(rows.amin(dim=1, keepdim=True).neg())
 
 
+# The two ways to give a product pair 15 bits (see the module's text): the largest |weight| and whether
+# the input keeps 7 bits (fbgemm's reduce_range) instead of 8.
+BODY_GRID = (63, False)
+HEAD_GRID = (127, True)
+
+
 class Int8Linear(nn.Module):
     """A Linear with an int8 weight (one scale per output channel), its input quantized per token at run
-    time, and the SmoothQuant factors of its input channels (``act_absmax``: the calibration's max |x|)."""
+    time, and the SmoothQuant factors of its input channels (``act_absmax``: the calibration's max |x|).
+    ``grid``: BODY_GRID or HEAD_GRID."""
 
-    def __init__(self, linear: nn.Linear, act_absmax: torch.Tensor | None = None, alpha: float = SMOOTHING_ALPHA):
+    def __init__(self, linear: nn.Linear, act_absmax: torch.Tensor | None = None, alpha: float = SMOOTHING_ALPHA,
+                 grid: tuple = BODY_GRID):
         super().__init__()
+        self.weight_levels, self.reduce_range = grid
         weight = linear.weight.detach().float()
         smooth = None
         if act_absmax is not None:
@@ -83,7 +96,7 @@ class Int8Linear(nn.Module):
                        / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha))
             weight = weight * factors
             smooth = 1 / factors
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / self.weight_levels
         with warnings.catch_warnings():  # torch 2.13 announces the quantized tensor types' removal (see README)
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
             qweight = torch.quantize_per_channel(weight, scale.double(),
@@ -103,14 +116,18 @@ class Int8Linear(nn.Module):
         if self.smooth is not None:
             rows = rows * self.smooth
         if rows.shape[0] == 1:  # one token (a batch-1 decode step): the tensor's grid is the token's own
-            out = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=False)
+            out = self._matmul(rows)
         else:  # fbgemm puts the whole tensor on one grid: each row's largest |x| becomes 1 first
             peak = row_absmax(rows).clamp_(min=1e-12)
-            out = torch.ops.quantized.linear_dynamic(rows / peak, self._packed, reduce_range=False).mul_(peak)
+            out = self._matmul(rows / peak).mul_(peak)
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=self.reduce_range)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 "
+                f"(weights +-{self.weight_levels}, inputs {7 if self.reduce_range else 8} bits)")
 
 
 def calibration_ids(tokenizer) -> list:
@@ -142,14 +159,12 @@ def input_absmax(model, modules: dict, ids_list: list) -> dict:
 
 
 def int8_targets(model) -> dict:
-    """{name: Linear} that int8 replaces: every nn.Linear but the output head."""
-    head = model.get_output_embeddings()
-    return {name: module for name, module in model.named_modules()
-            if type(module) is nn.Linear and module is not head}
+    """{name: Linear} that int8 replaces: every nn.Linear, the output head included."""
+    return {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
 
 
 def quantize_int8(model, tokenizer) -> int:
-    """Replace the model's Linear layers (not the head) by Int8Linear, in place; the number replaced.
+    """Replace the model's Linear layers (the head included) by Int8Linear, in place; the number replaced.
     ValueError when this torch has no x86 int8 kernels or the model has no nn.Linear to replace."""
     if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
         raise ValueError("quantize=int8 needs torch's x86 int8 kernels (fbgemm), which this CPU build lacks")
@@ -158,9 +173,11 @@ def quantize_int8(model, tokenizer) -> int:
     if not targets:
         raise ValueError(f"quantize=int8: {type(model).__name__} has no nn.Linear layers to quantize")
     absmax = input_absmax(model, targets, calibration_ids(tokenizer))
+    head = model.get_output_embeddings()
     for name, linear in targets.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear(linear, absmax.get(name)))
-    log.info("quantize=int8: %d Linear layers hold int8 weights (the output head keeps its dtype), in %.1f s",
+        grid = HEAD_GRID if linear is head else BODY_GRID
+        setattr(model.get_submodule(parent_name), child, Int8Linear(linear, absmax.get(name), grid=grid))
+    log.info("quantize=int8: %d Linear layers hold int8 weights (the output head included), in %.1f s",
              len(targets), time.monotonic() - started)
     return len(targets)

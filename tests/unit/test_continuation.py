@@ -30,12 +30,12 @@ def engine(lm):
 
 
 def limits(lm):
-    return Limits(context_length=lm.context_length, vocab_size=lm.model.get_output_embeddings().weight.shape[0])
+    return Limits(context_length=lm.context_length, vocab_size=lm.vocab_size)
 
 
 def grammars(lm):
     if not hasattr(lm, "grammars"):  # compiled once per model (the tokenizer's vocabulary for llguidance)
-        lm.grammars = Grammars(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.eos_token_ids)
+        lm.grammars = Grammars(lm.tokenizer, lm.vocab_size, lm.eos_token_ids)
     return lm.grammars
 
 

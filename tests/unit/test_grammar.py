@@ -29,7 +29,7 @@ def lm(tiny_models):
 
 @pytest.fixture(scope="module")
 def grammars(lm):
-    return Grammars(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.eos_token_ids)
+    return Grammars(lm.tokenizer, lm.vocab_size, lm.eos_token_ids)
 
 
 @pytest.fixture(scope="module")

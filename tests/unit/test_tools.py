@@ -50,7 +50,7 @@ def engine(lm):
 
 
 def ask(engine, lm, gen_conf, messages=None):
-    grammars = Grammars(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.eos_token_ids)
+    grammars = Grammars(lm.tokenizer, lm.vocab_size, lm.eos_token_ids)
     settings = parse_gen_conf(gen_conf, LIMITS)
     messages = validate_messages(messages or [{"role": "user", "content": "Weather in Paris?"}], LIMITS)
     prompt_ids = encode_prompt(lm.tokenizer, messages, tools=settings.tools)
