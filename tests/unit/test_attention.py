@@ -63,6 +63,7 @@ CASES = {
     "decode, two prefixes, scattered rows and blocks, a row without": (5, 9, 3, 1, 80,
                                                                        [([0, 2, 4], [5, 3, 9, 1]), ([1], [10, 11])]),
     "verify step, multi-head": (3, 4, 4, 5, 60, [([0, 1, 2], list(range(2, 6)))]),
+    "verify step, GQA, a row without": (3, 9, 3, 5, 60, [([0, 2], list(range(2, 6)))]),
     "prefill chunk, GQA, blocks in descending order (gathered by index)": (1, 9, 3, 40, 64,
                                                                          [([0], list(range(60, 50, -1)))]),
     "decode, a prefix stored in two runs": (4, 9, 3, 1, 50, [([0, 1, 2, 3], list(range(30, 36)) + list(range(8, 12)))]),
@@ -84,3 +85,21 @@ def test_without_a_shared_prefix_it_is_sdpa_itself():
     query, keys, values = torch.randn(2, 9, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
     expected, _ = sdpa_attention_forward(module, query, keys, values, None)
     assert torch.equal(attention.shared_prefix_attention(module, query, keys, values, None)[0], expected)
+
+
+def test_a_verify_step_without_a_shared_prefix_reads_each_kv_head_once_and_equals_sdpa(monkeypatch):
+    """A few queries per row (decode/verify) go through the grouped kernel, prefill chunks stay sdpa's."""
+    calls = []
+    flash = attention._attend_flash
+    monkeypatch.setattr(attention, "_attend_flash", lambda *args: calls.append(args[0].shape) or flash(*args))
+    module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=3, is_causal=True, training=False)
+    for q_len, grouped in ((5, True), (attention.SMALL_QUERY + 1, False)):
+        columns = q_len + 30
+        query, keys, values = torch.randn(2, 9, q_len, 16), torch.randn(2, 3, columns, 16), torch.randn(2, 3, columns, 16)
+        mask = torch.ones(q_len, columns, dtype=torch.bool).tril_(columns - q_len)[None, None].repeat(2, 1, 1, 1)
+        mask[1, ..., :7] = False  # a shorter row, padded on the left
+        expected, _ = sdpa_attention_forward(module, query, keys, values, mask)
+        got, _ = attention.shared_prefix_attention(module, query, keys, values, mask)
+        assert torch.allclose(got, expected, atol=2e-5), (q_len, (got - expected).abs().max())
+        assert len(calls) == grouped
+        calls.clear()
