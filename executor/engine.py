@@ -329,7 +329,7 @@ class Engine(AsyncCalls):
             log.warning("speculate=%d is off for this model: its sliding-window attention (window %d) counts the "
                         "storage's columns, which a rejected draft would leave masked inside the window", most, window)
             return None
-        return Speculator(most)
+        return Speculator(most, packed=self.runner.packs_tokens)
 
     def _sampler_for(self, sequence) -> RowSampler:
         total = len(sequence.prompt_ids) + sequence.max_new_tokens
@@ -474,5 +474,5 @@ class Engine(AsyncCalls):
             if token is None:
                 leaving.append(row)
         self.runner.commit(kept, next_tokens)
-        self.speculator.cost.observe(len(running) * logits.shape[1], time.perf_counter() - started)
+        self.speculator.cost.observe(self.runner.verify_tokens, time.perf_counter() - started)
         self.runner.remove_rows(leaving)

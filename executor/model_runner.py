@@ -9,12 +9,13 @@ accepted. It chooses no token and emits nothing (vLLM's model runner and persist
 """
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import DynamicCache
 
 from .attention import SHARED
+from .token_packing import TokenPacking
 
 
 def cache_kwarg(model) -> str:
@@ -34,6 +35,9 @@ class ModelRunner:
         self._positions = None  # [rows] position id of each row's next token
         self._next_tokens = None  # [rows, 1] token each row feeds into the next step
         self._verify_width = 1  # columns of the last ``verify`` step
+        self._packing = TokenPacking(model)
+        self.packs_tokens = bool(self._packing.layers)  # a verify step's Linear layers skip its padding
+        self.verify_tokens = 0  # positions the last ``verify`` step computed in its Linear layers
         self.steps = 0  # decode steps run, for tests and metrics
 
     # -- prefill --
@@ -131,13 +135,20 @@ class ModelRunner:
     def verify(self, drafts: list) -> torch.Tensor:
         """One step in which each row feeds its next token and then its draft (``drafts[r]``, maybe empty):
         ``[rows, width, vocab]`` logits, position i predicting what follows input i. Rows with a shorter draft
-        are padded (their padding's logits mean nothing). ``commit`` then says what each row keeps."""
-        width = 1 + max(len(draft) for draft in drafts)
-        padded = [draft + [0] * (width - 1 - len(draft)) for draft in drafts]
+        are padded; the Linear layers skip the padding (token_packing.py), whose logits are zeros and mean
+        nothing. ``commit`` then says what each row keeps."""
+        lengths = [1 + len(draft) for draft in drafts]
+        rows, width = len(drafts), max(lengths)
+        padded = [draft + [0] * (width - length) for draft, length in zip(drafts, lengths)]
         input_ids = torch.cat([self._next_tokens, torch.tensor(padded, dtype=torch.long, device=self.device)], dim=1)
+        packing = nullcontext()
+        self.verify_tokens = rows * width
+        if self.packs_tokens and sum(lengths) < rows * width:
+            packing = self._packing.only(TokenPacking.positions(lengths, width, self.device), rows, width)
+            self.verify_tokens = sum(lengths)
         batch = self.kv.batch
         mask = batch.start_step(width)
-        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])):
+        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])), packing:
             output = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,

@@ -115,10 +115,12 @@ class StepCost:
 
 
 class Speculator:
-    """Chooses each step's drafts and width; ``max_draft`` bounds a row's draft (``--speculate``)."""
+    """Chooses each step's drafts and width; ``max_draft`` bounds a row's draft (``--speculate``). ``packed``:
+    a verify step's Linear layers compute only the drafted positions (token_packing.py), so a row pays for
+    its own draft, not for the step's width."""
 
-    def __init__(self, max_draft: int):
-        self.max_draft = max_draft
+    def __init__(self, max_draft: int, packed: bool = False):
+        self.max_draft, self.packed = max_draft, packed
         self.cost = StepCost()
 
     def plan(self, running: list) -> list | None:
@@ -145,7 +147,8 @@ class Speculator:
         best, best_rate = 1, rows / (fixed + per_token * rows)
         for width in range(2, longest + 2):
             tokens = rows + sum(expected_kept(p, min(width - 1, len(d))) for d, p in zip(drafts, acceptances))
-            rate = tokens / (fixed + per_token * rows * width)
+            computed = rows + sum(min(width - 1, len(d)) for d in drafts) if self.packed else rows * width
+            rate = tokens / (fixed + per_token * computed)
             if rate > best_rate:
                 best, best_rate = width, rate
         return best

@@ -14,6 +14,7 @@ import torch
 import transformers as T
 
 from executor.detok import decode
+from executor import speculation
 from executor.engine import Engine, EngineConfig
 from executor.kv_manager import MIN_REUSED_TOKENS
 from executor.validation import Limits, fit_to_context, parse_gen_conf
@@ -192,3 +193,49 @@ def test_a_prefix_hit_is_read_in_place_where_the_attention_allows_and_changes_no
     assert (hit_bytes == 0) == sharing, "read in place: no copy; otherwise the hit is copied"
     assert pinned == 0, "rows that left unpinned their shared blocks"
     assert [first[0]] + [text for text, _ in rest] == [generate_alone(model, p, tokenizer) for p in prompts]
+
+
+def generated_ids(model, prompt_ids) -> list:
+    output = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                            max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return output[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("name", [name for name in configs(1) if not name.endswith(("_hybrid", "_sliding_window"))])
+def test_speculating_rows_with_drafts_of_every_length_answer_what_generate_does(name, tokenizer, monkeypatch):
+    """Drafts right, wrong, half right and none in one batch, verified at the longest draft's width: the rows
+    with shorter drafts are padding in the Linear layers' eyes (token_packing.py), whatever the architecture's
+    layers (gpt_neox, opt, bloom, falcon: their own attention and MLP modules)."""
+    model = build_model(name, tokenizer)
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    answers = {tuple(p): generated_ids(model, p) for p in prompts}
+    kinds = dict(zip(map(tuple, prompts), ["right", "wrong", "half", "none"]))
+
+    class OracleDrafter(speculation.NgramDrafter):
+        def sync(self, sequence):
+            self.sequence = sequence
+
+        def propose(self, most):
+            prompt = tuple(self.sequence.prompt_ids)
+            draft = answers[prompt][len(self.sequence.generated):][:most]
+            if kinds[prompt] == "none":
+                return []
+            if draft and (kinds[prompt] == "wrong" or (kinds[prompt] == "half" and len(draft) > 1)):
+                draft[len(draft) // 2] = (draft[len(draft) // 2] + 1) % len(tokenizer)
+            return draft
+
+    monkeypatch.setattr(speculation, "NgramDrafter", OracleDrafter)
+    monkeypatch.setattr(speculation.Speculator, "best_width", lambda self, rows, drafts, acc, longest: longest + 1)
+    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, speculate=4)).start()
+    packed_steps = []
+    verify = engine.runner.verify
+    engine.runner.verify = lambda drafts: (verify(drafts), packed_steps.append(
+        engine.runner.verify_tokens < len(drafts) * (1 + max(map(len, drafts)))))[0]
+    limits = Limits(context_length=256)
+    settings = [fit_to_context(parse_gen_conf({"max_new_tokens": NEW_TOKENS}, limits), len(p), limits) for p in prompts]
+    try:
+        batched = [text for text, _ in asyncio.run(engine.complete(list(zip(prompts, settings))))]
+    finally:
+        engine.shutdown()
+    assert batched == [generate_alone(model, p, tokenizer) for p in prompts]
+    assert engine.runner.packs_tokens and any(packed_steps), packed_steps

@@ -92,3 +92,34 @@ def test_removing_a_row_keeps_every_other_rows_sequence_position_and_input_toget
     torch.testing.assert_close(decoded[1], reference(model, prompts[1] + [22, 32]), atol=1e-4, rtol=1e-4)
     runner.drop_all()
     assert runner.running == [] and runner.kv.batch.rows == 0
+
+
+@torch.inference_mode()
+def test_a_verify_step_computes_only_its_drafted_positions_and_they_equal_a_plain_forward(model):
+    """Rows with drafts of 3, 0 and 1 tokens: a width-4 step computes 4 + 1 + 2 positions in its Linear layers
+    (token_packing.py); each real position's logits are those of a plain forward pass over the row's tokens."""
+    runner = make_runner(model)
+    prompts, nexts, drafts = [prompt(8, 9), prompt(9, 17), prompt(10, 5)], [21, 22, 23], [[5, 6, 7], [], [8]]
+    for p, token in zip(prompts, nexts):
+        seq = sequence(p)
+        runner.kv.stage(seq)
+        runner.prefill_chunk(seq, p, 0)
+        seq.prefilled = len(p)
+        runner.join(seq, token)
+    calls = []
+    for layer in runner._packing.layers:  # what each Linear layer computes (this hook runs before the unpacking)
+        layer.register_forward_hook(lambda _m, _args, output: calls.append(output.shape[0]))
+    logits = runner.verify(drafts)
+    assert runner.verify_tokens == 7 and logits.shape[:2] == (3, 4)
+    assert len(calls) == len(runner._packing.layers) and set(calls) == {7}  # each layer once, 7 positions
+    for row, (p, token, draft) in enumerate(zip(prompts, nexts, drafts)):
+        inputs = p + [token] + draft
+        for position in range(1 + len(draft)):
+            torch.testing.assert_close(logits[row, position], reference(model, inputs[:len(p) + 1 + position]),
+                                       atol=1e-4, rtol=1e-4)
+        assert not logits[row, 1 + len(draft):].any()  # the padding was never computed
+    assert all(len(layer._forward_hooks) == 1 and not layer._forward_pre_hooks for layer in runner._packing.layers)
+    runner.commit([4, 1, 2], [31, 32, 33])  # every draft kept: the next step reads them from the storage
+    decoded = runner.decode()
+    for row, (p, token, draft, nxt) in enumerate(zip(prompts, nexts, drafts, (31, 32, 33))):
+        torch.testing.assert_close(decoded[row], reference(model, p + [token] + draft + [nxt]), atol=1e-4, rtol=1e-4)

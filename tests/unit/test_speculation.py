@@ -70,8 +70,13 @@ def test_the_width_follows_acceptance_against_cost():
     drafts = [[1, 2, 3, 4, 5, 6, 7, 8]]
     assert speculator.best_width(1, drafts, [0.95], 8) == 9  # quotes: the whole draft
     assert speculator.best_width(1, drafts, [0.05], 8) == 1  # free text: plain steps
-    # A wide batch pays the width for every row: one row's good draft does not carry fifteen without one.
+    # A dense step pays the width for every row: one row's good draft does not carry fifteen without one.
     assert speculator.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) < 9
+    # Packed (the Linear layers skip the padding), the quoting row pays for its own draft only.
+    packed = Speculator(8, packed=True)
+    packed.cost = speculator.cost
+    assert packed.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) == 9
+    assert packed.best_width(16, drafts + [[]] * 15, [0.05] + [0.0] * 15, 8) == 1
 
 
 def test_rows_with_a_grammar_or_no_room_left_do_not_draft_and_seeded_rows_do():
