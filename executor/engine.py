@@ -474,5 +474,6 @@ class Engine(AsyncCalls):
             if token is None:
                 leaving.append(row)
         self.runner.commit(kept, next_tokens)
-        self.speculator.cost.observe(self.runner.verify_tokens, time.perf_counter() - started)
+        padding = len(running) * self.runner.verify_width - self.runner.verify_tokens
+        self.speculator.cost.observe(self.runner.verify_tokens, time.perf_counter() - started, padding)
         self.runner.remove_rows(leaving)

@@ -34,7 +34,7 @@ class ModelRunner:
         self.running: list = []  # sequences of the running batch, in the order of the storage's rows
         self._positions = None  # [rows] position id of each row's next token
         self._next_tokens = None  # [rows, 1] token each row feeds into the next step
-        self._verify_width = 1  # columns of the last ``verify`` step
+        self.verify_width = 1  # columns of the last ``verify`` step
         self._packing = TokenPacking(model)
         self.packs_tokens = bool(self._packing.layers)  # a verify step's Linear layers skip its padding
         self.verify_tokens = 0  # positions the last ``verify`` step computed in its Linear layers
@@ -156,13 +156,13 @@ class ModelRunner:
                 use_cache=True,
                 **{self._cache_kwarg: batch},  # written in place
             )
-        self._verify_width = width
+        self.verify_width = width
         return output.logits
 
     def commit(self, kept: list, next_tokens: list) -> None:
         """After ``verify``: row r keeps its first ``kept[r]`` inputs (its next token and the accepted draft
         tokens; the rejected ones leave the storage) and feeds ``next_tokens[r]`` into the next step."""
-        self.kv.batch.commit_step(self._verify_width, kept)
+        self.kv.batch.commit_step(self.verify_width, kept)
         self._positions = self._positions + torch.tensor(kept, dtype=torch.long, device=self.device)
         self.set_next_tokens(next_tokens)
         self.steps += 1

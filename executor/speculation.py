@@ -87,31 +87,42 @@ def expected_kept(acceptance: float, drafted: int) -> float:
 
 
 class StepCost:
-    """Seconds per step as fixed + per_token x tokens (rows x width): a least-squares line over recent steps,
-    its slope pulled towards the prior (a fraction of a one-row step) as if ``PRIOR_WEIGHT`` were spread
-    over the steps seen: a few noisy steps (a new shape's first run, another process on the CPU) cannot
-    make tokens look dear or free; many steps of different sizes decide."""
+    """Seconds per step as fixed + per_token x tokens computed + per_padding x padded positions: a least-squares
+    fit over recent steps. ``tokens`` are what the Linear layers compute (rows x width for a dense step; a
+    packed verify step computes only its drafts, token_packing.py); ``padding`` is what attention still
+    reads beyond them (rows x width - tokens), which at long rows is far from free. Each slope is pulled
+    towards its prior (per token: a fraction of a one-row step; per padded position: nothing) as if
+    ``PRIOR_WEIGHT`` were spread over the steps seen: a few noisy steps (a new shape's first run, another
+    process on the CPU) cannot make tokens look dear or free; many steps of different sizes decide. Plain
+    steps have no padding, so only verify steps tell what padding costs."""
 
     PRIOR_WEIGHT = 64.0  # tokens squared
 
     def __init__(self, window: int = 256):
         self._samples = deque(maxlen=window)
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        self._samples.append((tokens, seconds))
+    def observe(self, tokens: int, seconds: float, padding: int = 0) -> None:
+        self._samples.append((tokens, padding, seconds))
 
     def line(self) -> tuple:
+        """(fixed, per_token, per_padding) seconds."""
         samples = self._samples
         if not samples:
-            return 1.0 - PRIOR_TOKEN_COST, PRIOR_TOKEN_COST
-        mean_tokens = sum(t for t, _ in samples) / len(samples)
-        mean_seconds = sum(s for _, s in samples) / len(samples)
+            return 1.0 - PRIOR_TOKEN_COST, PRIOR_TOKEN_COST, 0.0
+        count = len(samples)
+        mean_tokens, mean_padding, mean_seconds = (sum(sample[i] for sample in samples) / count for i in range(3))
         prior = PRIOR_TOKEN_COST * mean_seconds / (1 + PRIOR_TOKEN_COST * (mean_tokens - 1))
-        spread = sum((t - mean_tokens) ** 2 for t, _ in samples)
-        covariance = sum((t - mean_tokens) * (s - mean_seconds) for t, s in samples)
-        per_token = (covariance + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT)
-        per_token = max(per_token, 0.01 * prior)  # noise must not make tokens look free
-        return max(mean_seconds - per_token * mean_tokens, 0.0), per_token
+        weight = self.PRIOR_WEIGHT
+        centred = [(t - mean_tokens, p - mean_padding, s - mean_seconds) for t, p, s in samples]
+        tt = sum(t * t for t, _, _ in centred) + weight
+        pp = sum(p * p for _, p, _ in centred) + weight
+        tp = sum(t * p for t, p, _ in centred)
+        ts = sum(t * s for t, _, s in centred) + weight * prior
+        ps = sum(p * s for _, p, s in centred)
+        determinant = tt * pp - tp * tp  # > 0: the prior's weight is on the diagonal
+        per_token = max((ts * pp - ps * tp) / determinant, 0.01 * prior)  # noise must not make tokens look free
+        per_padding = max((ps * tt - ts * tp) / determinant, 0.0)
+        return max(mean_seconds - per_token * mean_tokens - per_padding * mean_padding, 0.0), per_token, per_padding
 
 
 class Speculator:
@@ -143,12 +154,12 @@ class Speculator:
         return [draft[:width - 1] for draft in drafts] if width > 1 else None
 
     def best_width(self, rows: int, drafts: list, acceptances: list, longest: int) -> int:
-        fixed, per_token = self.cost.line()  # fitted once per step, not once per candidate width
+        fixed, per_token, per_padding = self.cost.line()  # fitted once per step, not once per candidate width
         best, best_rate = 1, rows / (fixed + per_token * rows)
         for width in range(2, longest + 2):
             tokens = rows + sum(expected_kept(p, min(width - 1, len(d))) for d, p in zip(drafts, acceptances))
             computed = rows + sum(min(width - 1, len(d)) for d in drafts) if self.packed else rows * width
-            rate = tokens / (fixed + per_token * computed)
+            rate = tokens / (fixed + per_token * computed + per_padding * (rows * width - computed))
             if rate > best_rate:
                 best, best_rate = width, rate
         return best

@@ -52,15 +52,19 @@ def test_acceptance_follows_the_recent_record_and_expected_tokens_decay_geometri
 
 
 def test_the_step_cost_is_a_line_fitted_to_the_measured_steps():
-    def seconds(cost, tokens):
-        fixed, per_token = cost.line()
-        return fixed + per_token * tokens
+    def seconds(cost, tokens, padding=0):
+        fixed, per_token, per_padding = cost.line()
+        return fixed + per_token * tokens + per_padding * padding
 
     cost = StepCost()
-    assert seconds(cost, 1) > 0  # a prior before any step
+    assert seconds(cost, 1) > 0 and cost.line()[2] == 0  # a prior before any step
     for tokens in (1, 2, 4, 8, 16) * 50:
         cost.observe(tokens, 0.05 + 0.01 * tokens)
     assert seconds(cost, 32) == pytest.approx(0.05 + 0.32, rel=0.01)  # the data outweigh the prior
+    assert cost.line()[2] == 0  # plain steps say nothing of padding
+    for tokens, padding in ((16, 0), (24, 40), (32, 48), (20, 124), (48, 0)) * 50:  # packed verify steps too
+        cost.observe(tokens, 0.05 + 0.01 * tokens + 0.002 * padding, padding)
+    assert cost.line() == pytest.approx((0.05, 0.01, 0.002), rel=0.05)
 
 
 def test_the_width_follows_acceptance_against_cost():
@@ -77,6 +81,13 @@ def test_the_width_follows_acceptance_against_cost():
     packed.cost = speculator.cost
     assert packed.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) == 9
     assert packed.best_width(16, drafts + [[]] * 15, [0.05] + [0.0] * 15, 8) == 1
+    # Where attention over the padding costs (long rows), fifteen rows of padding outweigh one row's draft,
+    # and rows that all draft still do (no padding).
+    for tokens, padding in ((16, 0), (24, 40), (20, 60), (17, 31)) * 20:
+        packed.cost.observe(tokens, 0.05 + 0.005 * tokens + 0.002 * padding, padding)
+    assert packed.cost.line()[2] == pytest.approx(0.002, rel=0.05)
+    assert packed.best_width(16, drafts + [[]] * 15, [0.95] + [0.0] * 15, 8) == 1
+    assert packed.best_width(16, drafts * 16, [0.95] * 16, 8) > 1
 
 
 def test_rows_with_a_grammar_or_no_room_left_do_not_draft_and_seeded_rows_do():
