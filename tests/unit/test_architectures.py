@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers as T
 
-from executor.detok import decode
 from executor import speculation
+from executor.detok import decode
 from executor.engine import Engine, EngineConfig
 from executor.kv_manager import MIN_REUSED_TOKENS
 from executor.validation import Limits, fit_to_context, parse_gen_conf
@@ -79,10 +79,14 @@ def tokenizer():
     return sentencepiece_tokenizer()
 
 
-def generate_alone(model, prompt_ids, tokenizer) -> str:
+def generated_ids(model, prompt_ids) -> list:
     output = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    new = output[0, len(prompt_ids):].tolist()
+    return output[0, len(prompt_ids):].tolist()
+
+
+def generate_alone(model, prompt_ids, tokenizer) -> str:
+    new = generated_ids(model, prompt_ids)
     return decode(tokenizer, new[:new.index(2)] if 2 in new else new)
 
 
@@ -193,12 +197,6 @@ def test_a_prefix_hit_is_read_in_place_where_the_attention_allows_and_changes_no
     assert (hit_bytes == 0) == sharing, "read in place: no copy; otherwise the hit is copied"
     assert pinned == 0, "rows that left unpinned their shared blocks"
     assert [first[0]] + [text for text, _ in rest] == [generate_alone(model, p, tokenizer) for p in prompts]
-
-
-def generated_ids(model, prompt_ids) -> list:
-    output = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                            max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return output[0, len(prompt_ids):].tolist()
 
 
 @pytest.mark.parametrize("name", [name for name in configs(1) if not name.endswith(("_hybrid", "_sliding_window"))])
