@@ -10,7 +10,8 @@ in one run of blocks, as a fresh insert leaves them).
 
 It is a transformers attention function (``AttentionInterface``), registered as ``jina_shared_prefix`` and
 used in place of ``sdpa``: a forward pass with no shared prefix in it (``SHARED`` unset, or no row with a
-prefix) is plain ``sdpa_attention_forward``, unchanged. Architectures whose attention does not come through
+prefix) is plain ``sdpa_attention_forward``, unchanged, but for a few queries per row on a CPU (a verify step:
+``SMALL_QUERY``), which take the own part's path alone. Architectures whose attention does not come through
 the interface, or that need more than plain attention (sliding windows, soft-capping, position biases, ALiBi),
 keep copying: ``supports_shared_prefix`` checks a model by running it (kv_manager.py decides).
 """
@@ -63,7 +64,7 @@ SHARED: contextvars.ContextVar = contextvars.ContextVar("jina_shared_prefix_pass
 
 
 # Passes of at most this many queries per row (decode and verify steps, not prefill chunks) that read no shared
-# prefix still go through ``_attend_flash`` on a CPU: transformers' sdpa copies every key and value head
+# prefix still take the own part's path (``_attend_flash``) on a CPU: transformers' sdpa copies every key and value head
 # ``heads // kv_heads`` times for a masked multi-token pass (its repeat_kv), which made a speculative verify step
 # of 16 rows x ~900 tokens cost 1.4 s against 0.17 s for a decode step, most of it in those copies.
 SMALL_QUERY = 64
@@ -71,27 +72,30 @@ SMALL_QUERY = 64
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             **kwargs):
-    """``sdpa_attention_forward`` plus, for the rows of ``SHARED``'s groups, their shared prefix."""
+    """``sdpa_attention_forward`` plus, for the rows of ``SHARED``'s groups, their shared prefix (and on a CPU,
+    passes of a few queries per row without one, which sdpa would serve with copied key/value heads)."""
     current = SHARED.get()
+    groups = current.groups if current is not None else []
     plain = kwargs.get("softcap") is None and kwargs.get("sliding_window") is None \
         and kwargs.get("position_bias") is None and not (dropout and module.training)
-    if current is None or not current.groups:
-        if plain and query.device.type == "cpu" and 1 < query.shape[2] <= SMALL_QUERY:
-            return _own_attention(query, key, value, attention_mask, scaling)
+    if not groups and not (plain and query.device.type == "cpu" and 1 < query.shape[2] <= SMALL_QUERY):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if not plain:
         raise RuntimeError("a shared prefix was read by a layer with soft-capping, a sliding window, a position "
                            "bias or dropout: enable_shared_prefix refuses such a model")
-    current.layers_seen.add(module.layer_idx)
-    keys_blocks, values_blocks = current.block_views[module.layer_idx]
     rows, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
     attend = _attend_flash if query.device.type == "cpu" else _attend_matmul
+    own_mask = current.own_mask(attention_mask, rows, q_len, key.shape[2]) if current is not None \
+        else _own_mask(attention_mask, rows, q_len, key.shape[2], query.device)
     # Every part in the grouped layout: [rows, kv_heads, heads per kv head x q_len, dim] (GQA without repeats).
-    out, lse = attend(query, key, value, current.own_mask(attention_mask, rows, q_len, key.shape[2]), scale)
-    for group in current.groups:  # a row reads at most one shared prefix: each row is merged once
+    out, lse = attend(query, key, value, own_mask, scale)
+    if groups:
+        current.layers_seen.add(module.layer_idx)
+        keys_blocks, values_blocks = current.block_views[module.layer_idx]
+    for group in groups:  # a row reads at most one shared prefix: each row is merged once
         queries = _grouped(query, kv_heads)[group.rows]
         count, _, grouped, _ = queries.shape
         stacked = queries.transpose(0, 1).reshape(1, kv_heads, count * grouped, dim)
@@ -104,14 +108,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
         out[group.rows] = torch.lerp(prefix_out, out[group.rows], own_share)
     out = out.to(query.dtype).reshape(rows, heads, q_len, -1)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _own_attention(query, key, value, attention_mask, scaling) -> tuple:
-    """A few queries per row against the rows' own keys only, GQA without copies (``_attend_flash``)."""
-    rows, heads, q_len, dim = query.shape
-    mask = _own_mask(attention_mask, rows, q_len, key.shape[2], query.device)
-    out, _ = _attend_flash(query, key, value, mask, scaling if scaling is not None else dim ** -0.5)
-    return out.to(query.dtype).reshape(rows, heads, q_len, -1).transpose(1, 2).contiguous(), None
 
 
 def _grouped(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
