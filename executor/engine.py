@@ -167,7 +167,7 @@ class Engine(AsyncCalls):
         self.max_rows = self.plan.rows  # max_batch_size, or fewer when the memory plan holds fewer
         self.scheduler = Scheduler(config.max_queue, self.max_rows, config.prefill_chunk, config.block_size,
                                    config.request_timeout)
-        self.runner = ModelRunner(model, self.kv, self.device)
+        self.runner = ModelRunner(model, self.kv, self.device, context_length(model))
         self.output = OutputProcessor(eos_token_ids, self._release)
         self.speculator = self._speculator(config.speculate)
         self._running = False

@@ -26,8 +26,10 @@ def cache_kwarg(model) -> str:
 class ModelRunner:
     """Forward passes over a transformers causal LM, with the running batch's rows."""
 
-    def __init__(self, model, kv, device):
+    def __init__(self, model, kv, device, max_positions: int | None = None):
         self.model, self.kv, self.device = model, kv, device
+        # A learned position table's size (GPT-2, OPT): a verify step's padding may not index past it.
+        self._last_position = None if max_positions is None else max_positions - 1
         parameters = inspect.signature(model.forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in parameters
         self._cache_kwarg = cache_kwarg(model)
@@ -148,11 +150,14 @@ class ModelRunner:
             self.verify_tokens = sum(lengths)
         batch = self.kv.batch
         mask = batch.start_step(width)
+        positions = self._positions.unsqueeze(1) + torch.arange(width, device=self.device)
+        if self._last_position is not None:  # a row's own tokens stay inside (drafts are cut to its room)
+            positions = positions.clamp_(max=self._last_position)
         with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])), packing:
             output = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=self._positions.unsqueeze(1) + torch.arange(width, device=self.device),
+                position_ids=positions,
                 use_cache=True,
                 **{self._cache_kwarg: batch},  # written in place
             )

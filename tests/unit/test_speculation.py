@@ -282,19 +282,22 @@ def test_the_drafts_of_a_real_model_quoting_its_prompt_are_accepted_and_change_n
     assert quoted and int(quoted[3]) >= int(quoted[1]) // 2, caplog.text  # most of the quote came from drafts
 
 
-def run_ids(lm, speculate: int, prompts_ids: list, gen_conf: dict, prefix_caching=True, engine=None):
+def run_ids(lm, speculate: int, prompts_ids: list, gen_conf, prefix_caching=True, engine=None):
+    """Each prompt's (text, final event), all at once; ``gen_conf``: one for all, or a list, one per prompt."""
     own = engine is None
     engine = engine or Engine(lm.model, lm.tokenizer, lm.eos_token_ids,
                               EngineConfig(max_batch_size=8, prefill_chunk=16, speculate=speculate,
                                            prefix_caching=prefix_caching)).start()
     limits = Limits(context_length=lm.context_length)
 
-    async def one(ids):
-        events = [e async for e in engine.stream(ids, fit_to_context(parse_gen_conf(gen_conf, limits), len(ids), limits))]
+    confs = gen_conf if isinstance(gen_conf, list) else [gen_conf] * len(prompts_ids)
+
+    async def one(ids, conf):
+        events = [e async for e in engine.stream(ids, fit_to_context(parse_gen_conf(conf, limits), len(ids), limits))]
         return "".join(e.text for e in events), events[-1]
 
     async def everyone():
-        return await asyncio.gather(*(one(ids) for ids in prompts_ids))
+        return await asyncio.gather(*(one(ids, conf) for ids, conf in zip(prompts_ids, confs)))
 
     try:
         return asyncio.run(everyone())
@@ -344,3 +347,31 @@ def test_a_sliding_window_model_does_not_speculate(caplog):
     with caplog.at_level("WARNING", logger="jina_llm_stream.engine"):
         engine = Engine(model, None, [0], EngineConfig(max_batch_size=2, speculate=4, max_context=64))
     assert engine.speculator is None and "sliding-window" in caplog.text
+
+
+def test_no_row_gets_a_position_past_a_learned_position_table(tmp_path, monkeypatch):
+    """GPT-2 has a table of n_positions learned positions: a row at the end of its context beside a drafting
+    row gets the step's width of padding, whose positions must stay inside the table. Both rows finish, with
+    the answers of plain decoding."""
+    import executor.speculation as speculation
+    from tiny_models import build_gpt2, build_tokenizer
+
+    path = build_gpt2(tmp_path / "gpt2-160", build_tokenizer(), n_positions=160)
+    lm = load(str(path))
+
+    class WrongDrafter(speculation.NgramDrafter):  # every draft as long as allowed, every token rejected
+        def propose(self, most):
+            return [7] * most
+
+    monkeypatch.setattr(speculation, "NgramDrafter", WrongDrafter)
+    monkeypatch.setattr(speculation.Speculator, "best_width", lambda self, rows, drafts, acc, longest: longest + 1)
+    long_prompt = encode_prompt(lm.tokenizer, [{"role": "user", "content": "one two three four " * 8}])
+    short_prompt = encode_prompt(lm.tokenizer, [{"role": "user", "content": "Hi"}])
+    assert 100 < len(long_prompt) < 140, len(long_prompt)
+    room = 160 - len(long_prompt)
+    requests = [(long_prompt, {"max_new_tokens": room, "min_new_tokens": room}),
+                (short_prompt, {"max_new_tokens": 100, "min_new_tokens": 100})]  # drafts after the long row ends
+    plain = [run_ids(lm, 0, [ids], conf)[0] for ids, conf in requests]
+    speculated = run_ids(lm, 8, [ids for ids, _ in requests], [conf for _, conf in requests])
+    assert [final.finish_reason for _, final in speculated] == ["length", "length"]
+    assert [text for text, _ in speculated] == [text for text, _ in plain]
