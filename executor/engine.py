@@ -404,8 +404,10 @@ class Engine(AsyncCalls):
         try:
             self._decode_step()
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail this batch, keep serving
-            log.exception("decode step failed; failing the %d requests of this batch", len(self.runner.running))
-            for sequence in self.runner.running:
+            # Rows that finished in this step before it failed have ended already (their last event is out).
+            unfinished = [sequence for sequence in self.runner.running if not sequence.finished]
+            log.exception("decode step failed; failing the %d unfinished requests of this batch", len(unfinished))
+            for sequence in unfinished:
                 self.output.fail(sequence, EngineError(f"generation failed: {error}"))
             self.runner.drop_all()
 

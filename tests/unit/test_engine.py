@@ -196,6 +196,37 @@ def test_failed_forward_pass_fails_its_requests_and_the_engine_keeps_serving(lm,
         engine.shutdown()
 
 
+def test_a_step_that_fails_after_some_rows_finished_ends_each_row_once(lm, monkeypatch, caplog):
+    """The step chose every row's token and one row finished (released, its last event sent); then the step
+    failed. The finished row keeps its ending; only the others fail, each with one log line."""
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(prefill_chunk=64)).start()
+    short, long = (encode_prompt(lm.tokenizer, m) for m in PROMPTS[:2])
+    real_remove = engine.runner.remove_rows
+
+    def remove_then_fail(indices):
+        if indices:  # rows that finished this step leave: the step fails right after
+            raise RuntimeError("simulated failure after the rows finished")
+        real_remove(indices)
+
+    async def both():
+        return await asyncio.gather(collect(engine, lm, short, {"max_new_tokens": 3, "min_new_tokens": 3}),
+                                    collect(engine, lm, long, {"max_new_tokens": 20, "min_new_tokens": 20}),
+                                    return_exceptions=True)
+
+    monkeypatch.setattr(engine.runner, "remove_rows", remove_then_fail)
+    try:
+        with caplog.at_level("INFO", logger="jina_llm_stream.engine"):
+            finished, failed = run(both())
+        assert finished[1].finish_reason == "length" and finished[1].completion_tokens == 3
+        assert isinstance(failed, EngineError) and "simulated failure" in str(failed)
+        endings = [line for line in caplog.text.splitlines() if " finish=" in line]
+        assert len(endings) == 2 and sum("finish=length" in line for line in endings) == 1, endings
+        monkeypatch.setattr(engine.runner, "remove_rows", real_remove)
+        assert run(collect(engine, lm, long, {"max_new_tokens": 5}))[1].finish_reason == "length"  # still serving
+    finally:
+        engine.shutdown()
+
+
 def test_request_time_limit(lm):
     engine = Engine(lm.model, lm.tokenizer, lm.eos_token_ids, EngineConfig(request_timeout=0.2)).start()
     prompt_ids = encode_prompt(lm.tokenizer, PROMPTS[0])
