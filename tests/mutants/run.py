@@ -42,6 +42,9 @@ MUTANTS = [
     ("n choices count their prompt once (OpenAI usage)", "executor/openai_api.py", "prompt += came[0].prompt_tokens or 0", "prompt += sum(last.prompt_tokens or 0 for last in came)", "tests/e2e/test_openai.py -k n_choices"),
     ("n choices report choice 0's cached tokens", "executor/openai_api.py", "cached += getattr(came[0], \"cached_tokens\", 0) or 0", "cached += max(getattr(last, \"cached_tokens\", 0) or 0 for last in came)", "tests/e2e/test_openai.py -k n_choices"),
     ("streamed usage groups the n choices", "executor/openai_api.py", "usage=_usage(lasts, n)", "usage=_usage(lasts, 1)", "tests/e2e/test_openai.py -k n_choices"),
+    ("a leaving row remembers its held tokens, not its span with holes", "executor/kv_manager.py", "sequence, length = running[index], self.batch.held(index)", "sequence, length = running[index], self.batch.lengths[index]", "tests/unit/test_speculation.py"),
+    ("admission counts newly pinned blocks", "executor/kv_manager.py", "self.prefix.unpinned(path) if path else 0)", "0)", "tests/unit/test_kv_manager.py -k admission"),
+    ("admission leaves room for the answer's first tokens", "executor/kv_manager.py", "ANSWER_MARGIN = 64", "ANSWER_MARGIN = 0", "tests/unit/test_kv_manager.py -k admission"),
     ("whole-answer stream usage groups the n choices", "executor/openai_api.py", "usage=_usage(answers, n)", "usage=_usage(answers, 1)", "tests/unit/test_openai_mapping.py -k n_choices"),
 ]
 missed = 0

@@ -157,3 +157,50 @@ def test_release_gives_the_staged_row_back_and_a_preempted_sequence_starts_over(
     kv.stage(sequence([4]))  # its row is free again
     kv.forget_computed(sequences[1])
     assert sequences[1].prefilled == 0 and sequences[1].cache is None
+
+
+def small_pool(model, tokens: int) -> KVManager:
+    from executor.kv_cache import probe_layer_shapes
+
+    per_token = sum(s.bytes_per_token for s in probe_layer_shapes(model, CPU))
+    return KVManager(model, CPU, cache_kwarg(model), kv_cache_memory=tokens * per_token, max_rows=4, max_context=200,
+                     block_size=16, prefix_caching=True)
+
+
+def running_row(kv, tokens) -> Sequence:
+    seq = computed(kv, tokens)
+    kv.batch.join(seq.cache, len(tokens))
+    seq.cache = None
+    return seq
+
+
+def asking(tokens, max_new_tokens) -> Sequence:
+    return Sequence(request_id=1, prompt_ids=array("i", tokens), settings=SamplingSettings(max_new_tokens=max_new_tokens),
+                    emit=None, detok=None)
+
+
+def test_admission_counts_the_cached_blocks_a_prompt_would_pin_as_taken(model):
+    """Cached blocks give way to the batch, except those a row reads in place: pinned, they no longer do. A
+    prompt that fits beside the running row only while its cached prefix could still be evicted waits."""
+    kv = small_pool(model, 320)
+    shared = list(range(1, 81))  # 5 blocks, cached and not pinned
+    first = computed(kv, shared + [90, 91])
+    kv.remember_prefill(first, first.context_ids())
+    kv.release(first)
+    running_row(kv, list(range(200, 350)))  # 150 tokens: 160 of the 320 slots
+    reader = asking(shared + list(range(400, 420)), 8)  # 100 tokens
+    assert kv.prefix.unpinned(kv.prefix.match(reader.context_ids(), 99)) == 5
+    assert kv.batch.room_for_row(20 + 8), "beside the running row while the cached blocks give way"
+    assert not kv.room_for(reader), "two rows of 160 beside 80 pinned tokens: more than 320"
+    other = asking(list(range(500, 600)), 8)  # as long, reading nothing in place: the cached blocks give way
+    assert kv.room_for(other)
+
+
+def test_admission_leaves_room_for_the_first_tokens_of_the_answer(model):
+    """A prompt that fits beside the running row but whose answer's first tokens would not is not admitted
+    (it would be preempted within steps, its prefill wasted); with a short answer to give it is."""
+    kv = small_pool(model, 320)
+    running_row(kv, list(range(200, 350)))  # 150 tokens: 160 of the 320 slots
+    prompt = list(range(500, 600))
+    assert kv.room_for(asking(prompt, 8))
+    assert not kv.room_for(asking(prompt, 64)), "100 prompt + 64 answer tokens: two rows of 165 > 320"
