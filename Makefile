@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 12345
 ARGS ?=
 
-.PHONY: install serve test unit e2e bench soak clean container-smoke mutants
+.PHONY: install serve test unit e2e bench soak clean container-smoke mutants gpu-check
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,8 @@ container-smoke: install
 
 soak: install
 	$(PY) bench/soak.py --clients 32 --seconds 60
+
+# On a GPU machine with a CUDA build of torch and the requirements already there (it installs nothing); on a
+# machine without a GPU it says so and exits 0.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py

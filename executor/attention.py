@@ -40,6 +40,14 @@ class PrefixGroup:
     blocks: object
     tokens: int
 
+    def on(self, device) -> "PrefixGroup":
+        """This group with its index tensors on ``device`` (itself when they are there already)."""
+        moved = [part.to(device) if isinstance(part, torch.Tensor) and part.device != device else part
+                 for part in (self.rows, self.blocks)]
+        if moved[0] is self.rows and moved[1] is self.blocks:
+            return self
+        return PrefixGroup(moved[0], moved[1], self.tokens)
+
 
 @dataclass
 class SharedPrefixPass:
@@ -101,6 +109,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
         current.layers_seen.add(module.layer_idx)
         keys_blocks, values_blocks = current.block_views[module.layer_idx]
     for group in groups:  # a row reads at most one shared prefix: each row is merged once
+        group = group.on(query.device)  # a model split over devices: this layer's
         queries = _grouped(query, kv_heads)[group.rows]
         count, _, grouped, _ = queries.shape
         stacked = queries.transpose(0, 1).reshape(1, kv_heads, count * grouped, dim)

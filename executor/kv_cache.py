@@ -68,12 +68,15 @@ log = logging.getLogger("jina_llm_stream.kv_cache")
 # ---- the memory plan ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerShape:
-    """What one layer stores per token: keys ``[kv_heads, key_dim]``, values ``[kv_heads, value_dim]``."""
+    """What one layer stores per token: keys ``[kv_heads, key_dim]``, values ``[kv_heads, value_dim]``, and the
+    device its keys come out on (a model split over devices, accelerate's ``device_map``: each layer's own; None:
+    the engine's)."""
 
     kv_heads: int
     key_dim: int
     value_dim: int
     dtype: torch.dtype
+    device: torch.device | None = None
 
     @property
     def bytes_per_token(self) -> int:
@@ -95,8 +98,14 @@ def probe_layer_shapes(model, device, cache_kwarg: str = "cache") -> list:
         if keys is None or keys.dim() != 4:
             raise ValueError(f"cache layer {type(layer).__name__} holds no [batch, heads, tokens, dim] keys: "
                              "this architecture's cache cannot be stored by this server")
-        shapes.append(LayerShape(keys.shape[1], keys.shape[3], values.shape[3], keys.dtype))
+        shapes.append(LayerShape(keys.shape[1], keys.shape[3], values.shape[3], keys.dtype, keys.device))
     return shapes
+
+
+def on(index: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``index`` (made on the engine's device, beside the batch's mask) on ``tensor``'s device: a layer of a model
+    split over devices keeps its keys on its own (a CUDA index cannot read a CPU tensor). No copy when they agree."""
+    return index if index.device == tensor.device else index.to(tensor.device)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -566,7 +575,8 @@ class BatchKV(Cache):
         first = self.column - self.lengths[row]
         if self.holes[row]:
             columns = self._held_columns(row)[start:end]
-            return [(layer.keys[row, :, columns], layer.values[row, :, columns]) for layer in self.layers]
+            return [(layer.keys[row, :, on(columns, layer.keys)], layer.values[row, :, on(columns, layer.keys)])
+                    for layer in self.layers]
         return [(layer.keys[row, :, first + start:first + end], layer.values[row, :, first + start:first + end])
                 for layer in self.layers]
 
@@ -594,8 +604,9 @@ class BatchKV(Cache):
             columns = self._held_columns(row)
             held, target = len(columns), slice(self.column - len(columns), self.column)
             for layer in self.layers:
-                layer.keys[row, :, target] = layer.keys[row, :, columns]  # gathered first: a copy
-                layer.values[row, :, target] = layer.values[row, :, columns]
+                layer_columns = on(columns, layer.keys)
+                layer.keys[row, :, target] = layer.keys[row, :, layer_columns]  # gathered first: a copy
+                layer.values[row, :, target] = layer.values[row, :, layer_columns]
             self.mask[row].zero_()
             self.mask[row, target] = 1
             self.lengths[row], self.holes[row] = held, 0

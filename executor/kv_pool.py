@@ -25,8 +25,10 @@ class KVPool:
         self.shapes, self.block_size = shapes, block_size
         self.blocks = max(1, tokens // block_size)
         self.tokens = self.blocks * block_size
-        self.keys = [torch.zeros(self.tokens * s.kv_heads * s.key_dim, dtype=s.dtype, device=device) for s in shapes]
-        self.values = [torch.zeros(self.tokens * s.kv_heads * s.value_dim, dtype=s.dtype, device=device)
+        # Each layer's on its own device (a model split over devices: LayerShape.device), else ``device``.
+        self.keys = [torch.zeros(self.tokens * s.kv_heads * s.key_dim, dtype=s.dtype, device=s.device or device)
+                     for s in shapes]
+        self.values = [torch.zeros(self.tokens * s.kv_heads * s.value_dim, dtype=s.dtype, device=s.device or device)
                        for s in shapes]
         self.token_bytes = sum(s.bytes_per_token for s in shapes)
         self.batch_blocks = 0  # blocks [0, batch_blocks) hold the running batch's rows

@@ -77,10 +77,12 @@ def resolve_device_map(device: str):
 
 
 def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-         allow_pickle: bool = False, cache_dir: Path | None = None, quantize: str = "none") -> LoadedModel:
+         allow_pickle: bool = False, cache_dir: Path | None = None, quantize: str = "none",
+         max_memory: dict | None = None) -> LoadedModel:
     """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
     is given. Logs which model, from where, and how long loading took. ``quantize="int8"``: int8 Linear
-    weights (quantize.py), CPU only."""
+    weights (quantize.py), CPU only. ``max_memory`` (accelerate's, with device auto): how much of each device
+    the layers may take; past it they go to the next (a model split over GPUs, or offloaded to the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
@@ -105,6 +107,7 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
             dtype=resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
+            **({"max_memory": max_memory} if max_memory else {}),
         )
     except ModelLoadError:
         raise
@@ -119,6 +122,9 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
             quantize_int8(model, tokenizer)
         except ValueError as error:
             raise ModelLoadError(f"could not load model {model_name!r}: {error}") from None
+    placed = sorted({str(where) for where in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(placed) > 1:  # each layer's keys and values then live on its own device (kv_cache.LayerShape.device)
+        log.info("model %s is split over devices %s (accelerate's device map)", name, ", ".join(placed))
     eos_ids = eos_token_ids(model, tokenizer)
     if not eos_ids:
         log.warning("model %s defines no EOS token: answers end only at max_new_tokens or a stop string", name)

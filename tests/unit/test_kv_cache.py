@@ -390,3 +390,36 @@ def test_a_spilled_row_reads_its_head_from_the_cache_and_keeps_its_later_tokens_
 def row_contents_held(batch: BatchKV, row: int) -> list:
     keys, _ = batch.row_kv(row, batch.shared_tokens(row), batch.held(row))[0]
     return keys[0, :, 0].tolist()
+
+
+def test_each_layer_keeps_its_keys_on_its_own_device():
+    """A model split over devices (accelerate's device_map: layers on GPUs, some offloaded to the CPU) keeps each
+    layer's keys and values where that layer computes: LayerShape.device, read by probing the model. The
+    "meta" device stands in for a second device here; indexes made beside the batch's mask follow the layer."""
+    from executor.kv_cache import on
+    from executor.kv_pool import KVPool
+
+    meta = torch.device("meta")
+    shapes = [LayerShape(2, 3, 3, torch.float32, torch.device("cpu")), LayerShape(2, 3, 3, torch.float32, meta)]
+    pool = KVPool(shapes, 64, 16, torch.device("cpu"))
+    assert [keys.device.type for keys in pool.keys] == ["cpu", "meta"]
+    assert [values.device.type for values in pool.values] == ["cpu", "meta"]
+    assert [view[0].device.type for view in (pool.blocks_view(0), pool.blocks_view(1))] == ["cpu", "meta"]
+    batch = BatchKV(shapes, 2, 16, torch.device("cpu"), pool)
+    assert [layer.keys.device.type for layer in batch.layers] == ["cpu", "meta"]
+    index = torch.tensor([0, 2])
+    assert on(index, pool.keys[0]) is index and on(index, pool.keys[1]).device == meta
+    from executor.attention import PrefixGroup
+
+    group = PrefixGroup(index, [slice(0, 2)], 32)
+    assert group.on(torch.device("cpu")) is group
+    moved = group.on(meta)
+    assert moved.rows.device == meta and moved.blocks == [slice(0, 2)] and moved.tokens == 32
+
+
+def test_probing_a_model_reads_each_layers_device(tiny_models):
+    from executor.kv_cache import probe_layer_shapes
+    from executor.model import load
+
+    lm = load(str(tiny_models["chat"]))
+    assert {shape.device for shape in probe_layer_shapes(lm.model, torch.device("cpu"))} == {torch.device("cpu")}
