@@ -27,7 +27,7 @@ HELP = {
     "device": "auto (accelerate places the model), cpu, cuda or cuda:N; a missing device is an error",
     "dtype": "auto (the checkpoint's own), float32, float16 or bfloat16",
     "quantize": "none, or int8: int8 Linear weights with per-token int8 activations (CPU only; about 1.8x faster "
-                "decoding of the default model, perplexity within 2%%; README \"int8 weights\")",
+                "decoding of the default model, perplexity within 3%%; README \"int8 weights\")",
     "trust_remote_code": "run code shipped with the model (off by default)",
     "allow_pickle": "allow .bin (pickle) weights; safetensors only by default",
     "max_new_tokens_limit": "largest max_new_tokens a client may ask for",

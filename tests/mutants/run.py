@@ -45,6 +45,10 @@ MUTANTS = [
     ("a leaving row remembers its held tokens, not its span with holes", "executor/kv_manager.py", "sequence, length = running[index], self.batch.held(index)", "sequence, length = running[index], self.batch.lengths[index]", "tests/unit/test_speculation.py"),
     ("admission counts newly pinned blocks", "executor/kv_manager.py", "self.prefix.unpinned(path) if path else 0)", "0)", "tests/unit/test_kv_manager.py -k admission"),
     ("admission leaves room for the answer's first tokens", "executor/kv_manager.py", "ANSWER_MARGIN = 64", "ANSWER_MARGIN = 0", "tests/unit/test_kv_manager.py -k admission"),
+    ("verify padding stays inside the learned positions", "executor/model_runner.py", "positions = positions.clamp_(max=self._last_position)", "positions = positions", "tests/unit/test_speculation.py -k learned_position"),
+    ("a failed step ends only the unfinished rows", "executor/engine.py", "unfinished = [sequence for sequence in self.runner.running if not sequence.finished]", "unfinished = list(self.runner.running)", "tests/unit/test_engine.py -k fails_after_some"),
+    ("int8 refuses a grid whose pairs pass 16 bits", "executor/quantize.py", "if widest > PAIR_SUM_LIMIT:", "if False:", "tests/unit/test_quantize.py -k grids"),
+    ("half-precision merge in float32", "executor/attention.py", "        out = out.float()\n", "", "tests/unit/test_precision.py -k bfloat16"),
     ("whole-answer stream usage groups the n choices", "executor/openai_api.py", "usage=_usage(answers, n)", "usage=_usage(answers, 1)", "tests/unit/test_openai_mapping.py -k n_choices"),
 ]
 missed = 0

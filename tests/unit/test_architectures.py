@@ -237,3 +237,35 @@ def test_speculating_rows_with_drafts_of_every_length_answer_what_generate_does(
         engine.shutdown()
     assert batched == [generate_alone(model, p, tokenizer) for p in prompts]
     assert engine.runner.packs_tokens and any(packed_steps), packed_steps
+
+
+@pytest.mark.parametrize("name", [name for name in configs(1) if not name.endswith(("_hybrid", "_sliding_window"))])
+def test_a_row_at_the_end_of_its_context_beside_a_drafting_row_finishes(name, tokenizer, monkeypatch):
+    """A verify step as wide as the drafting row's draft gives every row that many positions: the row whose
+    answer ends at the model's last position (256 here) gets padding past it, which must stay inside a learned
+    position table (opt, gpt-style) and change nothing for rotary ones. Both rows finish; the long row answers
+    what ``model.generate`` does."""
+    model = build_model(name, tokenizer)
+    long_prompt = (tokenizer(" ".join([TEXTS[0]] * 20))["input_ids"])[:200]
+    short_prompt = tokenizer(TEXTS[1])["input_ids"]
+    room = 256 - len(long_prompt)
+
+    class WrongDrafter(speculation.NgramDrafter):  # drafts as long as allowed, every token rejected
+        def propose(self, most):
+            return [5] * most
+
+    monkeypatch.setattr(speculation, "NgramDrafter", WrongDrafter)
+    monkeypatch.setattr(speculation.Speculator, "best_width", lambda self, rows, drafts, acc, longest: longest + 1)
+    engine = Engine(model, tokenizer, [2], EngineConfig(max_batch_size=4, speculate=4)).start()
+    limits = Limits(context_length=256)
+    requests = [(long_prompt, {"max_new_tokens": room, "min_new_tokens": room}),
+                (short_prompt, {"max_new_tokens": 60, "min_new_tokens": 60})]
+    settings = [fit_to_context(parse_gen_conf(conf, limits), len(p), limits) for p, conf in requests]
+    try:
+        done = asyncio.run(engine.complete([(p, s) for (p, _), s in zip(requests, settings)]))
+    finally:
+        engine.shutdown()
+    assert [final.finish_reason for _, final in done] == ["length", "length"], done
+    expected = model.generate(torch.tensor([long_prompt]), attention_mask=torch.ones(1, 200, dtype=torch.long),
+                              max_new_tokens=room, min_new_tokens=room, do_sample=False, pad_token_id=0)
+    assert done[0][0] == decode(tokenizer, expected[0, 200:].tolist())
