@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import time
 
 import psutil
@@ -113,5 +114,9 @@ def test_sigterm_ends_streams_in_flight_and_exits_within_seconds(slow_model, sig
 
         endings = run(streams_then(port, 2, stop))
         assert all(kind in ("finished", "error") for kind, _, _ in endings), endings
-        process.wait(timeout=20)
-        assert time.monotonic() - stopped_at[0] < 15, "the server took too long to stop"
+        try:
+            process.wait(timeout=25)  # past the server's own bound (20 s), its stragglers' stacks are in the log
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit: {log.read_text(errors='replace')[-20000:]}")
+        took = time.monotonic() - stopped_at[0]
+        assert took < 15, f"the server took {took:.0f} s to stop: {log.read_text(errors='replace')[-20000:]}"
