@@ -313,7 +313,11 @@ class Engine(AsyncCalls):
 
     def _room_for(self, sequence) -> bool:
         """Admission by tokens (kv.room_for); when the pool is short, a long row may read its head from the
-        prefix cache first, so that the rows beside it need not be as long (kv.spill_long_row)."""
+        prefix cache first, so that the rows beside it need not be as long (kv.spill_long_row). A sequence
+        longer than any row can hold is admitted at once, to be refused with its numbers (_sampler_for): room for
+        it would never come, and it would wait in front of the queue for good."""
+        if len(sequence.prompt_ids) + sequence.max_new_tokens > self.max_context:
+            return True
         newcomer = self.kv.own_need(sequence)
         self.kv.spill_long_row(self.runner.running, newcomer)  # where padding costs more than the read
         while not self.kv.room_for(sequence):

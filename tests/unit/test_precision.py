@@ -131,3 +131,27 @@ def test_hits_read_in_place_speculation_and_preemption_hold_in_every_precision(r
     assert engine.kv.batch.copied_bytes["hit"] <= 144 * engine.kv.batch.token_bytes
     assert engine.preemptions > 0, "the pool was short: rows waited again"
     assert engine.kv.prefix.pinned_blocks == 0
+
+
+def test_a_request_no_row_can_hold_is_refused_at_once(reference_model, tokenizer):
+    """The Executor's limits keep such requests out (they follow the engine's max_context); a caller of the
+    engine itself gets the error too, where it spun in admission for good before (a prompt longer than a row of
+    this 200-token pool)."""
+    model = model_in(reference_model, torch.float32)
+    per_token = sum(s.bytes_per_token for s in probe_layer_shapes(model, torch.device("cpu")))
+    engine = Engine(model, tokenizer, [tokenizer.eos_token_id],
+                    EngineConfig(max_batch_size=8, prefill_chunk=32, speculate=4, kv_cache_memory=200 * per_token))
+    engine.start()
+    limits = Limits(context_length=256)  # the model's, not the pool's: as a caller that skipped the engine's
+    prompt_ids = prompts(tokenizer)[0]
+
+    async def ask():
+        settings = fit_to_context(parse_gen_conf({"max_new_tokens": 24}, limits), len(prompt_ids), limits)
+        return [event async for event in engine.stream(prompt_ids, settings)]
+
+    try:
+        assert len(prompt_ids) + 24 > engine.max_context
+        with pytest.raises(ValueError, match=f"= {len(prompt_ids) + 24} does not fit the KV cache's rows"):
+            asyncio.run(asyncio.wait_for(ask(), 30))
+    finally:
+        engine.shutdown()
