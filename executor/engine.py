@@ -316,7 +316,7 @@ class Engine(AsyncCalls):
         prefix cache first, so that the rows beside it need not be as long (kv.spill_long_row). A sequence
         longer than any row can hold is admitted at once, to be refused with its numbers (_sampler_for): room for
         it would never come, and it would wait in front of the queue for good."""
-        if len(sequence.prompt_ids) + sequence.max_new_tokens > self.max_context:
+        if self._tokens_needed(sequence) > self.max_context:
             return True
         newcomer = self.kv.own_need(sequence)
         self.kv.spill_long_row(self.runner.running, newcomer)  # where padding costs more than the read
@@ -335,8 +335,13 @@ class Engine(AsyncCalls):
             return None
         return Speculator(most, packed=self.runner.packs_tokens)
 
+    @staticmethod
+    def _tokens_needed(sequence) -> int:
+        """Prompt + the most it may answer: what its row must hold by the end (at most max_context)."""
+        return len(sequence.prompt_ids) + sequence.max_new_tokens
+
     def _sampler_for(self, sequence) -> RowSampler:
-        total = len(sequence.prompt_ids) + sequence.max_new_tokens
+        total = self._tokens_needed(sequence)
         if total > self.max_context:
             raise ValueError(f"prompt_tokens + max_new_tokens = {total} does not fit the KV cache's rows of "
                              f"{self.max_context} tokens")

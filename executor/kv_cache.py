@@ -102,6 +102,11 @@ def probe_layer_shapes(model, device, cache_kwarg: str = "cache") -> list:
     return shapes
 
 
+def _gathered(layer, row: int, columns: torch.Tensor) -> tuple:
+    """``(keys, values)`` of ``row``'s ``columns`` in ``layer`` (copies: an index gathers)."""
+    return layer.keys[row, :, columns], layer.values[row, :, columns]
+
+
 def on(index: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """``index`` (made on the engine's device, beside the batch's mask) on ``tensor``'s device: a layer of a model
     split over devices keeps its keys on its own (a CUDA index cannot read a CPU tensor). No copy when they agree."""
@@ -575,8 +580,7 @@ class BatchKV(Cache):
         first = self.column - self.lengths[row]
         if self.holes[row]:
             columns = self._held_columns(row)[start:end]
-            return [(layer.keys[row, :, on(columns, layer.keys)], layer.values[row, :, on(columns, layer.keys)])
-                    for layer in self.layers]
+            return [_gathered(layer, row, on(columns, layer.keys)) for layer in self.layers]
         return [(layer.keys[row, :, first + start:first + end], layer.values[row, :, first + start:first + end])
                 for layer in self.layers]
 

@@ -49,7 +49,7 @@ MUTANTS = [
     ("a failed step ends only the unfinished rows", "executor/engine.py", "unfinished = [sequence for sequence in self.runner.running if not sequence.finished]", "unfinished = list(self.runner.running)", "tests/unit/test_engine.py -k fails_after_some"),
     ("int8 refuses a grid whose pairs pass 16 bits", "executor/quantize.py", "if widest > PAIR_SUM_LIMIT:", "if False:", "tests/unit/test_quantize.py -k grids"),
     ("half-precision merge in float32", "executor/attention.py", "        out = out.float()\n", "", "tests/unit/test_precision.py -k bfloat16"),
-    ("a request no row can hold is refused, not left waiting", "executor/engine.py", "        if len(sequence.prompt_ids) + sequence.max_new_tokens > self.max_context:\n            return True\n", "", "tests/unit/test_precision.py -k no_row_can_hold"),
+    ("a request no row can hold is refused, not left waiting", "executor/engine.py", "        if self._tokens_needed(sequence) > self.max_context:\n            return True\n", "", "tests/unit/test_precision.py -k no_row_can_hold"),
     ("whole-answer stream usage groups the n choices", "executor/openai_api.py", "usage=_usage(answers, n)", "usage=_usage(answers, 1)", "tests/unit/test_openai_mapping.py -k n_choices"),
 ]
 missed = 0
