@@ -26,8 +26,9 @@ HELP = {
                   "the default model, SmolLM2-135M-Instruct",
     "device": "auto (accelerate places the model), cpu, cuda or cuda:N; a missing device is an error",
     "dtype": "auto (the checkpoint's own), float32, float16 or bfloat16",
-    "quantize": "none, or int8: int8 Linear weights with per-token int8 activations (CPU only; about 1.8x faster "
-                "decoding of the default model, perplexity within 3%%; README \"int8 weights\")",
+    "quantize": "none, int8: int8 Linear weights with per-token int8 activations (CPU only; about 1.8x faster "
+                "decoding of the default model, perplexity within 3%%; README \"int8 weights\"), or auto: int8 for "
+                "a float32 model on a CPU, none elsewhere (the log says which and why)",
     "trust_remote_code": "run code shipped with the model (off by default)",
     "allow_pickle": "allow .bin (pickle) weights; safetensors only by default",
     "max_new_tokens_limit": "largest max_new_tokens a client may ask for",
@@ -46,7 +47,8 @@ HELP = {
                        "the rows twice over, at most 25%% of available memory)",
     "prefix_caching": "reuse the keys and values of prompt prefixes served before (--no-prefix-caching: off)",
     "speculate": "most draft tokens a row verifies per step (speculative decoding from the request's own n-grams; "
-                 "greedy answers unchanged, sampled ones keep their distribution); 0: off",
+                 "drafts only where they pay, measured as it runs; greedy answers unchanged in float32, sampled ones "
+                 "keep their distribution); 0: off",
     "stream_text": "delta: each /stream piece is new text; cumulative: the whole answer so far",
     "log_prompts": "log each request's messages and gen_conf (off: prompts are never logged)",
 }

@@ -330,8 +330,8 @@ class Engine(AsyncCalls):
             return None
         window = sliding_window(self.model)
         if window is not None:
-            log.warning("speculate=%d is off for this model: its sliding-window attention (window %d) counts the "
-                        "storage's columns, which a rejected draft would leave masked inside the window", most, window)
+            log.info("speculate=%d is off for this model: its sliding-window attention (window %d) counts the "
+                     "storage's columns, which a rejected draft would leave masked inside the window", most, window)
             return None
         return Speculator(most, packed=self.runner.packs_tokens)
 
@@ -438,7 +438,7 @@ class Engine(AsyncCalls):
         leaving = [i for i, (s, (token, logprob)) in enumerate(zip(running, chosen))
                    if not self.output.accept(s, token, logprob)]
         if self.speculator:
-            self.speculator.cost.observe(len(running), time.perf_counter() - started)
+            self.speculator.plain_step(len(running), time.perf_counter() - started)
         self.runner.remove_rows(leaving)
 
     def _make_room(self, width: int) -> None:
@@ -486,5 +486,6 @@ class Engine(AsyncCalls):
                 leaving.append(row)
         self.runner.commit(kept, next_tokens)
         padding = len(running) * self.runner.verify_width - self.runner.verify_tokens
-        self.speculator.cost.observe(self.runner.verify_tokens, time.perf_counter() - started, padding)
+        self.speculator.verify_step(len(running), self.runner.verify_tokens, padding, time.perf_counter() - started,
+                                    emitted=sum(kept))
         self.runner.remove_rows(leaving)

@@ -30,7 +30,7 @@ from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
 from .quantize import check_quantize
-from .speculation import check_speculate
+from .speculation import DEFAULT_SPECULATE, check_speculate
 from .model import PromptTooLong, encode_prompt, encode_raw_prompt, in_passing_thread, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
 
@@ -85,7 +85,7 @@ class TokenStreamingExecutor(Executor):
         request_timeout: float = 300.0,
         kv_cache_memory: str = "auto",
         prefix_caching: bool = True,
-        speculate: int = 0,
+        speculate: int = DEFAULT_SPECULATE,
         stream_text: str = "delta",
         log_prompts: bool = False,
         openai_port: Optional[int] = None,

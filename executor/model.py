@@ -15,7 +15,7 @@ import torch
 
 from .errors import ModelLoadError
 from .gguf_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, default_model_file, dequantized, is_gguf
-from .quantize import check_quantize, quantize_int8
+from .quantize import check_quantize, choose_quantize, quantize_int8
 
 from .tools import for_template, plain_messages, template_knows_tools
 
@@ -81,7 +81,7 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
          max_memory: dict | None = None) -> LoadedModel:
     """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
     is given. Logs which model, from where, and how long loading took. ``quantize="int8"``: int8 Linear
-    weights (quantize.py), CPU only. ``max_memory`` (accelerate's, with device auto): how much of each device
+    weights (quantize.py), CPU only; ``auto`` chooses (quantize.choose_quantize) and logs why. ``max_memory`` (accelerate's, with device auto): how much of each device
     the layers may take; past it they go to the next (a model split over GPUs, or offloaded to the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,6 +116,9 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
         hint = " (weights are loaded from safetensors only unless --allow-pickle)" if pickle_only else ""
         raise ModelLoadError(f"could not load model {model_name!r}: {error}{hint}") from error
     model.eval()
+    if quantize == "auto":
+        quantize, why = choose_quantize(model, dtype)
+        log.info("quantize=auto chose %s: %s", quantize, why)
     if quantize == "int8":
         try:
             check_quantize(quantize, next(model.parameters()).device.type)

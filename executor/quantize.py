@@ -1,8 +1,9 @@
-"""``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
+"""``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading). The default,
+``auto``, chooses int8 for a float32 model on a CPU (``choose_quantize``) and says why at start-up.
 
 Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
 scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
-fbgemm's int8 matmul (``quantized::linear_dynamic``). Three things keep the quality that
+fbgemm's int8 matmul (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``). Three things keep the quality that
 ``torch.ao.quantization.quantize_dynamic`` loses (its perplexity on the default model was 1.7x-3x fp32's):
 
 - SmoothQuant (Xiao et al., 2022): a few input channels carry activations much larger than the rest, so
@@ -10,8 +11,11 @@ fbgemm's int8 matmul (``quantized::linear_dynamic``). Three things keep the qual
   per-channel factor ``s = max|x|^0.5 / max|W|^0.5`` and multiplies its weight columns by ``s`` (the same
   product), measured once at load on a fixed calibration text (``CALIBRATION_TEXT``, a chat turn included).
 - The scale is per token, not shared by the whole prompt: each row is divided by its own largest value first
-  (a whole-prompt scale is what made prefill, and so the first answer token, suffer). The grid is still the
-  batch's (fbgemm takes one min and max), so unlike fp32 a greedy answer can differ alone and in a batch.
+  (a whole-prompt scale is what made prefill, and so the first answer token, suffer), then quantized on one
+  fixed grid (-1..1 in 255 levels, or 127 with ``reduce_range``), never one that fbgemm fits to the batch's
+  min and max: a row computes the same integers alone, in a batch, or as a verify step's position, so
+  speculation and batching leave int8's greedy answers as they are (the fp32 work around the integers
+  still rounds by its shapes, as in float32).
 - No product pair saturates. Without VNNI (AVX2 alone: AMD EPYC before Zen 4, older Intel parts) fbgemm adds
   each pair of uint8 x int8 products in 16 bits, which saturates at full scale (255 x 127 x 2 > 32767): on
   such a CPU 8-bit weights and 8-bit inputs put the default model's perplexity at +4.4%. So a layer gives
@@ -30,6 +34,7 @@ CUDA devices are refused: bf16/fp16 are the GPU path.
 """
 
 import logging
+import threading
 import time
 import warnings
 
@@ -38,7 +43,10 @@ from torch import nn
 
 log = logging.getLogger("jina_llm_stream.quantize")
 
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("auto", "none", "int8")
+# quantize=auto's smallest hidden size for int8: below it fbgemm's per-call work (quantizing each input, the
+# packed call) costs more than the smaller weight reads save (measured: see choose_quantize).
+AUTO_INT8_MIN_WIDTH = 128
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: 0 keeps the activations as they are, 1 flattens them
 
 # Calibration only sets the smoothing factors (the largest |activation| per input channel); any varied text
@@ -62,6 +70,37 @@ CALIBRATION_CHAT = [
                                      "short wavelength, is scattered the most. So the sky looks blue from every "
                                      "direction."},
 ]
+
+
+def choose_quantize(model, dtype: str) -> tuple:
+    """quantize=auto: ('int8' or 'none', why), from where and how the model was loaded. int8 where it pays: a
+    float32 model on a CPU with x86 int8 kernels, wide enough that its Linear layers' reads dominate a step
+    (decode of the default model ~1.8x float32, at +1.6% to +3.2% perplexity: README "int8 weights")."""
+    parameter = next(model.parameters())
+    width = hidden_size(model)
+    if parameter.device.type != "cpu":
+        return "none", f"the model runs on {parameter.device.type} (int8 is for CPUs; there --dtype picks the precision)"
+    if dtype != "auto" or parameter.dtype != torch.float32:
+        return "none", f"the model is {str(parameter.dtype).removeprefix('torch.')}" + \
+            (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int8 replaces float32 only)"
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return "none", "this torch build has no x86 int8 kernels (fbgemm)"
+    if width is None or width < AUTO_INT8_MIN_WIDTH:
+        return "none", (f"its hidden size {width} is under {AUTO_INT8_MIN_WIDTH}: int8's per-layer work would cost "
+                        "more than its smaller weights save")
+    if not int8_targets(model):
+        return "none", f"{type(model).__name__} has no nn.Linear layers"
+    return "int8", ("a float32 model on a CPU: int8 weights decode about 1.8x faster at +1.6% to +3.2% perplexity "
+                    "(--quantize none keeps float32)")
+
+
+def hidden_size(model) -> int | None:
+    config = model.config.get_text_config(decoder=True)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def check_quantize(quantize: str, device_type: str | None = None) -> None:
@@ -126,6 +165,20 @@ class Int8Linear(nn.Module):
         if widest > PAIR_SUM_LIMIT:  # a CPU without VNNI would saturate: a grid no CPU may compute differently
             raise ValueError(f"int8 grid {grid} lets a product pair reach {widest} > {PAIR_SUM_LIMIT}")
 
+    @property
+    def input_scale(self) -> float:
+        """Each row is divided by its own largest |x| and put on one fixed symmetric grid, whatever else is in the
+        batch: a row's integers do not depend on its neighbours (nor a position on the step's width)."""
+        return 2.0 / (self._input_levels - 1)
+
+    @property
+    def input_zero_point(self) -> int:
+        return (self._input_levels - 1) // 2
+
+    @property
+    def _input_levels(self) -> int:
+        return 127 if self.reduce_range else 255
+
     def int8_weight(self) -> torch.Tensor:
         """The stored int8 weight ([out, in], smoothing factors included)."""
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
@@ -135,19 +188,63 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             rows = rows * self.smooth
-        if rows.shape[0] == 1:  # one token (a batch-1 decode step): the tensor's grid is the token's own
-            out = self._matmul(rows)
-        else:  # fbgemm puts the whole tensor on one grid: each row's largest |x| becomes 1 first
-            peak = row_absmax(rows).clamp_(min=1e-12)
-            out = self._matmul(rows / peak).mul_(peak)
+        peak = row_absmax(rows).clamp_(min=1e-12)
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows / peak, self.input_scale, self.input_zero_point, self._packed).mul_(peak)
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
-
-    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=self.reduce_range)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 "
                 f"(weights +-{self.weight_levels}, inputs {7 if self.reduce_range else 8} bits)")
+
+
+class SharedInputInt8(nn.Module):
+    """Linear layers that read the very same input (q/k/v; gate/up) as one Int8Linear over their stacked weights:
+    the input is smoothed and quantized once and fbgemm runs one wider matmul, where three (two) calls did it
+    all again. Each original layer becomes an ``Int8Slice``: the first one called with an input computes the
+    stacked output and the others take their columns of it (the SmoothQuant factors are the stack's: the
+    input's max |x| is the same for every member; each output channel keeps its own weight scale)."""
+
+    def __init__(self, linears: list, act_absmax: torch.Tensor | None):
+        super().__init__()
+        stacked = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
+                            bias=any(linear.bias is not None for linear in linears))
+        with torch.no_grad():
+            stacked.weight.copy_(torch.cat([linear.weight.detach().float() for linear in linears]))
+            if stacked.bias is not None:
+                stacked.bias.copy_(torch.cat([torch.zeros(linear.out_features) if linear.bias is None
+                                              else linear.bias.detach().float() for linear in linears]))
+        self.int8 = Int8Linear(stacked, act_absmax, grid=BODY_GRID)
+        self.widths = [linear.out_features for linear in linears]
+        # Per thread: engines sharing a model step it from threads of their own.
+        self._last = threading.local()
+
+    def columns(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Member ``member``'s output for ``x``: computed once per input for the whole stack."""
+        last = self._last
+        if getattr(last, "input", None) is not x or member in last.read:
+            last.outputs = self.int8(x).split(self.widths, dim=-1)
+            last.input, last.read = x, set()
+        last.read.add(member)
+        output = last.outputs[member]
+        if len(last.read) == len(self.widths):  # every member has its columns: hold no tensor between passes
+            last.input = last.outputs = None
+        return output
+
+
+class Int8Slice(nn.Module):
+    """One layer of a ``SharedInputInt8`` stack: its columns of the stacked output."""
+
+    def __init__(self, stack: SharedInputInt8, member: int):
+        super().__init__()
+        self.stack, self.member = stack, member
+        self.in_features, self.out_features = stack.int8.in_features, stack.widths[member]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.columns(x, self.member)
+
+    def extra_repr(self) -> str:
+        return f"member {self.member} of a shared-input int8 stack, out_features={self.out_features}"
 
 
 def calibration_ids(tokenizer) -> list:
@@ -160,22 +257,40 @@ def calibration_ids(tokenizer) -> list:
 
 
 @torch.inference_mode()
-def input_absmax(model, modules: dict, ids_list: list) -> dict:
-    """The largest |input| per channel that each of ``modules`` ({name: Linear}) saw over ``ids_list``."""
-    seen, hooks = {}, []
+def calibrate(model, modules: dict, ids_list: list) -> tuple:
+    """What each of ``modules`` ({name: Linear}) read over ``ids_list``: {name: its largest |input| per channel},
+    and the groups of names that read the very same input tensor in every pass (siblings to stack)."""
+    seen, hooks, inputs_by_pass = {}, [], []
     for name, module in modules.items():
         def hook(_module, inputs, _output, name=name):
             peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
             seen[name] = torch.maximum(seen[name], peak) if name in seen else peak
+            inputs_by_pass[-1].append((name, inputs[0]))  # the tensor itself: its identity is what counts
         hooks.append(module.register_forward_hook(hook))
     try:
         device = next(model.parameters()).device
         for ids in ids_list:
+            inputs_by_pass.append([])
             model(input_ids=torch.tensor([ids], device=device))
     finally:
         for handle in hooks:
             handle.remove()
-    return seen
+    return seen, shared_input_groups(inputs_by_pass)
+
+
+def shared_input_groups(inputs_by_pass: list) -> list:
+    """Groups (2 or more names, in call order) whose members read one tensor object in every pass, each name
+    called once per tensor: q/k/v after a norm, gate/up in an MLP. A layer read twice, or with another
+    partner in another pass, stays alone."""
+    partners = None
+    for reads in inputs_by_pass:
+        groups = {}
+        for name, tensor in reads:
+            groups.setdefault(id(tensor), (tensor, []))[1].append(name)
+        found = {name: tuple(names) for _, names in groups.values() for name in names
+                 if len(set(names)) == len(names)}
+        partners = found if partners is None else {n: g for n, g in partners.items() if found.get(n) == g}
+    return sorted({group for group in (partners or {}).values() if len(group) > 1})
 
 
 def int8_targets(model) -> dict:
@@ -192,12 +307,24 @@ def quantize_int8(model, tokenizer) -> int:
     targets = int8_targets(model)
     if not targets:
         raise ValueError(f"quantize=int8: {type(model).__name__} has no nn.Linear layers to quantize")
-    absmax = input_absmax(model, targets, calibration_ids(tokenizer))
+    absmax, groups = calibrate(model, targets, calibration_ids(tokenizer))
     head = model.get_output_embeddings()
+    groups = [group for group in groups if all(targets[name] is not head for name in group)]
+    for group in groups:
+        stack = SharedInputInt8([targets[name] for name in group], absmax.get(group[0]))
+        for member, name in enumerate(group):
+            replace_module(model, name, Int8Slice(stack, member))
+    stacked = {name for group in groups for name in group}
     for name, linear in targets.items():
-        parent_name, _, child = name.rpartition(".")
-        grid = HEAD_GRID if linear is head else BODY_GRID
-        setattr(model.get_submodule(parent_name), child, Int8Linear(linear, absmax.get(name), grid=grid))
-    log.info("quantize=int8: %d Linear layers hold int8 weights (the output head included), in %.1f s",
-             len(targets), time.monotonic() - started)
+        if name not in stacked:
+            replace_module(model, name, Int8Linear(linear, absmax.get(name),
+                                                   grid=HEAD_GRID if linear is head else BODY_GRID))
+    log.info("quantize=int8: %d Linear layers hold int8 weights (the output head included; %d of them stacked in "
+             "%d matmuls that read one input), in %.1f s", len(targets), len(stacked), len(groups),
+             time.monotonic() - started)
     return len(targets)
+
+
+def replace_module(model, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)

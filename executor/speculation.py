@@ -13,6 +13,14 @@ of one. So each row keeps its acceptance record (decayed counts: recent steps we
 a line fitted to its measured steps (seconds = fixed + per token x tokens in the step), and each step takes
 the width with the most expected tokens per second; width 1 is a plain decode step. Rows that draft
 nothing (no match, a grammar, no room left) ride along at the chosen width.
+
+The model of a step can be wrong where it matters (a verify step's own overheads, a CPU shared with other
+work), so it is checked against what verify steps really deliver: ``Payoff`` keeps how many tokens per second
+they gave against the plain step the line predicts for the same rows, over the gain they were chosen for, and
+a width must promise enough to cover that shortfall. A rule that has stopped drafting eases back a little on
+every step it declines, so one bad stretch does not switch speculation off for good. That is what lets it be
+on by default: where drafts pay (quotes, RAG answers) they pay several times over; where they do not (free
+text at many rows) verify steps stop.
 """
 
 from collections import deque
@@ -26,6 +34,8 @@ PRIOR_ACCEPTANCE = 0.5  # a row's acceptance before it has a record (counts one 
 # What one more token in a step costs, as a fraction of a one-row step, until the steps measured say
 # better (2 cores, SmolLM2-135M: ~0.06; a GPU: far less).
 PRIOR_TOKEN_COST = 0.06
+DEFAULT_SPECULATE = 16  # the CLI's, config.yml's and the Executor's default --speculate
+MARGIN = 1.05  # a verify step must promise 5% more tokens per second than a plain one, after Payoff's correction
 
 
 def check_speculate(speculate: int) -> None:
@@ -125,14 +135,36 @@ class StepCost:
         return max(mean_seconds - per_token * mean_tokens - per_padding * mean_padding, 0.0), per_token, per_padding
 
 
+class Payoff:
+    """How far verify steps keep their promise: a decayed mean of (tokens per second they delivered over the
+    plain step's predicted rate) / (the gain they were chosen for). 1: as promised; 0.7: they delivered 70% of
+    it. Declined steps ease it back towards 1 (``RECOVERY`` of the gap each), so drafting is tried again."""
+
+    DECAY = 0.8  # per verify step: a handful of them decide
+    RECOVERY = 0.02  # per declined step: about 35 declined steps halve the gap
+
+    def __init__(self):
+        self.ratio = 1.0
+
+    def delivered(self, promised_gain: float, delivered_gain: float) -> None:
+        observed = delivered_gain / promised_gain
+        self.ratio = self.DECAY * self.ratio + (1 - self.DECAY) * min(observed, 2.0)
+
+    def declined(self) -> None:
+        self.ratio += (1.0 - self.ratio) * self.RECOVERY
+
+
 class Speculator:
     """Chooses each step's drafts and width; ``max_draft`` bounds a row's draft (``--speculate``). ``packed``:
     a verify step's Linear layers compute only the drafted positions (token_packing.py), so a row pays for
-    its own draft, not for the step's width."""
+    its own draft, not for the step's width. The engine reports each step it ran (``plain_step``,
+    ``verify_step``)."""
 
     def __init__(self, max_draft: int, packed: bool = False):
         self.max_draft, self.packed = max_draft, packed
         self.cost = StepCost()
+        self.payoff = Payoff()
+        self._promised = 1.0  # the gain the step being run was chosen for
 
     def plan(self, running: list) -> list | None:
         """Each row's draft for this step (all cut to the chosen width), or None for a plain step."""
@@ -151,18 +183,37 @@ class Speculator:
         if not longest:
             return None
         width = self.best_width(len(running), drafts, acceptances, longest)
-        return [draft[:width - 1] for draft in drafts] if width > 1 else None
+        if width == 1:
+            self.payoff.declined()
+            return None
+        return [draft[:width - 1] for draft in drafts]
 
     def best_width(self, rows: int, drafts: list, acceptances: list, longest: int) -> int:
+        """The width with the most expected tokens per second, if it promises enough over a plain step (MARGIN,
+        after the payoff verify steps have shown); else 1. Records the promised gain for ``verify_step``."""
         fixed, per_token, per_padding = self.cost.line()  # fitted once per step, not once per candidate width
-        best, best_rate = 1, rows / (fixed + per_token * rows)
+        plain_rate = rows / (fixed + per_token * rows)
+        best, best_rate = 1, plain_rate
         for width in range(2, longest + 2):
             tokens = rows + sum(expected_kept(p, min(width - 1, len(d))) for d, p in zip(drafts, acceptances))
             computed = rows + sum(min(width - 1, len(d)) for d in drafts) if self.packed else rows * width
             rate = tokens / (fixed + per_token * computed + per_padding * (rows * width - computed))
             if rate > best_rate:
                 best, best_rate = width, rate
-        return best
+        self._promised = best_rate / plain_rate
+        return best if self._promised * self.payoff.ratio >= MARGIN else 1
+
+    def plain_step(self, rows: int, seconds: float) -> None:
+        self.cost.observe(rows, seconds)
+
+    def verify_step(self, rows: int, computed: int, padding: int, seconds: float, emitted: int) -> None:
+        """A verify step of ``rows`` computed ``computed`` positions (``padding`` more read) in ``seconds`` and
+        gave ``emitted`` tokens: what it delivered against a plain step of the same rows, before it joins the
+        line (whose prediction it is measured against)."""
+        fixed, per_token, _ = self.cost.line()
+        plain_seconds = fixed + per_token * rows
+        self.payoff.delivered(self._promised, (emitted / seconds) / (rows / plain_seconds))
+        self.cost.observe(computed, seconds, padding)
 
     @staticmethod
     def _drafter(sequence):

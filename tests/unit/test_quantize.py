@@ -12,7 +12,8 @@ import torch
 
 from executor.errors import ModelLoadError
 from executor.model import load
-from executor.quantize import (BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear, check_quantize,
+from executor.quantize import (AUTO_INT8_MIN_WIDTH, BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear,
+                               Int8Slice, SharedInputInt8, check_quantize, choose_quantize, shared_input_groups,
                                widest_pair_sum)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def greedy_answer(lm, question: str, new_tokens: int = 12) -> str:
 
 @pytest.fixture(scope="module")
 def models():
-    return load(None), load(None, device="cpu", quantize="int8")
+    return load(None, quantize="none"), load(None, device="cpu", quantize="int8")
 
 
 def test_the_default_model_in_int8_keeps_its_perplexity_and_its_facts(models):
@@ -65,7 +66,13 @@ def test_every_linear_and_the_head_hold_int8_weights(models):
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear)]
     head = model.get_output_embeddings()
-    assert len(quantized) == 30 * 7 + 1 and head in quantized and int8.vocab_size == 49152
+    # Per layer: q/k/v in one matmul, gate/up in one, o and down alone; and the head.
+    assert len(quantized) == 30 * 4 + 1 and head in quantized and int8.vocab_size == 49152
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert all(isinstance(m, Int8Slice) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
+                                                  mlp.gate_proj, mlp.up_proj))
+    assert attention.q_proj.stack is attention.v_proj.stack and mlp.gate_proj.stack is mlp.up_proj.stack
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (576, 192)
     body = quantized[0].int8_weight()
     assert body.dtype == torch.int8 and body.shape == (quantized[0].out_features, quantized[0].in_features)
     assert body.abs().max() == 63 and not quantized[0].reduce_range  # each output channel uses its whole range
@@ -75,13 +82,12 @@ def test_every_linear_and_the_head_hold_int8_weights(models):
 
 def integer_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """What Int8Linear defines, computed exactly (float64 over the integers): the input smoothed, each row
-    scaled to a peak of 1 (several rows), quantized on fbgemm's grid (torch's own choice of scale and zero
-    point), times the stored int8 weight and its scales."""
+    scaled to a peak of 1, quantized on the layer's fixed grid, times the stored int8 weight and its scales."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if layer.smooth is not None:
         rows = rows * layer.smooth
-    peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) if rows.shape[0] > 1 else torch.ones(1, 1)
-    inputs = torch.quantize_per_tensor_dynamic(rows / peak, torch.quint8, layer.reduce_range)
+    peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    inputs = torch.quantize_per_tensor(rows / peak, layer.input_scale, layer.input_zero_point, torch.quint8)
     weight = torch.ops.quantized.linear_unpack(layer._packed)[0]
     dequantized_weight = weight.int_repr().double() * weight.q_per_channel_scales().double()[:, None]
     dequantized_inputs = (inputs.int_repr().double() - inputs.q_zero_point()) * inputs.q_scale()
@@ -154,12 +160,65 @@ def test_the_grids_keep_pairs_within_16_bits_and_an_8_by_8_grid_is_caught_on_any
     assert in_a_subprocess("full_scale_product(127, False)", **avx2) < 40  # measured 32.4: the AVX2 path saturates
 
 
+def test_a_row_computes_the_same_numbers_alone_and_beside_any_other_rows():
+    """The fixed input grid: a row's integers are its own, so a batch (or a verify step's width) leaves them."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(576, 1536), act_absmax=torch.rand(576) + 0.5)
+    row = torch.randn(1, 576).abs()  # all positive: a grid fitted to its own min and max would differ
+    others = torch.randn(5, 576) * 3
+    assert torch.equal(layer(row)[0], layer(torch.cat([others[:2], row, others[2:]]))[2])
+
+
+def test_a_stack_answers_what_its_layers_would_and_computes_once_per_input():
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, width) for width in (64, 32, 32)]
+    stack = SharedInputInt8(linears, act_absmax=torch.rand(64) + 0.5)
+    members = [Int8Slice(stack, i) for i in range(3)]
+    calls = []
+    stack.int8.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 5, 64)
+    outputs = [member(x) for member in members]
+    assert len(calls) == 1 and [o.shape[-1] for o in outputs] == [64, 32, 32]
+    for linear, output in zip(linears, outputs):  # int8 noise only: within a few percent of the float layer
+        expected = linear(x)
+        assert (output - expected).norm() < 0.03 * expected.norm()
+    members[0](x.clone())  # another input: computed again
+    assert len(calls) == 2
+    members[1](x)  # the stack holds the last input only
+    members[1](x)  # one member reading the same input twice: another pass, computed again
+    assert len(calls) == 4
+
+
+def test_siblings_that_read_one_tensor_are_grouped_and_a_layer_read_twice_is_not():
+    a, b = torch.zeros(1), torch.zeros(1)
+    assert shared_input_groups([[("q", a), ("k", a), ("v", a), ("o", b)]] * 2) == [("q", "k", "v")]
+    assert shared_input_groups([[("q", a), ("k", a)], [("q", a), ("k", b)]]) == []  # partners in one pass only
+    assert shared_input_groups([[("q", a), ("q", a), ("k", a)]]) == []
+
+
+def test_auto_chooses_int8_for_a_wide_float32_model_on_a_cpu_and_says_why():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(width, dtype=torch.float32):
+        config = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return LlamaForCausalLM(config).to(dtype)
+
+    assert choose_quantize(model(AUTO_INT8_MIN_WIDTH), "auto")[0] == "int8"
+    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH // 2), "auto")
+    assert choice == "none" and f"hidden size {AUTO_INT8_MIN_WIDTH // 2} is under {AUTO_INT8_MIN_WIDTH}" in why
+    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH, torch.bfloat16), "auto")
+    assert choice == "none" and "bfloat16 in its checkpoint" in why
+    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH), "float32")
+    assert choice == "none" and "as --dtype float32 asked" in why
+
+
 def test_int8_is_refused_on_cuda_and_bad_values_name_the_allowed_ones():
     check_quantize("none", "cuda")
     check_quantize("int8", "cpu")
     with pytest.raises(ValueError, match="quantize=int8 is for CPUs .* --dtype bfloat16 or float16"):
         check_quantize("int8", "cuda")
-    with pytest.raises(ValueError, match=r"quantize='int4' is not allowed: use one of none, int8"):
+    with pytest.raises(ValueError, match=r"quantize='int4' is not allowed: use one of auto, none, int8"):
         check_quantize("int4")
 
 
