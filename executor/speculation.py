@@ -16,7 +16,7 @@ nothing (no match, a grammar, no room left) ride along at the chosen width.
 
 The model of a step can be wrong where it matters (a verify step's own overheads, a CPU shared with other
 work), so it is checked against what verify steps really deliver: ``Payoff`` keeps how many tokens per second
-they gave against the plain step the line predicts for the same rows, over the gain they were chosen for, and
+they gave against the latest plain steps of as many rows, over the gain they were chosen for, and
 a width must promise enough to cover that shortfall. A rule that has stopped drafting eases back a little on
 every step it declines, so one bad stretch does not switch speculation off for good. That is what lets it be
 on by default: where drafts pay (quotes, RAG answers) they pay several times over; where they do not (free
@@ -137,7 +137,7 @@ class StepCost:
 
 class Payoff:
     """How far verify steps keep their promise: a decayed mean of (tokens per second they delivered over the
-    plain step's predicted rate) / (the gain they were chosen for). 1: as promised; 0.7: they delivered 70% of
+    latest plain steps' rate) / (the gain they were chosen for). 1: as promised; 0.7: they delivered 70% of
     it. Declined steps ease it back towards 1 (``RECOVERY`` of the gap each), so drafting is tried again."""
 
     DECAY = 0.8  # per verify step: a handful of them decide
@@ -165,6 +165,9 @@ class Speculator:
         self.cost = StepCost()
         self.payoff = Payoff()
         self._promised = 1.0  # the gain the step being run was chosen for
+        # rows -> seconds of the latest plain steps of that many rows (a decayed mean): what a verify step is
+        # measured against. Not the line: it knows nothing of context length, and rows grow longer as they run.
+        self._plain_seconds: dict = {}
 
     def plan(self, running: list) -> list | None:
         """Each row's draft for this step (all cut to the chosen width), or None for a plain step."""
@@ -205,14 +208,16 @@ class Speculator:
 
     def plain_step(self, rows: int, seconds: float) -> None:
         self.cost.observe(rows, seconds)
+        before = self._plain_seconds.get(rows)
+        self._plain_seconds[rows] = seconds if before is None else 0.5 * (before + seconds)
 
     def verify_step(self, rows: int, computed: int, padding: int, seconds: float, emitted: int) -> None:
         """A verify step of ``rows`` computed ``computed`` positions (``padding`` more read) in ``seconds`` and
-        gave ``emitted`` tokens: what it delivered against a plain step of the same rows, before it joins the
-        line (whose prediction it is measured against)."""
-        fixed, per_token, _ = self.cost.line()
-        plain_seconds = fixed + per_token * rows
-        self.payoff.delivered(self._promised, (emitted / seconds) / (rows / plain_seconds))
+        gave ``emitted`` tokens: what it delivered against the latest plain steps of as many rows (when there
+        were any), then it joins the line."""
+        plain_seconds = self._plain_seconds.get(rows)
+        if plain_seconds is not None:
+            self.payoff.delivered(self._promised, (emitted / seconds) / (rows / plain_seconds))
         self.cost.observe(computed, seconds, padding)
 
     @staticmethod
