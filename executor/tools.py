@@ -83,10 +83,34 @@ def _choice(tool_choice, names: list, field: str) -> str:
     return f"function:{name}"
 
 
+def strict_objects(schema):
+    """The schema with ``"additionalProperties": false`` on each object that names its properties and says nothing
+    of others (OpenAI's strict function calling; xgrammar's strict mode in vLLM): a forced call's arguments hold
+    the function's own properties, not ones a small model invents (the default model in int8 copied the
+    schema's "type" and "description" into the arguments until max_tokens cut the JSON). Only subschemas are
+    visited (a property may be named like a keyword)."""
+    if not isinstance(schema, dict):
+        return schema
+    strict = dict(schema)
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            strict[key] = {name: strict_objects(value) for name, value in schema[key].items()}
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            strict[key] = [strict_objects(value) for value in schema[key]]
+    for key in ("items", "not", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            strict[key] = strict_objects(schema[key])
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        strict["additionalProperties"] = False
+    return strict
+
+
 def call_grammar(tools: Tools) -> str:
     """A llguidance (Lark) grammar: exactly one call of an allowed function, its arguments valid for it."""
     allowed = tools.names if tools.choice == "required" else [tools.choice.split(":", 1)[1]]
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+    calls = [{"type": "object",
+              "properties": {"name": {"const": f["name"]}, "arguments": strict_objects(f["parameters"])},
               "required": ["name", "arguments"], "additionalProperties": False}
              for f in tools.functions if f["name"] in allowed]
     schema = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},

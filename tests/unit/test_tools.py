@@ -13,7 +13,7 @@ from executor.grammar import Grammars
 from executor.model import encode_prompt, load, render_prompt
 from executor.errors import RequestError
 from executor.validation import Limits, fit_to_context, parse_gen_conf, validate_messages
-from executor.tools import parse_tool_calls, parse_tools
+from executor.tools import parse_tool_calls, parse_tools, strict_objects
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {
@@ -87,6 +87,32 @@ def test_required_forces_a_call_whose_arguments_validate(engine, lm, seed):
     assert content is None and len(calls) == 1, text
     function = {"get_weather": WEATHER, "get_time": TIME}[calls[0]["function"]["name"]]["function"]
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), function["parameters"])
+
+
+def test_a_forced_call_holds_only_the_properties_its_function_names(engine, lm):
+    """A schema that says nothing of other properties gets none (OpenAI's strict mode): a random model's sampled
+    arguments, which invent keys whenever JSON allows them, hold the function's own properties only."""
+    open_schema = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "where": {"type": "object", "properties": {"country": {"enum": ["FR", "NO"]}}}},
+        "required": ["city"]}}}
+    for seed in range(4):
+        text, last, settings = ask(engine, lm, {"tools": [open_schema], "tool_choice": "required", "do_sample": True,
+                                                "seed": seed, "max_new_tokens": 150})
+        _, calls = parse_tool_calls(text, settings.tools)
+        assert len(calls) == 1, text
+        arguments = json.loads(calls[0]["function"]["arguments"])
+        assert set(arguments) <= {"city", "where"} and set(arguments.get("where", {})) <= {"country"}, arguments
+
+
+def test_strictness_visits_subschemas_only_and_keeps_what_a_schema_says():
+    schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"a": {}}},
+                                               "free": {"type": "object", "properties": {}, "additionalProperties": True}}}
+    strict = strict_objects(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["properties"]["additionalProperties"] is False  # a property named like the keyword
+    assert "additionalProperties" not in strict["properties"]  # the mapping of names is not a schema
+    assert strict["properties"]["free"]["additionalProperties"] is True
 
 
 def test_a_named_function_is_the_one_called(engine, lm):
