@@ -149,17 +149,32 @@ def bound_the_stop(grace_s: float = STOP_GRACE_S) -> None:
     threading.Thread(target=_kill_stragglers, args=(grace_s,), name="stop-bound", daemon=True).start()
 
 
+# Once every child process is down, the main process's own teardown (Jina closing its channels) takes well under
+# a second; after a process-group SIGINT it was seen to hang there (CI, 2026-12-07: no child left, no exit).
+MAIN_TEARDOWN_S = 5
+
+
 def _kill_stragglers(grace_s: float) -> None:
-    time.sleep(grace_s)
+    deadline = time.monotonic() + grace_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
     stragglers = multiprocessing.active_children()
     for process in stragglers:
         logging.getLogger("jina_llm_stream").warning(
             "process %s (pid %d) did not stop within %.0f s of the stop signal: its threads' stacks follow, "
             "then it is killed", process.name, process.pid, grace_s)
         _signal(process.pid, signal.SIGUSR1)
-    time.sleep(1)
+    time.sleep(1 if stragglers else 0)
     for process in stragglers:
         _signal(process.pid, signal.SIGKILL)
+    time.sleep(MAIN_TEARDOWN_S)
+    import faulthandler
+
+    logging.getLogger("jina_llm_stream").warning(
+        "the main process did not end within %d s of its processes stopping: its threads' stacks follow, then it "
+        "exits", MAIN_TEARDOWN_S)
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(0)
 
 
 def _signal(pid: int, signum: int) -> None:
