@@ -146,7 +146,12 @@ def bound_the_stop(grace_s: float = STOP_GRACE_S) -> None:
     if _stop_bounded.is_set():
         return
     _stop_bounded.set()
-    threading.Thread(target=_kill_stragglers, args=(grace_s,), name="stop-bound", daemon=True).start()
+    threading.Thread(target=_stop_within, args=(grace_s,), name="stop-bound", daemon=True).start()
+
+
+def _stop_within(grace_s: float) -> None:
+    _kill_stragglers(grace_s)
+    _end_the_main_process()
 
 
 # Once every child process is down, the main process's own teardown (Jina closing its channels) takes well under
@@ -167,8 +172,12 @@ def _kill_stragglers(grace_s: float) -> None:
     time.sleep(1 if stragglers else 0)
     for process in stragglers:
         _signal(process.pid, signal.SIGKILL)
+
+
+def _end_the_main_process() -> None:
     time.sleep(MAIN_TEARDOWN_S)
     import faulthandler
+
 
     logging.getLogger("jina_llm_stream").warning(
         "the main process did not end within %d s of its processes stopping: its threads' stacks follow, then it "

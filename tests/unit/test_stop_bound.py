@@ -43,7 +43,7 @@ def test_a_child_that_does_not_stop_is_named_in_the_log_and_killed(caplog):
 def test_the_stop_is_bounded_once_however_many_signals_arrive(monkeypatch):
     started = []
     monkeypatch.setattr(jina_server, "_stop_bounded", jina_server.threading.Event())
-    monkeypatch.setattr(jina_server, "_kill_stragglers", lambda grace_s: started.append(grace_s))
+    monkeypatch.setattr(jina_server, "_stop_within", lambda grace_s: started.append(grace_s))
     for _ in range(3):
         jina_server.bound_the_stop(grace_s=0)
     time.sleep(0.2)
