@@ -10,6 +10,7 @@ CLI flags, ``config.yml`` ``with:`` keys and ``TokenStreamingExecutor(...)`` arg
 """
 
 import argparse
+import faulthandler
 import inspect
 import logging
 import multiprocessing
@@ -176,9 +177,6 @@ def _kill_stragglers(grace_s: float) -> None:
 
 def _end_the_main_process() -> None:
     time.sleep(MAIN_TEARDOWN_S)
-    import faulthandler
-
-
     logging.getLogger("jina_llm_stream").warning(
         "the main process did not end within %d s of its processes stopping: its threads' stacks follow, then it "
         "exits", MAIN_TEARDOWN_S)

