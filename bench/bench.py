@@ -975,9 +975,7 @@ def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) ->
         try:
             if name == "speculate0":
                 found["srv"] = asyncio.run(real_model_server_measures(port, tokenizer, new_tokens, batch))
-            found[name] = asyncio.run(openai_measures(openai_port, DEFAULT_MODEL_ID, new_tokens, batch, tokenizer,
-                                                      length=greedy_length))
-            found[name] |= asyncio.run(openai_quote(openai_port, DEFAULT_MODEL_ID, new_tokens))
+            found[name] = real_openai_measures(openai_port, tokenizer, new_tokens, batch)
             found[name]["rss"] = tree_rss(server.pid)
         finally:
             stop_server(server)
@@ -1006,12 +1004,19 @@ def llama_measures(gguf_file: Path, model: str, tokenizer, new_tokens: int, batc
     return found
 
 
+def real_openai_measures(openai_port: int, tokenizer, new_tokens: int, batch: int) -> dict:
+    """The default model's OpenAI rows against this server: 1 client, ``batch`` short and RAG-shaped, quoting."""
+    from executor.gguf_model import DEFAULT_MODEL_ID
+
+    found = asyncio.run(openai_measures(openai_port, DEFAULT_MODEL_ID, new_tokens, batch, tokenizer,
+                                        length=greedy_length))
+    return found | asyncio.run(openai_quote(openai_port, DEFAULT_MODEL_ID, new_tokens))
+
+
 def speculation_ab(new_tokens: int, batch: int, rounds: int = 2) -> dict:
     """``--only speculation``: the server with no flags and with --speculate 0, started in turn ``rounds`` times
     each (two servers started minutes apart measured 0.88x of each other here): the best of each measure."""
     from transformers import AutoTokenizer
-
-    from executor.gguf_model import DEFAULT_MODEL_ID
 
     tokenizer = AutoTokenizer.from_pretrained(real_model_folder())
     found = {}
@@ -1020,9 +1025,7 @@ def speculation_ab(new_tokens: int, batch: int, rounds: int = 2) -> dict:
             port, openai_port = free_port(), free_port()
             server = real_model_server(port, openai_port, f"jina-llm-stream-bench-ab-{name}.log", flags)
             try:
-                measured = asyncio.run(openai_measures(openai_port, DEFAULT_MODEL_ID, new_tokens, batch, tokenizer,
-                                                       length=greedy_length))
-                measured |= asyncio.run(openai_quote(openai_port, DEFAULT_MODEL_ID, new_tokens))
+                measured = real_openai_measures(openai_port, tokenizer, new_tokens, batch)
             finally:
                 stop_server(server)
             best = found.setdefault(name, {})
