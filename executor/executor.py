@@ -29,7 +29,7 @@ from .kv_cache import parse_memory_size
 from .metrics import EngineMetrics
 from .openai_api import ExecutorBackend, OpenAIServer
 from .openai_api import Settings as OpenAISettings
-from .quantize import check_quantize
+from .quantize import DEFAULT_QUANTIZE, check_quantize
 from .speculation import DEFAULT_SPECULATE, check_speculate
 from .model import PromptTooLong, encode_prompt, encode_raw_prompt, in_passing_thread, load
 from .validation import Limits, fit_to_context, parse_gen_conf, validate_messages
@@ -72,7 +72,7 @@ class TokenStreamingExecutor(Executor):
         model_name: Optional[str] = None,
         device: str = "auto",
         dtype: str = "auto",
-        quantize: str = "none",
+        quantize: str = DEFAULT_QUANTIZE,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         max_new_tokens_limit: int = 2048,

@@ -15,6 +15,7 @@ import torch
 
 from .errors import ModelLoadError
 from .gguf_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, default_model_file, dequantized, is_gguf
+from .int4 import exact_gguf_grid, gguf_linear_kinds, quantize_int4
 from .quantize import check_quantize, choose_quantize, quantize_int8
 
 from .tools import for_template, plain_messages, template_knows_tools
@@ -81,7 +82,8 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
          max_memory: dict | None = None) -> LoadedModel:
     """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
     is given. Logs which model, from where, and how long loading took. ``quantize="int8"``: int8 Linear
-    weights (quantize.py), CPU only; ``auto`` chooses (quantize.choose_quantize) and logs why. ``max_memory`` (accelerate's, with device auto): how much of each device
+    weights (quantize.py), ``"int4"``: 4-bit ones (int4.py), CPU only; ``auto`` chooses (quantize.choose_quantize)
+    and logs why. ``max_memory`` (accelerate's, with device auto): how much of each device
     the layers may take; past it they go to the next (a model split over GPUs, or offloaded to the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,8 +97,10 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     if not model_name:
         name, source = DEFAULT_MODEL_ID, str(default_model_file())
         log.info("no --model_name given: serving the default model %s (%s)", name, source)
+    gguf_grid = None
     if is_gguf(source):
         model_name = str(dequantized(source, cache_dir or DEFAULT_CACHE_DIR))
+        gguf_grid = exact_gguf_grid(gguf_linear_kinds(source))
     if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
         raise ModelLoadError(f"could not load model {model_name!r}: no such folder")
     try:
@@ -117,12 +121,15 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
         raise ModelLoadError(f"could not load model {model_name!r}: {error}{hint}") from error
     model.eval()
     if quantize == "auto":
-        quantize, why = choose_quantize(model, dtype)
+        quantize, why = choose_quantize(model, dtype, gguf_grid)
         log.info("quantize=auto chose %s: %s", quantize, why)
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         try:
             check_quantize(quantize, next(model.parameters()).device.type)
-            quantize_int8(model, tokenizer)
+            if quantize == "int8":
+                quantize_int8(model, tokenizer)
+            else:
+                quantize_int4(model, symmetric=bool(gguf_grid))
         except ValueError as error:
             raise ModelLoadError(f"could not load model {model_name!r}: {error}") from None
     placed = sorted({str(where) for where in (getattr(model, "hf_device_map", None) or {}).values()})

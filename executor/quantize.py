@@ -1,5 +1,6 @@
 """``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
-``--quantize auto`` chooses int8 for a float32 model on a CPU (``choose_quantize``) and says why at start-up.
+``--quantize auto`` (the default) chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a GGUF
+file of 4-bit blocks, int8 for another float32 model on a CPU wide enough to gain, else the model as loaded.
 
 Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
 scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
@@ -19,9 +20,12 @@ fbgemm's int8 matmul (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32
 - No product pair saturates. Without VNNI (AVX2 alone: AMD EPYC before Zen 4, older Intel parts) fbgemm adds
   each pair of uint8 x int8 products in 16 bits, which saturates at full scale (255 x 127 x 2 > 32767): on
   such a CPU 8-bit weights and 8-bit inputs put the default model's perplexity at +4.4%. So a layer gives
-  15 bits to the pair: body layers 7-bit weights (+-63) and 8-bit inputs (their inputs have the outliers),
-  the head 8-bit weights and 7-bit inputs (``reduce_range``; the tied embedding rows want the precision).
-  ``Int8Linear`` checks that bound on its stored weights (``widest_pair_sum``), so no CPU can saturate.
+  15 bits to the pair: body layers 7-bit weights (+-63) and 8-bit inputs (their inputs have the outliers);
+  ``HEAD_GRID``, 8-bit weights and 7-bit inputs (``reduce_range``), is the other split. ``Int8Linear`` checks
+  that bound on its stored weights (``widest_pair_sum``), so no CPU can saturate.
+- The output head keeps 8-bit weights, one scale per row, and unquantized (bfloat16) inputs
+  (``int4.Int8RowsLinear``): on HEAD_GRID its 7-bit inputs drew "L'Étoile" for the capital of France on an
+  AVX2 CPU (+1.0% perplexity); weight-only, the default model is at +0.5% and answers "Paris".
 
 Every x86 CPU then computes the same integers (tests/unit/test_quantize.py compares each layer with an exact
 integer reference, on this CPU's kernels and on fbgemm's AVX2 kernels forced by ``FBGEMM_ENABLE_INSTRUCTIONS``).
@@ -41,9 +45,12 @@ import warnings
 import torch
 from torch import nn
 
+from .int4 import Int8RowsLinear
+
 log = logging.getLogger("jina_llm_stream.quantize")
 
-QUANTIZE_MODES = ("auto", "none", "int8")
+QUANTIZE_MODES = ("auto", "none", "int8", "int4")
+DEFAULT_QUANTIZE = "auto"
 # quantize=auto's smallest hidden size for int8: below it fbgemm's per-call work (quantizing each input, the
 # packed call) costs more than the smaller weight reads save (measured: see choose_quantize).
 AUTO_INT8_MIN_WIDTH = 128
@@ -72,17 +79,22 @@ CALIBRATION_CHAT = [
 ]
 
 
-def choose_quantize(model, dtype: str) -> tuple:
-    """quantize=auto: ('int8' or 'none', why), from where and how the model was loaded. int8 where it pays: a
-    float32 model on a CPU with x86 int8 kernels, wide enough that its Linear layers' reads dominate a step
-    (decode of the default model ~1.8x float32, perplexity within 3%: README "int8 weights")."""
+def choose_quantize(model, dtype: str, gguf_grid: bool | None = None) -> tuple:
+    """quantize=auto: ('int4', 'int8' or 'none', why), from where and how the model was loaded. ``gguf_grid``:
+    the model came from a GGUF file of Q4_0 (True) or Q4_1 (False) blocks (int4.exact_gguf_grid), which int4
+    keeps as they are (decode of the default model ~2x its float32 copy, perplexity within 0.2%). Else int8
+    where it pays: a float32 model on a CPU with x86 int8 kernels, wide enough that its Linear layers' reads
+    dominate a step (decode of the default model ~1.8x float32, perplexity within 3%: README "int8 weights")."""
     parameter = next(model.parameters())
     width = hidden_size(model)
     if parameter.device.type != "cpu":
-        return "none", f"the model runs on {parameter.device.type} (int8 is for CPUs; there --dtype picks the precision)"
+        return "none", f"the model runs on {parameter.device.type} (int4 and int8 are for CPUs; there --dtype picks the precision)"
     if dtype != "auto" or parameter.dtype != torch.float32:
         return "none", f"the model is {str(parameter.dtype).removeprefix('torch.')}" + \
-            (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int8 replaces float32 only)"
+            (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int4 and int8 replace float32 only)"
+    if gguf_grid is not None:
+        return "int4", (f"the GGUF file holds {'Q4_0' if gguf_grid else 'Q4_1'} blocks: int4 keeps them packed "
+                        "(about 7x fewer bytes per weight than float32, the same weights; --quantize none keeps float32)")
     if not has_x86_int8_kernels():
         return "none", "this torch build has no x86 int8 kernels (fbgemm)"
     if width is None or width < AUTO_INT8_MIN_WIDTH:
@@ -108,12 +120,12 @@ def hidden_size(model) -> int | None:
 
 
 def check_quantize(quantize: str, device_type: str | None = None) -> None:
-    """ValueError (one line) for a value other than QUANTIZE_MODES, and for int8 on a CUDA device."""
+    """ValueError (one line) for a value other than QUANTIZE_MODES, and for int8 or int4 on a CUDA device."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize={quantize!r} is not allowed: use one of {', '.join(QUANTIZE_MODES)}")
-    if quantize == "int8" and device_type == "cuda":
-        raise ValueError("quantize=int8 is for CPUs (fbgemm int8 kernels): on a CUDA device use --dtype bfloat16 "
-                         "or float16 (or --device cpu)")
+    if quantize in ("int8", "int4") and device_type == "cuda":
+        raise ValueError(f"quantize={quantize} is for CPUs (ATen's and fbgemm's CPU kernels): on a CUDA device use "
+                         "--dtype bfloat16 or float16 (or --device cpu)")
 
 
 def row_absmax(rows: torch.Tensor) -> torch.Tensor:
@@ -320,9 +332,10 @@ def quantize_int8(model, tokenizer) -> int:
             replace_module(model, name, Int8Slice(stack, member))
     stacked = {name for group in groups for name in group}
     for name, linear in targets.items():
-        if name not in stacked:
-            replace_module(model, name, Int8Linear(linear, absmax.get(name),
-                                                   grid=HEAD_GRID if linear is head else BODY_GRID))
+        if linear is head:
+            replace_module(model, name, Int8RowsLinear(linear))
+        elif name not in stacked:
+            replace_module(model, name, Int8Linear(linear, absmax.get(name)))
     log.info("quantize=int8: %d Linear layers hold int8 weights (the output head included; %d of them stacked in "
              "%d matmuls that read one input), in %.1f s", len(targets), len(stacked), len(groups),
              time.monotonic() - started)

@@ -12,6 +12,7 @@ import torch
 
 from executor.errors import ModelLoadError
 from executor.model import load
+from executor.int4 import Int8RowsLinear
 from executor.quantize import (AUTO_INT8_MIN_WIDTH, BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear,
                                Int8Slice, SharedInputInt8, check_quantize, choose_quantize, shared_input_groups,
                                widest_pair_sum)
@@ -66,8 +67,8 @@ def test_every_linear_and_the_head_hold_int8_weights(models):
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear)]
     head = model.get_output_embeddings()
-    # Per layer: q/k/v in one matmul, gate/up in one, o and down alone; and the head.
-    assert len(quantized) == 30 * 4 + 1 and head in quantized and int8.vocab_size == 49152
+    # Per layer: q/k/v in one matmul, gate/up in one, o and down alone; the head holds int8 rows (weight-only).
+    assert len(quantized) == 30 * 4 and isinstance(head, Int8RowsLinear) and int8.vocab_size == 49152
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert all(isinstance(m, Int8Slice) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                   mlp.gate_proj, mlp.up_proj))
@@ -76,7 +77,7 @@ def test_every_linear_and_the_head_hold_int8_weights(models):
     body = quantized[0].int8_weight()
     assert body.dtype == torch.int8 and body.shape == (quantized[0].out_features, quantized[0].in_features)
     assert body.abs().max() == 63 and not quantized[0].reduce_range  # each output channel uses its whole range
-    assert head.int8_weight().abs().max() == 127 and head.reduce_range
+    assert head.int8_weight.dtype == torch.int8 and head.int8_weight.abs().max() == 127
     assert model.get_input_embeddings().weight.dtype == torch.float32  # the prompt's embeddings stay exact
 
 
@@ -218,8 +219,8 @@ def test_int8_is_refused_on_cuda_and_bad_values_name_the_allowed_ones():
     check_quantize("int8", "cpu")
     with pytest.raises(ValueError, match="quantize=int8 is for CPUs .* --dtype bfloat16 or float16"):
         check_quantize("int8", "cuda")
-    with pytest.raises(ValueError, match=r"quantize='int4' is not allowed: use one of auto, none, int8"):
-        check_quantize("int4")
+    with pytest.raises(ValueError, match=r"quantize='int3' is not allowed: use one of auto, none, int8, int4"):
+        check_quantize("int3")
 
 
 def test_load_refuses_int8_on_a_cuda_device_before_loading():

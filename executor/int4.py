@@ -1,0 +1,172 @@
+"""``--quantize int4``: 4-bit Linear weights in groups of 32, as a GGUF file keeps them, on a CPU.
+
+A GGUF file of 4-bit blocks (llama.cpp's Q4_0 and Q4_1: 32 weights share a scale, and Q4_1 a minimum too) is
+what users download; dequantizing it to float32 (what transformers does) reads ~7x its bytes per token and
+needs ~7x its RAM. Here each body Linear keeps 4 bits per weight in ATen's int4 CPU layout
+(``_convert_weight_to_int4pack_for_cpu``) and multiplies with ATen's kernel (``_weight_int4pack_mm_for_cpu``),
+which reads bfloat16 inputs and one (scale, zero) pair per group: ``w = (q - 8) * scale + zero``.
+
+The levels come from the loaded weights, not from the file's bytes (no tensor-name mapping, no q/k row
+permutation to redo): llama.cpp's reference Q4_1 quantizer puts each block's minimum at level 0 and its
+maximum at level 15, and Q4_0's puts the block's largest magnitude at level 0 with no offset, so the float32
+copy's group min/max (or signed peak) give back the file's levels exactly, and its scales to bfloat16's
+rounding (``four_bit_groups``). For any other model the same grid is a plain min/max 4-bit quantization.
+
+The output head stays 8-bit (``Int8RowsLinear``: one scale per row, bfloat16 inputs, ``_weight_int8pack_mm``):
+GGUF files keep the (tied) embedding at 6-8 bits, and 4 bits there cost the default model +4% perplexity.
+Measured on the default model (Q4_1 body, Q8_0 embedding): perplexity +0.1% against its float32 copy, and each
+layer computes the same numbers alone or beside other rows (tests/unit/test_int4.py).
+"""
+
+import ctypes
+import logging
+import time
+
+import torch
+from torch import nn
+
+log = logging.getLogger("jina_llm_stream.quantize")
+
+GROUP = 32  # weights per (scale, zero) pair: a GGUF Q4 block
+LEVELS = 15  # the largest 4-bit level
+# GGUF kinds whose blocks four_bit_groups gives back exactly, and whether the grid is symmetric (no offset).
+EXACT_GGUF_KINDS = {"Q4_0": True, "Q4_1": False}
+
+
+def four_bit_groups(weight: torch.Tensor, symmetric: bool) -> tuple:
+    """(levels [out, in] int32 in 0..15, scales [out, in/GROUP], zeros [out, in/GROUP]) with
+    ``weight ~ (levels - 8) * scale + zero`` per group of GROUP input channels. ``symmetric``: Q4_0's grid (the
+    group's signed peak at level 0, zero 0); else Q4_1's (minimum at level 0, maximum at level 15)."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
+    if symmetric:
+        peak = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)
+        scales = peak / -8
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zeros = torch.zeros_like(scales)
+        levels = (groups / scales[..., None] + 8).round()
+    else:
+        low, high = groups.amin(dim=2), groups.amax(dim=2)
+        scales = (high - low) / LEVELS
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zeros = low + 8 * scales
+        levels = ((groups - low[..., None]) / scales[..., None]).round()
+    levels = levels.clamp_(0, LEVELS).to(torch.int32).reshape(out_features, in_features)
+    return levels, scales, zeros
+
+
+def fits_int4(linear: nn.Linear) -> bool:
+    """ATen's int4 layout wants output rows in sixteens and whole groups of inputs."""
+    return linear.out_features % 16 == 0 and linear.in_features % GROUP == 0
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is 4-bit levels in groups of GROUP inputs, each group with a bfloat16 scale and zero
+    (ATen's int4 CPU kernel; inputs computed in bfloat16, the output returned in the input's dtype)."""
+
+    def __init__(self, linear: nn.Linear, symmetric: bool = False):
+        super().__init__()
+        levels, scales, zeros = four_bit_groups(linear.weight, symmetric)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1))
+        # [groups, out, 2]: the kernel's layout of the (scale, zero) pairs
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous().bfloat16())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def weight_as_float(self) -> torch.Tensor:
+        """The weight this layer multiplies by ([out, in] float32), for checks."""
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP,
+                                                          self.scales_and_zeros).float().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                                         GROUP, self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
+
+
+class Int8RowsLinear(nn.Module):
+    """A Linear with an int8 weight, one bfloat16 scale per output row, and bfloat16 inputs (weight-only: the
+    inputs are not quantized). For the output head, whose rows GGUF files keep at 6-8 bits."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("int8_weight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.bfloat16())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.int8_weight,
+                                                 self.scales).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def gguf_linear_kinds(path) -> dict:
+    """{GGUF quantization kind: how many 2-D weights of the transformer blocks hold it} (the file's header only)."""
+    from gguf import GGUFReader
+
+    kinds = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
+    return kinds
+
+
+def exact_gguf_grid(kinds: dict) -> bool | None:
+    """Whether a GGUF file's block weights are all one 4-bit kind four_bit_groups gives back exactly: True for
+    Q4_0's symmetric grid, False for Q4_1's, None when they are not (another kind, or a mix)."""
+    grids = {EXACT_GGUF_KINDS.get(kind) for kind in kinds}
+    return grids.pop() if len(grids) == 1 and None not in grids else None
+
+
+def quantize_int4(model, symmetric: bool = False) -> int:
+    """Replace the model's body Linear layers by Int4Linear and its output head by Int8RowsLinear, in place; the
+    number replaced. A layer whose shape ATen's int4 layout cannot hold (fits_int4) keeps float32 (logged)."""
+    from .quantize import int8_targets, replace_module
+
+    started = time.monotonic()
+    targets = int8_targets(model)
+    if not targets:
+        raise ValueError(f"quantize=int4: {type(model).__name__} has no nn.Linear layers to quantize")
+    head = model.get_output_embeddings()
+    kept = []
+    for name, linear in targets.items():
+        if linear is head:
+            replace_module(model, name, Int8RowsLinear(linear))
+        elif fits_int4(linear):
+            replace_module(model, name, Int4Linear(linear, symmetric))
+        else:
+            kept.append(name)
+    release_freed_memory()
+    if kept:
+        log.warning("quantize=int4: %d Linear layers keep float32 (ATen's int4 layout wants output sizes in "
+                    "sixteens and inputs in groups of %d): %s", len(kept), GROUP, ", ".join(kept[:5]))
+    log.info("quantize=int4: %d Linear layers hold 4-bit weights in groups of %d (%s grid) and the output head "
+             "8-bit rows, in %.1f s", len(targets) - len(kept) - 1, GROUP, "Q4_0's" if symmetric else "Q4_1's",
+             time.monotonic() - started)
+    return len(targets) - len(kept)
+
+
+def release_freed_memory() -> None:
+    """Give the float32 weights' freed pages back to the system (glibc keeps freed heap for reuse): the server's
+    RSS then shows the 4-bit model, not the float32 copy it was made from."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
