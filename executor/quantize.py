@@ -45,7 +45,7 @@ import warnings
 import torch
 from torch import nn
 
-from .int4 import Int8RowsLinear
+from .int4 import Int8RowsLinear, release_freed_memory
 
 log = logging.getLogger("jina_llm_stream.quantize")
 
@@ -336,6 +336,7 @@ def quantize_int8(model, tokenizer) -> int:
             replace_module(model, name, Int8RowsLinear(linear))
         elif name not in stacked:
             replace_module(model, name, Int8Linear(linear, absmax.get(name)))
+    release_freed_memory(model)
     log.info("quantize=int8: %d Linear layers hold int8 weights (the output head included; %d of them stacked in "
              "%d matmuls that read one input), in %.1f s", len(targets), len(stacked), len(groups),
              time.monotonic() - started)
