@@ -96,8 +96,9 @@ def test_a_speculate_out_of_range_is_refused_before_the_model_loads():
 
 
 def test_a_bad_quantize_and_int8_on_cuda_are_refused_before_the_model_loads():
-    for flags, message in ((["--quantize", "int4"], "quantize='int4' is not allowed: use one of auto, none, int8"),
-                           (["--quantize", "int8", "--device", "cuda"], "quantize=int8 is for CPUs")):
+    for flags, message in ((["--quantize", "int3"], "quantize='int3' is not allowed: use one of auto, none, int8, int4"),
+                           (["--quantize", "int8", "--device", "cuda"], "quantize=int8 is for CPUs"),
+                           (["--quantize", "int4", "--device", "cuda"], "quantize=int4 is for CPUs")):
         result = subprocess.run([PYTHON, "jina_server.py", *flags], cwd=ROOT, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr
