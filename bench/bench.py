@@ -879,11 +879,11 @@ def real_model_folder() -> Path:
 
 
 def real_model_references(path: Path, new_tokens: int, batch: int) -> dict:
-    """In-process, on the real model as the server serves it by default (int4): the raw loop (batch 1),
-    model.generate on the short prompts and on the RAG-shaped prompts (static batches of ``batch``)."""
+    """In-process, on the real model: the raw loop (batch 1), model.generate on the short prompts and on the
+    RAG-shaped prompts (static batches of ``batch``)."""
     from executor.model import encode_prompt, load
 
-    loaded = load(str(path), quantize="int4")
+    loaded = load(str(path))
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = encode_prompt(tokenizer, prompts(1)[0])
     rag, _ = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
@@ -940,9 +940,8 @@ def real_model_server(port: int, openai_port: int, log_name: str, flags=()):
 
 # The real model's servers: what a user gets with no flags (float32, speculation on), the same with speculation
 # off (also the engine's overhead against the float32 references), and int8 weights.
-# No flags on the default model is int4 with speculation on (quantize auto); fp32 is its dequantized copy.
 REAL_SERVERS = (("defaults", []), ("speculate0", ["--speculate", "0"]), ("int8", ["--quantize", "int8"]),
-                ("fp32", ["--quantize", "none"]))
+                ("int4", ["--quantize", "int4"]))
 
 
 def tree_rss(pid: int) -> int:
@@ -1072,21 +1071,20 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
          "", ""),
     ]
     measures = real_measures(batch)
-    defaults, int8, fp32 = found["defaults"], found["int8"], found["fp32"]
+    defaults, int8, int4 = found["defaults"], found["int8"], found["int4"]
     rows += speculation_rows(found, batch)
     for (what, key), target in zip(measures, (">= 1.5x", "", ">= 1.3x", "")):
-        rows.append((f"no flags (int4) vs --quantize none (fp32), speculation on: OpenAI API, {what}",
-                     f"{defaults[key]:.1f} tok/s", f"{defaults[key] / fp32[key]:.2f}x ({fp32[key]:.1f} tok/s)", target))
-    for what, key in measures:
-        rows.append((f"--quantize int8 (speculation on) vs no flags: OpenAI API, {what}",
-                     f"{int8[key]:.1f} tok/s", f"{int8[key] / defaults[key]:.2f}x ({defaults[key]:.1f} tok/s)", ""))
+        for name, other in (("int8", int8), ("int4", int4)):
+            rows.append((f"--quantize {name} (speculation on) vs no flags: OpenAI API, {what}",
+                         f"{other[key]:.1f} tok/s", f"{other[key] / defaults[key]:.2f}x ({defaults[key]:.1f} tok/s)",
+                         target))
     llama = found.get("llama")
     if llama:
         threads = f"-t {os.cpu_count()} -np {llama_cpp.PARALLEL}"
         for (what, key), target in zip(measures, (">= 1.0x", ">= 2.0x", ">= 1.5x", ">= 3.0x")):
             rows.append((f"llama.cpp llama-server (peer, same GGUF Q4_1, {threads}): {what}", f"{llama[key]:.1f} tok/s",
                          f"this server, no flags: {defaults[key] / llama[key]:.2f}x (--quantize int8: "
-                         f"{int8[key] / llama[key]:.2f}x, none: {fp32[key] / llama[key]:.2f}x)", target))
+                         f"{int8[key] / llama[key]:.2f}x, int4: {int4[key] / llama[key]:.2f}x)", target))
         kinds = found["llama_spec"]
         best = max((kind for kind in kinds if kind != "none"), key=kinds.get)
         rows.append((f"llama.cpp with its n-gram speculation, quoting: "
@@ -1100,8 +1098,8 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
         mib = 1 << 20
         rows.append(("RSS after the measures: llama-server", f"{llama['rss'] / mib:.0f} MiB",
                      f"this server, no flags (gateway + worker): {defaults['rss'] / mib:.0f} MiB, "
-                     f"{defaults['rss'] / llama['rss']:.2f}x (int8: {int8['rss'] / mib:.0f} MiB, none: "
-                     f"{fp32['rss'] / mib:.0f} MiB)", "<= 1.5x"))
+                     f"{defaults['rss'] / llama['rss']:.2f}x (int8: {int8['rss'] / mib:.0f} MiB, int4: "
+                     f"{int4['rss'] / mib:.0f} MiB)", "<= 1.5x"))
     return rows
 
 

@@ -138,10 +138,8 @@ def exact_gguf_grid(kinds: dict) -> bool | None:
 def quantize_int4(model, symmetric: bool = False) -> int:
     """Replace the model's body Linear layers by Int4Linear and its output head by Int8RowsLinear, in place; the
     number replaced. A layer whose shape ATen's int4 layout cannot hold (fits_int4) keeps float32 (logged)."""
-    from .quantize import int8_targets, replace_module
-
     started = time.monotonic()
-    targets = int8_targets(model)
+    targets = linear_layers(model)
     if not targets:
         raise ValueError(f"quantize=int4: {type(model).__name__} has no nn.Linear layers to quantize")
     head = model.get_output_embeddings()
@@ -161,6 +159,16 @@ def quantize_int4(model, symmetric: bool = False) -> int:
              "8-bit rows, in %.1f s", len(targets) - len(kept) - 1, GROUP, "Q4_0's" if symmetric else "Q4_1's",
              time.monotonic() - started)
     return len(targets) - len(kept)
+
+
+def linear_layers(model) -> dict:
+    """{name: Linear} that int4 and int8 replace: every nn.Linear, the output head included."""
+    return {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
+
+
+def replace_module(model, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def release_freed_memory(model) -> None:

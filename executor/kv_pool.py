@@ -11,24 +11,11 @@ request's next token. When the batch shrinks, its blocks go back to the prefix c
 
 So the split between the two follows the tokens held: a few short chats leave almost all of the budget to the
 prefix cache, a burst of long prompts takes it back. Nothing here is allocated after start: the buffers are
-zero (masked columns are still read by attention, and 0 x NaN would be NaN) and every tensor the batch and the
-prefix cache use is a view of them. On a CPU they are anonymous memory maps (``zeroed``): the system hands out
-zero pages as they are first written, so the server's RSS grows with the tokens it has held, not with the
-budget it may hold.
+zeroed once (masked columns are still read by attention, and 0 x NaN would be NaN) and every tensor the batch
+and the prefix cache use is a view of them.
 """
 
-import mmap
-
 import torch
-
-
-def zeroed(elements: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zero tensor of ``elements``; on a CPU backed by an anonymous memory map (zero pages, given memory only
-    where written: ``torch.zeros`` writes every page at once, so a 6 GiB budget was 6 GiB of RSS at start)."""
-    if torch.device(device).type != "cpu" or elements == 0:
-        return torch.zeros(elements, dtype=dtype, device=device)
-    pages = mmap.mmap(-1, elements * dtype.itemsize)  # the tensor keeps the map alive
-    return torch.frombuffer(pages, dtype=dtype, count=elements)
 
 
 class KVPool:
@@ -39,8 +26,10 @@ class KVPool:
         self.blocks = max(1, tokens // block_size)
         self.tokens = self.blocks * block_size
         # Each layer's on its own device (a model split over devices: LayerShape.device), else ``device``.
-        self.keys = [zeroed(self.tokens * s.kv_heads * s.key_dim, s.dtype, s.device or device) for s in shapes]
-        self.values = [zeroed(self.tokens * s.kv_heads * s.value_dim, s.dtype, s.device or device) for s in shapes]
+        self.keys = [torch.zeros(self.tokens * s.kv_heads * s.key_dim, dtype=s.dtype, device=s.device or device)
+                     for s in shapes]
+        self.values = [torch.zeros(self.tokens * s.kv_heads * s.value_dim, dtype=s.dtype, device=s.device or device)
+                       for s in shapes]
         self.token_bytes = sum(s.bytes_per_token for s in shapes)
         self.batch_blocks = 0  # blocks [0, batch_blocks) hold the running batch's rows
         self.tenant = None  # the prefix cache in the other blocks: moves its blocks out of the batch's way

@@ -1,5 +1,5 @@
 """``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
-``--quantize auto`` (the default) chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a GGUF
+``--quantize auto`` chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a GGUF
 file of 4-bit blocks, int8 for another float32 model on a CPU wide enough to gain, else the model as loaded.
 
 Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
@@ -45,12 +45,12 @@ import warnings
 import torch
 from torch import nn
 
-from .int4 import Int8RowsLinear, release_freed_memory
+from .int4 import Int8RowsLinear, linear_layers, release_freed_memory, replace_module
 
 log = logging.getLogger("jina_llm_stream.quantize")
 
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
-DEFAULT_QUANTIZE = "auto"
+DEFAULT_QUANTIZE = "none"
 # quantize=auto's smallest hidden size for int8: below it fbgemm's per-call work (quantizing each input, the
 # packed call) costs more than the smaller weight reads save (measured: see choose_quantize).
 AUTO_INT8_MIN_WIDTH = 128
@@ -100,7 +100,7 @@ def choose_quantize(model, dtype: str, gguf_grid: bool | None = None) -> tuple:
     if width is None or width < AUTO_INT8_MIN_WIDTH:
         return "none", (f"its hidden size {width} is under {AUTO_INT8_MIN_WIDTH}: int8's per-layer work would cost "
                         "more than its smaller weights save")
-    if not int8_targets(model):
+    if not linear_layers(model):
         return "none", f"{type(model).__name__} has no nn.Linear layers"
     return "int8", ("a float32 model on a CPU: int8 weights decode about 1.8x faster, perplexity within 3% "
                     "(--quantize none keeps float32)")
@@ -309,18 +309,13 @@ def shared_input_groups(inputs_by_pass: list) -> list:
     return sorted({group for group in (partners or {}).values() if len(group) > 1})
 
 
-def int8_targets(model) -> dict:
-    """{name: Linear} that int8 replaces: every nn.Linear, the output head included."""
-    return {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
-
-
 def quantize_int8(model, tokenizer) -> int:
     """Replace the model's Linear layers (the head included) by Int8Linear, in place; the number replaced.
     ValueError when this torch has no x86 int8 kernels or the model has no nn.Linear to replace."""
     if not has_x86_int8_kernels():
         raise ValueError("quantize=int8 needs torch's x86 int8 kernels (fbgemm), which this CPU build lacks")
     started = time.monotonic()
-    targets = int8_targets(model)
+    targets = linear_layers(model)
     if not targets:
         raise ValueError(f"quantize=int8: {type(model).__name__} has no nn.Linear layers to quantize")
     absmax, groups = calibrate(model, targets, calibration_ids(tokenizer))
@@ -341,8 +336,3 @@ def quantize_int8(model, tokenizer) -> int:
              "%d matmuls that read one input), in %.1f s", len(targets), len(stacked), len(groups),
              time.monotonic() - started)
     return len(targets)
-
-
-def replace_module(model, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
