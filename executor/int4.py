@@ -60,61 +60,65 @@ def fits_int4(linear: nn.Linear) -> bool:
     return linear.out_features % 16 == 0 and linear.in_features % GROUP == 0
 
 
-class Int4Linear(nn.Module):
-    """A Linear whose weight is 4-bit levels in groups of GROUP inputs, each group with a bfloat16 scale and zero
-    (ATen's int4 CPU kernel; inputs computed in bfloat16, the output returned in the input's dtype)."""
-
-    def __init__(self, linear: nn.Linear, symmetric: bool = False):
-        super().__init__()
-        levels, scales, zeros = four_bit_groups(linear.weight, symmetric)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1))
-        # [groups, out, 2]: the kernel's layout of the (scale, zero) pairs
-        self.register_buffer("scales_and_zeros",
-                             torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous().bfloat16())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def weight_as_float(self) -> torch.Tensor:
-        """The weight this layer multiplies by ([out, in] float32), for checks."""
-        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP,
-                                                          self.scales_and_zeros).float().t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                                         GROUP, self.scales_and_zeros).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
-
-
-class Int8RowsLinear(nn.Module):
-    """A Linear with an int8 weight, one bfloat16 scale per output row, and bfloat16 inputs (weight-only: the
-    inputs are not quantized). For the output head, whose rows GGUF files keep at 6-8 bits."""
+class WeightOnlyLinear(nn.Module):
+    """A Linear whose packed weight an ATen CPU kernel multiplies by bfloat16 inputs (``multiply``: [rows, in]
+    bfloat16 -> [rows, out] bfloat16); the output returned in the input's dtype, the bias added in float32."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("int8_weight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.bfloat16())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.int8_weight,
-                                                 self.scales).to(x.dtype)
+        out = self.multiply(x.reshape(-1, shape[-1]).to(torch.bfloat16)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(WeightOnlyLinear):
+    """4-bit levels in groups of GROUP inputs, each group with a bfloat16 scale and zero (ATen's int4 kernel)."""
+
+    def __init__(self, linear: nn.Linear, symmetric: bool = False):
+        super().__init__(linear)
+        levels, scales, zeros = four_bit_groups(linear.weight, symmetric)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1))
+        # [groups, out, 2]: the kernel's layout of the (scale, zero) pairs
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous().bfloat16())
+
+    def weight_as_float(self) -> torch.Tensor:
+        """The weight this layer multiplies by ([out, in] float32), for checks."""
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return self.multiply(identity).float().t()
+
+    def multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={GROUP}"
+
+
+class Int8RowsLinear(WeightOnlyLinear):
+    """An int8 weight with one bfloat16 scale per output row (weight-only: the inputs are not quantized;
+    ATen's ``_weight_int8pack_mm``). For the output head, whose rows GGUF files keep at 6-8 bits."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("int8_weight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.bfloat16())
+
+    def multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.int8_weight, self.scales)
 
 
 def gguf_linear_kinds(path) -> dict:
@@ -143,12 +147,13 @@ def quantize_int4(model, symmetric: bool = False) -> int:
     if not targets:
         raise ValueError(f"quantize=int4: {type(model).__name__} has no nn.Linear layers to quantize")
     head = model.get_output_embeddings()
-    kept = []
+    kept, packed = [], 0
     for name, linear in targets.items():
         if linear is head:
             replace_module(model, name, Int8RowsLinear(linear))
         elif fits_int4(linear):
             replace_module(model, name, Int4Linear(linear, symmetric))
+            packed += 1
         else:
             kept.append(name)
     release_freed_memory(model)
@@ -156,7 +161,7 @@ def quantize_int4(model, symmetric: bool = False) -> int:
         log.warning("quantize=int4: %d Linear layers keep float32 (ATen's int4 layout wants output sizes in "
                     "sixteens and inputs in groups of %d): %s", len(kept), GROUP, ", ".join(kept[:5]))
     log.info("quantize=int4: %d Linear layers hold 4-bit weights in groups of %d (%s grid) and the output head "
-             "8-bit rows, in %.1f s", len(targets) - len(kept) - 1, GROUP, "Q4_0's" if symmetric else "Q4_1's",
+             "8-bit rows, in %.1f s", packed, GROUP, "Q4_0's" if symmetric else "Q4_1's",
              time.monotonic() - started)
     return len(targets) - len(kept)
 

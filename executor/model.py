@@ -100,7 +100,8 @@ def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trus
     gguf_grid = None
     if is_gguf(source):
         model_name = str(dequantized(source, cache_dir or DEFAULT_CACHE_DIR))
-        gguf_grid = exact_gguf_grid(gguf_linear_kinds(source))
+        if quantize in ("auto", "int4"):  # the file's header read only when the choice or the grid needs it
+            gguf_grid = exact_gguf_grid(gguf_linear_kinds(source))
     if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
         raise ModelLoadError(f"could not load model {model_name!r}: no such folder")
     try:

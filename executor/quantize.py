@@ -2,7 +2,7 @@
 ``--quantize auto`` chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a GGUF
 file of 4-bit blocks, int8 for another float32 model on a CPU wide enough to gain, else the model as loaded.
 
-Every ``nn.Linear`` of the model, the output head included, becomes ``Int8Linear``: its weight is int8 with one
+Every ``nn.Linear`` of the model but the output head becomes ``Int8Linear`` (the head: below): its weight is int8 with one
 scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
 fbgemm's int8 matmul (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``). Three things keep the quality that
 ``torch.ao.quantization.quantize_dynamic`` loses (its perplexity on the default model was 1.7x-3x fp32's):
@@ -310,7 +310,7 @@ def shared_input_groups(inputs_by_pass: list) -> list:
 
 
 def quantize_int8(model, tokenizer) -> int:
-    """Replace the model's Linear layers (the head included) by Int8Linear, in place; the number replaced.
+    """Replace the model's Linear layers by Int8Linear (the head by int4.Int8RowsLinear), in place; the number replaced.
     ValueError when this torch has no x86 int8 kernels or the model has no nn.Linear to replace."""
     if not has_x86_int8_kernels():
         raise ValueError("quantize=int8 needs torch's x86 int8 kernels (fbgemm), which this CPU build lacks")
