@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import SHARED
+from .step_threads import StepThreads
 from .token_packing import TokenPacking
 
 
@@ -41,6 +42,7 @@ class ModelRunner:
         self.packs_tokens = bool(self._packing.layers)  # a verify step's Linear layers skip its padding
         self.verify_tokens = 0  # positions the last ``verify`` step computed in its Linear layers
         self.steps = 0  # decode steps run, for tests and metrics
+        self.threads = StepThreads.for_model(model, device)  # each decode/verify step's CPU threads
 
     # -- prefill --
     def prefill_chunk(self, sequence, token_ids: list, start: int) -> torch.Tensor:
@@ -121,7 +123,7 @@ class ModelRunner:
         the chosen tokens back with ``set_next_tokens`` before the next step."""
         batch = self.kv.batch
         mask = batch.start_step(1)
-        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])):
+        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])), self.threads.step("decode", batch.rows):
             output = self.model(
                 input_ids=self._next_tokens,
                 attention_mask=mask,
@@ -153,7 +155,8 @@ class ModelRunner:
         positions = self._positions.unsqueeze(1) + torch.arange(width, device=self.device)
         if self._last_position is not None:  # a row's own tokens stay inside (drafts are cut to its room)
             positions = positions.clamp_(max=self._last_position)
-        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])), packing:
+        with self._reading(self.kv.shared_pass(batch.shared[:batch.rows])), packing, \
+                self.threads.step("verify", self.verify_tokens):
             output = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,

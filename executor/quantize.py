@@ -45,7 +45,7 @@ import warnings
 import torch
 from torch import nn
 
-from .int4 import Int8RowsLinear, linear_layers, release_freed_memory, replace_module
+from .int4 import Int8RowsLinear, WeightOnlyLinear, linear_layers, release_freed_memory, replace_module
 
 log = logging.getLogger("jina_llm_stream.quantize")
 
@@ -336,3 +336,13 @@ def quantize_int8(model, tokenizer) -> int:
              "%d matmuls that read one input), in %.1f s", len(targets), len(stacked), len(groups),
              time.monotonic() - started)
     return len(targets)
+
+
+def thread_count_invariant(model) -> bool:
+    """True when the model was quantized here and no float matmul weight is left (an embedding's table is
+    looked up, not multiplied): the 4- and 8-bit kernels split a product by its outputs, never a sum, so its
+    logits are the same at any thread count (step_threads.py chooses the count by speed alone)."""
+    quantized = any(isinstance(module, (Int8Linear, WeightOnlyLinear)) for module in model.modules())
+    tables = {id(parameter) for module in model.modules() if isinstance(module, nn.Embedding)
+              for parameter in module.parameters()}
+    return quantized and all(parameter.dim() < 2 or id(parameter) in tables for parameter in model.parameters())

@@ -7,7 +7,7 @@ EXECUTOR = Path(__file__).resolve().parents[2] / "executor"
 # The engine and everything it stands on: no Jina, no docarray, no web server.
 ENGINE_ROOMS = {"engine", "errors", "validation", "sampling", "sequence", "scheduler", "kv_manager", "kv_cache", "kv_pool",
                 "model_runner", "output", "detok", "grammar", "tools", "model", "gguf_model", "speculation",
-                "quantize", "int4", "attention", "token_packing"}
+                "quantize", "int4", "attention", "token_packing", "step_threads"}
 
 
 def imports() -> dict:
