@@ -123,3 +123,24 @@ def test_float_models_and_partly_quantized_ones_keep_the_configured_count():
     assert StepThreads.for_model(model, torch.device("meta")).counts == (torch.get_num_threads(),)
     model.model.layers[0].mlp.down_proj = torch.nn.Linear(64, 32)  # one float32 matmul left
     assert not thread_count_invariant(model)
+
+
+def test_the_output_head_runs_at_the_configured_count_inside_a_narrower_step():
+    model, configured = quantized("int4"), torch.get_num_threads()
+    head = model.get_output_embeddings()
+    threads = StepThreads((1, 2), head=head)
+    seen = []
+    head.register_forward_pre_hook(lambda module, inputs: seen.append(torch.get_num_threads()))  # after _widen
+    body = model.model.layers[0].mlp.down_proj
+    body.register_forward_hook(lambda module, inputs, output: seen.append(torch.get_num_threads()))
+    try:
+        torch.set_num_threads(2)
+        for _ in range(2):
+            with threads.step("decode", 1), torch.no_grad():
+                model(input_ids=torch.tensor([[1, 2, 3]]))
+                seen.append(torch.get_num_threads())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(configured)
+    # each step: the body layer at the step's count, the head at 2, then the step's count again
+    assert sorted([seen[:3], seen[3:]]) == [[1, 2, 1], [2, 2, 2]], seen
