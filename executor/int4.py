@@ -14,12 +14,16 @@ rounding (``four_bit_groups``). For any other model the same grid is a plain min
 
 The output head stays 8-bit (``Int8RowsLinear``: one scale per row, bfloat16 inputs, ``_weight_int8pack_mm``):
 GGUF files keep the (tied) embedding at 6-8 bits, and 4 bits there cost the default model +4% perplexity.
+Layers that read one input (q/k/v after a norm, gate/up in an MLP) are stacked into one matmul
+(``SharedInput``, int8 does the same): one input conversion and one kernel call where there were three (two);
+a stacked row's groups are its own layer's, so the levels stay the file's.
 Measured on the default model (Q4_1 body, Q8_0 embedding): perplexity +0.1% against its float32 copy, and each
 layer computes the same numbers alone or beside other rows (tests/unit/test_int4.py).
 """
 
 import ctypes
 import logging
+import threading
 import time
 
 import torch
@@ -121,6 +125,98 @@ class Int8RowsLinear(WeightOnlyLinear):
         return torch.ops.aten._weight_int8pack_mm(rows, self.int8_weight, self.scales)
 
 
+class SharedInput(nn.Module):
+    """Linear layers that read the very same input (q/k/v; gate/up) as one ``layer`` over their stacked
+    weights (``stacked_linear``), of output ``widths``: one wider matmul where three (two) did it all again.
+    Each original layer becomes a ``SharedInputSlice``: the first one called with an input computes the stacked
+    output and the others take their columns of it."""
+
+    def __init__(self, layer: nn.Module, widths: list):
+        super().__init__()
+        self.layer, self.widths = layer, list(widths)
+        # Per thread: engines sharing a model step it from threads of their own.
+        self._last = threading.local()
+
+    def columns(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Member ``member``'s output for ``x``: computed once per input for the whole stack."""
+        last = self._last
+        if getattr(last, "input", None) is not x or member in last.read:
+            last.outputs = self.layer(x).split(self.widths, dim=-1)
+            last.input, last.read = x, set()
+        last.read.add(member)
+        output = last.outputs[member]
+        if len(last.read) == len(self.widths):  # every member has its columns: hold no tensor between passes
+            last.input = last.outputs = None
+        return output
+
+
+class SharedInputSlice(nn.Module):
+    """One layer of a ``SharedInput`` stack: its columns of the stacked output."""
+
+    def __init__(self, stack: SharedInput, member: int):
+        super().__init__()
+        self.stack, self.member = stack, member
+        self.in_features, self.out_features = stack.layer.in_features, stack.widths[member]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.columns(x, self.member)
+
+    def extra_repr(self) -> str:
+        return f"member {self.member} of a shared-input stack of {type(self.stack.layer).__name__}, " \
+               f"out_features={self.out_features}"
+
+
+def stacked_linear(linears: list) -> nn.Linear:
+    """One float32 Linear whose output is the ``linears``' outputs side by side (a missing bias: zeros)."""
+    stacked = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
+                        bias=any(linear.bias is not None for linear in linears))
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([linear.weight.detach().float() for linear in linears]))
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([torch.zeros(linear.out_features) if linear.bias is None
+                                          else linear.bias.detach().float() for linear in linears]))
+    return stacked
+
+
+@torch.inference_mode()
+def inputs_read(model, modules: dict, ids_list: list, peaks: dict | None = None) -> list:
+    """Run ``ids_list`` through the model and note what each of ``modules`` ({name: Linear}) read: per pass,
+    [(name, the input tensor itself)] (its identity is what ``shared_input_groups`` compares); with ``peaks``,
+    also {name: its largest |input| per channel} (int8's SmoothQuant factors)."""
+    hooks, inputs_by_pass = [], []
+    for name, module in modules.items():
+        def hook(_module, inputs, _output, name=name):
+            if peaks is not None:
+                peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
+                peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+            inputs_by_pass[-1].append((name, inputs[0]))
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        for ids in ids_list:
+            inputs_by_pass.append([])
+            model(input_ids=torch.tensor([ids], device=device))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return inputs_by_pass
+
+
+def shared_input_groups(inputs_by_pass: list) -> list:
+    """Groups (2 or more names, in call order) whose members read one tensor object in every pass, each name
+    called once per tensor: q/k/v after a norm, gate/up in an MLP. A layer read twice, or with another
+    partner in another pass, stays alone."""
+    partners = None
+    for reads in inputs_by_pass:
+        groups = {}
+        for name, tensor in reads:
+            groups.setdefault(id(tensor), (tensor, []))[1].append(name)
+        found = {name: tuple(names) for _, names in groups.values() for name in names
+                 if len(set(names)) == len(names)}
+        partners = found if partners is None else {n: g for n, g in partners.items() if found.get(n) == g}
+    return sorted({group for group in (partners or {}).values() if len(group) > 1})
+
+
 def gguf_linear_kinds(path) -> dict:
     """{GGUF quantization kind: how many 2-D weights of the transformer blocks hold it} (the file's header only)."""
     from gguf import GGUFReader
@@ -140,28 +236,38 @@ def exact_gguf_grid(kinds: dict) -> bool | None:
 
 
 def quantize_int4(model, symmetric: bool = False) -> int:
-    """Replace the model's body Linear layers by Int4Linear and its output head by Int8RowsLinear, in place; the
-    number replaced. A layer whose shape ATen's int4 layout cannot hold (fits_int4) keeps float32 (logged)."""
+    """Replace the model's body Linear layers by Int4Linear (siblings that read one input stacked: SharedInput)
+    and its output head by Int8RowsLinear, in place; the number replaced. A layer whose shape ATen's int4 layout
+    cannot hold (fits_int4) keeps float32 (logged)."""
     started = time.monotonic()
     targets = linear_layers(model)
     if not targets:
         raise ValueError(f"quantize=int4: {type(model).__name__} has no nn.Linear layers to quantize")
     head = model.get_output_embeddings()
-    kept, packed = [], 0
+    kept = [name for name, linear in targets.items() if linear is not head and not fits_int4(linear)]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    groups = [group for group in shared_input_groups(inputs_read(model, targets, [[i % vocabulary for i in range(8)]]))
+              if all(targets[name] is not head and name not in kept for name in group)]
+    for group in groups:
+        linears = [targets[name] for name in group]
+        stack = SharedInput(Int4Linear(stacked_linear(linears), symmetric), [linear.out_features for linear in linears])
+        for member, name in enumerate(group):
+            replace_module(model, name, SharedInputSlice(stack, member))
+    stacked = {name for group in groups for name in group}
+    packed = len(stacked)
     for name, linear in targets.items():
         if linear is head:
             replace_module(model, name, Int8RowsLinear(linear))
-        elif fits_int4(linear):
+        elif name not in stacked and name not in kept:
             replace_module(model, name, Int4Linear(linear, symmetric))
             packed += 1
-        else:
-            kept.append(name)
     release_freed_memory(model)
     if kept:
         log.warning("quantize=int4: %d Linear layers keep float32 (ATen's int4 layout wants output sizes in "
                     "sixteens and inputs in groups of %d): %s", len(kept), GROUP, ", ".join(kept[:5]))
-    log.info("quantize=int4: %d Linear layers hold 4-bit weights in groups of %d (%s grid) and the output head "
-             "8-bit rows, in %.1f s", packed, GROUP, "Q4_0's" if symmetric else "Q4_1's",
+    log.info("quantize=int4: %d Linear layers hold 4-bit weights in groups of %d (%s grid; %d of them stacked in "
+             "%d matmuls that read one input) and the output head 8-bit rows, in %.1f s",
+             packed, GROUP, "Q4_0's" if symmetric else "Q4_1's", len(stacked), len(groups),
              time.monotonic() - started)
     return len(targets) - len(kept)
 

@@ -38,14 +38,14 @@ CUDA devices are refused: bf16/fp16 are the GPU path.
 """
 
 import logging
-import threading
 import time
 import warnings
 
 import torch
 from torch import nn
 
-from .int4 import Int8RowsLinear, WeightOnlyLinear, linear_layers, release_freed_memory, replace_module
+from .int4 import (Int8RowsLinear, SharedInput, SharedInputSlice, WeightOnlyLinear, inputs_read, linear_layers,
+                   release_freed_memory, replace_module, shared_input_groups, stacked_linear)
 
 log = logging.getLogger("jina_llm_stream.quantize")
 
@@ -214,53 +214,14 @@ class Int8Linear(nn.Module):
                 f"(weights +-{self.weight_levels}, inputs {7 if self.reduce_range else 8} bits)")
 
 
-class SharedInputInt8(nn.Module):
-    """Linear layers that read the very same input (q/k/v; gate/up) as one Int8Linear over their stacked weights:
-    the input is smoothed and quantized once and fbgemm runs one wider matmul, where three (two) calls did it
-    all again. Each original layer becomes an ``Int8Slice``: the first one called with an input computes the
-    stacked output and the others take their columns of it (the SmoothQuant factors are the stack's: the
-    input's max |x| is the same for every member; each output channel keeps its own weight scale)."""
+class SharedInputInt8(SharedInput):
+    """int8's stack of layers that read one input (``int4.SharedInput``): the input is smoothed and quantized
+    once for all of them. The SmoothQuant factors are the stack's (the input's max |x| is the same for every
+    member); each output channel keeps its own weight scale."""
 
     def __init__(self, linears: list, act_absmax: torch.Tensor | None):
-        super().__init__()
-        stacked = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
-                            bias=any(linear.bias is not None for linear in linears))
-        with torch.no_grad():
-            stacked.weight.copy_(torch.cat([linear.weight.detach().float() for linear in linears]))
-            if stacked.bias is not None:
-                stacked.bias.copy_(torch.cat([torch.zeros(linear.out_features) if linear.bias is None
-                                              else linear.bias.detach().float() for linear in linears]))
-        self.int8 = Int8Linear(stacked, act_absmax, grid=BODY_GRID)
-        self.widths = [linear.out_features for linear in linears]
-        # Per thread: engines sharing a model step it from threads of their own.
-        self._last = threading.local()
-
-    def columns(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Member ``member``'s output for ``x``: computed once per input for the whole stack."""
-        last = self._last
-        if getattr(last, "input", None) is not x or member in last.read:
-            last.outputs = self.int8(x).split(self.widths, dim=-1)
-            last.input, last.read = x, set()
-        last.read.add(member)
-        output = last.outputs[member]
-        if len(last.read) == len(self.widths):  # every member has its columns: hold no tensor between passes
-            last.input = last.outputs = None
-        return output
-
-
-class Int8Slice(nn.Module):
-    """One layer of a ``SharedInputInt8`` stack: its columns of the stacked output."""
-
-    def __init__(self, stack: SharedInputInt8, member: int):
-        super().__init__()
-        self.stack, self.member = stack, member
-        self.in_features, self.out_features = stack.int8.in_features, stack.widths[member]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stack.columns(x, self.member)
-
-    def extra_repr(self) -> str:
-        return f"member {self.member} of a shared-input int8 stack, out_features={self.out_features}"
+        super().__init__(Int8Linear(stacked_linear(linears), act_absmax, grid=BODY_GRID),
+                         [linear.out_features for linear in linears])
 
 
 def calibration_ids(tokenizer) -> list:
@@ -272,41 +233,12 @@ def calibration_ids(tokenizer) -> list:
     return ids
 
 
-@torch.inference_mode()
 def calibrate(model, modules: dict, ids_list: list) -> tuple:
     """What each of ``modules`` ({name: Linear}) read over ``ids_list``: {name: its largest |input| per channel},
     and the groups of names that read the very same input tensor in every pass (siblings to stack)."""
-    seen, hooks, inputs_by_pass = {}, [], []
-    for name, module in modules.items():
-        def hook(_module, inputs, _output, name=name):
-            peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
-            seen[name] = torch.maximum(seen[name], peak) if name in seen else peak
-            inputs_by_pass[-1].append((name, inputs[0]))  # the tensor itself: its identity is what counts
-        hooks.append(module.register_forward_hook(hook))
-    try:
-        device = next(model.parameters()).device
-        for ids in ids_list:
-            inputs_by_pass.append([])
-            model(input_ids=torch.tensor([ids], device=device))
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return seen, shared_input_groups(inputs_by_pass)
-
-
-def shared_input_groups(inputs_by_pass: list) -> list:
-    """Groups (2 or more names, in call order) whose members read one tensor object in every pass, each name
-    called once per tensor: q/k/v after a norm, gate/up in an MLP. A layer read twice, or with another
-    partner in another pass, stays alone."""
-    partners = None
-    for reads in inputs_by_pass:
-        groups = {}
-        for name, tensor in reads:
-            groups.setdefault(id(tensor), (tensor, []))[1].append(name)
-        found = {name: tuple(names) for _, names in groups.values() for name in names
-                 if len(set(names)) == len(names)}
-        partners = found if partners is None else {n: g for n, g in partners.items() if found.get(n) == g}
-    return sorted({group for group in (partners or {}).values() if len(group) > 1})
+    peaks = {}
+    inputs_by_pass = inputs_read(model, modules, ids_list, peaks)
+    return peaks, shared_input_groups(inputs_by_pass)
 
 
 def quantize_int8(model, tokenizer) -> int:
@@ -324,7 +256,7 @@ def quantize_int8(model, tokenizer) -> int:
     for group in groups:
         stack = SharedInputInt8([targets[name] for name in group], absmax.get(group[0]))
         for member, name in enumerate(group):
-            replace_module(model, name, Int8Slice(stack, member))
+            replace_module(model, name, SharedInputSlice(stack, member))
     stacked = {name for group in groups for name in group}
     for name, linear in targets.items():
         if linear is head:

@@ -13,6 +13,20 @@ from conftest import (PYTHON, REPEATED_PROMPT, ROOT, free_port, post_chat, run, 
                       stream_doc)
 from schemas import Prompt
 
+def run_cli(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``jina_server.py FLAGS`` run to its end in a process group of its own: on a timeout the whole group is
+    killed (``subprocess.run`` would kill the server's process alone and leave any worker it had started)."""
+    with subprocess.Popen([PYTHON, "jina_server.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 HELLO = Prompt(message=[{"role": "user", "content": "Hello!"}], gen_conf={"max_new_tokens": 12})
 
 
@@ -70,8 +84,7 @@ def test_importing_jina_prints_no_warning():
 
 
 def test_cli_accepts_every_setting_under_its_one_name():
-    help_text = subprocess.run([PYTHON, "jina_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=120).stdout
+    help_text = run_cli("--help").stdout
     for name in ("model_name", "device", "dtype", "max_new_tokens_limit", "max_prompt_tokens", "max_batch_size",
                  "max_queue", "request_timeout", "trust_remote_code", "allow_pickle", "stream_text", "kv_cache_memory",
                  "prefix_caching", "speculate", "quantize"):
@@ -82,15 +95,13 @@ def test_cli_accepts_every_setting_under_its_one_name():
 
 
 def test_a_bad_kv_cache_memory_is_refused_before_the_model_loads():
-    result = subprocess.run([PYTHON, "jina_server.py", "--kv-cache-memory", "4XB"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_cli("--kv-cache-memory", "4XB")
     assert result.returncode == 2
     assert "kv_cache_memory='4XB' is not a size" in result.stderr and "4GiB" in result.stderr
 
 
 def test_a_speculate_out_of_range_is_refused_before_the_model_loads():
-    result = subprocess.run([PYTHON, "jina_server.py", "--speculate", "99"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_cli("--speculate", "99")
     assert result.returncode == 2
     assert "speculate=99 is not allowed: use 0 (off) to 32 draft tokens per step" in result.stderr
 
@@ -99,8 +110,7 @@ def test_a_bad_quantize_and_int8_on_cuda_are_refused_before_the_model_loads():
     for flags, message in ((["--quantize", "int3"], "quantize='int3' is not allowed: use one of auto, none, int8, int4"),
                            (["--quantize", "int8", "--device", "cuda"], "quantize=int8 is for CPUs"),
                            (["--quantize", "int4", "--device", "cuda"], "quantize=int4 is for CPUs")):
-        result = subprocess.run([PYTHON, "jina_server.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120)
+        result = run_cli(*flags)
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 

@@ -83,7 +83,8 @@ def test_a_layer_the_int4_layout_cannot_hold_keeps_float32():
     kinds = {name: type(module).__name__ for name, module in model.named_modules()}
     assert kinds["model.layers.0.mlp.gate_proj"] == "Linear"  # 136 outputs: not in sixteens
     assert kinds["model.layers.0.mlp.down_proj"] == "Linear"  # 136 inputs: not in groups of 32
-    assert kinds["model.layers.0.self_attn.q_proj"] == "Int4Linear" and kinds["lm_head"] == "Int8RowsLinear"
+    assert kinds["model.layers.0.self_attn.q_proj"] == "SharedInputSlice" and kinds["lm_head"] == "Int8RowsLinear"
+    assert kinds["model.layers.0.self_attn.q_proj.stack.layer"] == "Int4Linear"
     assert replaced == 5
     print(((after - before).norm() / before.norm()).item())
     assert ((after - before).norm() / before.norm()).item() < 0.15  # 4-bit noise on random weights, not garbage
@@ -113,3 +114,29 @@ def test_auto_keeps_the_default_gguf_in_4_bits_and_says_why(models):
     choice, why = choose_quantize(fp32.model, "auto", exact_gguf_grid(kinds))
     assert choice == "int4" and "Q4_1 blocks" in why
     assert choose_quantize(fp32.model, "float32", False)[0] == "none"
+
+
+def test_layers_that_read_one_input_are_stacked_and_answer_as_they_would_alone():
+    """q/k/v and gate/up become one 4-bit matmul each (int4.SharedInput); the logits are those of the same
+    layers packed one by one."""
+    import copy
+
+    from executor.int4 import SharedInputSlice
+    from tiny_models import new_llama
+
+    stacked, separate = new_llama(vocab_size=1024), new_llama(vocab_size=1024)
+    quantize_int4(stacked)
+    for name, module in list(separate.named_modules()):
+        if type(module) is nn.Linear and module is not separate.get_output_embeddings():
+            parent, _, child = name.rpartition(".")
+            setattr(separate.get_submodule(parent), child, Int4Linear(module))
+    separate.lm_head = Int8RowsLinear(copy.deepcopy(separate.lm_head))
+    layer = stacked.model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    assert {type(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)} \
+        == {SharedInputSlice}
+    assert attention.q_proj.stack is attention.v_proj.stack and mlp.gate_proj.stack is mlp.up_proj.stack
+    assert type(attention.o_proj) is Int4Linear and type(mlp.down_proj) is Int4Linear
+    ids = torch.randint(0, 1024, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(stacked(input_ids=ids).logits, separate(input_ids=ids).logits)

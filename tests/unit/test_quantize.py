@@ -12,9 +12,9 @@ import torch
 
 from executor.errors import ModelLoadError
 from executor.model import load
-from executor.int4 import Int8RowsLinear
+from executor.int4 import Int8RowsLinear, SharedInputSlice
 from executor.quantize import (AUTO_INT8_MIN_WIDTH, BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear,
-                               Int8Slice, SharedInputInt8, check_quantize, choose_quantize, shared_input_groups,
+                               SharedInputInt8, check_quantize, choose_quantize, shared_input_groups,
                                widest_pair_sum)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_every_linear_and_the_head_hold_int8_weights(models):
     # Per layer: q/k/v in one matmul, gate/up in one, o and down alone; the head holds int8 rows (weight-only).
     assert len(quantized) == 30 * 4 and isinstance(head, Int8RowsLinear) and int8.vocab_size == 49152
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert all(isinstance(m, Int8Slice) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
+    assert all(isinstance(m, SharedInputSlice) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                   mlp.gate_proj, mlp.up_proj))
     assert attention.q_proj.stack is attention.v_proj.stack and mlp.gate_proj.stack is mlp.up_proj.stack
     assert (attention.q_proj.out_features, attention.k_proj.out_features) == (576, 192)
@@ -174,9 +174,9 @@ def test_a_stack_answers_what_its_layers_would_and_computes_once_per_input():
     torch.manual_seed(0)
     linears = [torch.nn.Linear(64, width) for width in (64, 32, 32)]
     stack = SharedInputInt8(linears, act_absmax=torch.rand(64) + 0.5)
-    members = [Int8Slice(stack, i) for i in range(3)]
+    members = [SharedInputSlice(stack, i) for i in range(3)]
     calls = []
-    stack.int8.register_forward_hook(lambda *_: calls.append(1))
+    stack.layer.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(2, 5, 64)
     outputs = [member(x) for member in members]
     assert len(calls) == 1 and [o.shape[-1] for o in outputs] == [64, 32, 32]
