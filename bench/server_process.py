@@ -34,14 +34,28 @@ def start_server(flags: list, log_path: Path, timeout: float = 300, ready_line: 
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM to the whole group, SIGKILL if it is not gone in 30 s."""
+    """SIGTERM to the whole group, SIGKILL to what is left of it after 30 s; returns when every process of the
+    group is gone, not only its leader (a worker still stopping would share the CPU with the next server's
+    measures)."""
+    try:
+        members = psutil.Process(server.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        members = []
     try:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
     except ProcessLookupError:
         pass
+    _, alive = psutil.wait_procs(members, timeout=30)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def executor_process(server: subprocess.Popen) -> psutil.Process:
