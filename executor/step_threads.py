@@ -38,6 +38,11 @@ class SizeRecord:
     chosen: int | None = None
     steps_since_choice: int = 0
 
+    @property
+    def settled(self) -> bool:
+        """A count is chosen and not yet due to be measured again."""
+        return self.chosen is not None and self.steps_since_choice < REVISIT
+
 
 class StepThreads:
     """``step(kind, tokens)`` wraps one forward pass: it sets the thread count chosen for that size and
@@ -65,8 +70,8 @@ class StepThreads:
         """The count this step of ``tokens`` computed positions runs at: the one chosen, or the next trial."""
         if len(self.counts) == 1:
             return self.counts[0]
-        record = self._sizes.setdefault((kind, tokens.bit_length()), SizeRecord())
-        if record.chosen is not None and record.steps_since_choice < REVISIT:
+        record = self._record(kind, tokens)
+        if record.settled:
             return record.chosen
         # A round of trials, alternating so that the rows' growing contexts weigh on each count alike.
         return min(self.counts, key=lambda count: len(record.seconds.get(count, ())))
@@ -74,14 +79,17 @@ class StepThreads:
     def observe(self, kind: str, tokens: int, count: int, seconds: float) -> None:
         if len(self.counts) == 1:
             return
-        record = self._sizes[(kind, tokens.bit_length())]
-        if record.chosen is not None and record.steps_since_choice < REVISIT:
+        record = self._record(kind, tokens)
+        if record.settled:
             record.steps_since_choice += 1
             return
         record.seconds.setdefault(count, []).append(seconds)
         if all(len(record.seconds.get(c, ())) >= TRIALS for c in self.counts):
             record.chosen = min(self.counts, key=lambda c: sorted(record.seconds[c])[TRIALS // 2])
             record.seconds, record.steps_since_choice = {}, 0
+
+    def _record(self, kind: str, tokens: int) -> SizeRecord:
+        return self._sizes.setdefault((kind, tokens.bit_length()), SizeRecord())
 
     @contextmanager
     def step(self, kind: str, tokens: int):
