@@ -27,10 +27,10 @@ HELP = {
                   "the default model, SmolLM2-135M-Instruct",
     "device": "auto (accelerate places the model), cpu, cuda or cuda:N; a missing device is an error",
     "dtype": "auto (the checkpoint's own), float32, float16 or bfloat16",
-    "quantize": "none (default): the model as loaded; auto: int4 for a GGUF file of Q4_0/Q4_1 blocks, int8 for "
-                "another float32 model on a CPU, none elsewhere (the log says which and why); int4: 4-bit Linear "
-                "weights in groups of 32, as a GGUF keeps them (CPU only; README \"4-bit weights\"); int8: int8 "
-                "Linear weights with per-token int8 activations (CPU only; perplexity within 3%%)",
+    "quantize": "auto (default): int4 on a CPU for a GGUF file of Q4_0/Q4_1 blocks (the default model), the "
+                "model as loaded elsewhere (the log says which and why); none: the model as loaded (float32 for a "
+                "GGUF); int4: 4-bit Linear weights in groups of 32, as a GGUF keeps them (CPU only; README \"4-bit "
+                "weights\"); int8: int8 Linear weights with per-token int8 activations (CPU only; perplexity within 3%%)",
     "trust_remote_code": "run code shipped with the model (off by default)",
     "allow_pickle": "allow .bin (pickle) weights; safetensors only by default",
     "max_new_tokens_limit": "largest max_new_tokens a client may ask for",

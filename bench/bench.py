@@ -14,8 +14,9 @@ offline on synthetic text) once, then measures, in one run:
               RAG-shaped and short requests through its OpenAI API
   real model  the default model, SmolLM2-135M-Instruct (its shape differs: 30 layers, 3 key/value heads):
               /stream with --speculate 0: raw loop, 1 client, N concurrent, N RAG-shaped, each against its
-              in-process reference; through the OpenAI API, the server with no flags (float32, speculation on),
-              the same with --speculate 0, and --quantize int8: 1 client free text, 1 client an answer copying
+              in-process reference (int4, as the server loads it); through the OpenAI API, the server with no
+              flags (int4, speculation on), the same with --speculate 0, --quantize none (the fp32 copy) and
+              --quantize int8: 1 client free text, 1 client an answer copying
               its passage, N short, N RAG-shaped, RSS; and the same requests
               to llama.cpp's llama-server on the same GGUF file (bench/llama_cpp.py builds it once, ~9 min),
               the quoting answer also under each of its n-gram speculation kinds
@@ -868,7 +869,8 @@ def migration_rows(moved: dict) -> list:
 # ---- the real model: SmolLM2-135M-Instruct, the default model ----------------------------------------------
 # The real model's speculation rows: 16 drafted tokens at most (8 measured the same on free text, short and
 # RAG streams, and 0.66-0.78x of 16 on an answer copying its passage: long accepted drafts need room).
-REAL_MODEL = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 30 layers, 3 key/value heads, 49k vocabulary)"
+REAL_MODEL = ("SmolLM2-135M-Instruct (its GGUF Q4_1 file as the server loads it by default: int4 body, int8 head; "
+              "30 layers, 3 key/value heads, 49k vocabulary)")
 
 
 def real_model_folder() -> Path:
@@ -879,11 +881,11 @@ def real_model_folder() -> Path:
 
 
 def real_model_references(path: Path, new_tokens: int, batch: int) -> dict:
-    """In-process, on the real model: the raw loop (batch 1), model.generate on the short prompts and on the
-    RAG-shaped prompts (static batches of ``batch``)."""
+    """In-process, on the real model as the server loads it by default (its GGUF file, int4): the raw loop
+    (batch 1), model.generate on the short prompts and on the RAG-shaped prompts (static batches of ``batch``)."""
     from executor.model import encode_prompt, load
 
-    loaded = load(str(path))
+    loaded = load(None)
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = encode_prompt(tokenizer, prompts(1)[0])
     rag, _ = workloads.rag_prompts(tokenizer, batch, RAG_SEED)
@@ -938,10 +940,10 @@ def real_model_server(port: int, openai_port: int, log_name: str, flags=()):
                         log_path)
 
 
-# The real model's servers: what a user gets with no flags (float32, speculation on), the same with speculation
-# off (also the engine's overhead against the float32 references), and int8 weights.
-REAL_SERVERS = (("defaults", []), ("speculate0", ["--speculate", "0"]), ("int8", ["--quantize", "int8"]),
-                ("int4", ["--quantize", "int4"]))
+# The real model's servers: what a user gets with no flags (int4 from the Q4_1 file, speculation on), the same
+# with speculation off (also the engine's overhead against the references, int4 too), the fp32 copy, int8.
+REAL_SERVERS = (("defaults", []), ("speculate0", ["--speculate", "0"]), ("fp32", ["--quantize", "none"]),
+                ("int8", ["--quantize", "int8"]))
 
 
 def tree_rss(pid: int) -> int:
@@ -1039,7 +1041,7 @@ def speculation_rows(found: dict, batch: int) -> list:
     defaults, off = found["defaults"], found["speculate0"]
     rows = []
     for (what, key), target in zip(real_measures(batch), (">= 0.97x", ">= 4x", ">= 0.97x", ">= 1.2x")):
-        rows.append((f"no flags (float32, speculation on) vs --speculate 0: OpenAI API, {what}",
+        rows.append((f"no flags (int4, speculation on) vs --speculate 0: OpenAI API, {what}",
                      f"{defaults[key]:.1f} tok/s", f"{defaults[key] / off[key]:.2f}x ({off[key]:.1f} tok/s)", target))
     return rows
 
@@ -1071,35 +1073,34 @@ def real_model_rows(found: dict, batch: int, new_tokens: int) -> list:
          "", ""),
     ]
     measures = real_measures(batch)
-    defaults, int8, int4 = found["defaults"], found["int8"], found["int4"]
+    defaults, fp32, int8 = found["defaults"], found["fp32"], found["int8"]
     rows += speculation_rows(found, batch)
-    for (what, key), target in zip(measures, (">= 1.5x", "", ">= 1.3x", "")):
-        for name, other in (("int8", int8), ("int4", int4)):
-            rows.append((f"--quantize {name} (speculation on) vs no flags: OpenAI API, {what}",
-                         f"{other[key]:.1f} tok/s", f"{other[key] / defaults[key]:.2f}x ({defaults[key]:.1f} tok/s)",
-                         target))
+    for what, key in measures:
+        for name, other in (("none (fp32)", fp32), ("int8", int8)):
+            rows.append((f"--quantize {name} (speculation on) vs no flags (int4): OpenAI API, {what}",
+                         f"{other[key]:.1f} tok/s", f"{other[key] / defaults[key]:.2f}x ({defaults[key]:.1f} tok/s)", ""))
     llama = found.get("llama")
     if llama:
         threads = f"-t {os.cpu_count()} -np {llama_cpp.PARALLEL}"
         for (what, key), target in zip(measures, (">= 1.0x", ">= 2.0x", ">= 1.5x", ">= 3.0x")):
             rows.append((f"llama.cpp llama-server (peer, same GGUF Q4_1, {threads}): {what}", f"{llama[key]:.1f} tok/s",
-                         f"this server, no flags: {defaults[key] / llama[key]:.2f}x (--quantize int8: "
-                         f"{int8[key] / llama[key]:.2f}x, int4: {int4[key] / llama[key]:.2f}x)", target))
+                         f"this server, no flags: {defaults[key] / llama[key]:.2f}x (--quantize none: "
+                         f"{fp32[key] / llama[key]:.2f}x, int8: {int8[key] / llama[key]:.2f}x)", target))
         kinds = found["llama_spec"]
         best = max((kind for kind in kinds if kind != "none"), key=kinds.get)
         rows.append((f"llama.cpp with its n-gram speculation, quoting: "
                      + ", ".join(f"{kind} {kinds[kind]:.1f}" for kind in kinds if kind != "none"),
                      f"{kinds[best]:.1f} tok/s ({best})",
-                     f"this server, no flags: {defaults['quote_tps'] / kinds[best]:.2f}x (int8: "
-                     f"{int8['quote_tps'] / kinds[best]:.2f}x)", ">= 1.2x"))
+                     f"this server, no flags: {defaults['quote_tps'] / kinds[best]:.2f}x (none: "
+                     f"{fp32['quote_tps'] / kinds[best]:.2f}x, int8: {int8['quote_tps'] / kinds[best]:.2f}x)", ">= 1.2x"))
         rows.append((f"llama.cpp: {batch} RAG-shaped streams, TTFT p50", f"{llama['openai_rag_ttft_p50'] * 1000:.0f} ms",
-                     f"this server, no flags: {defaults['openai_rag_ttft_p50'] * 1000:.0f} ms (int8: "
-                     f"{int8['openai_rag_ttft_p50'] * 1000:.0f} ms)", ""))
+                     f"this server, no flags: {defaults['openai_rag_ttft_p50'] * 1000:.0f} ms (none: "
+                     f"{fp32['openai_rag_ttft_p50'] * 1000:.0f} ms, int8: {int8['openai_rag_ttft_p50'] * 1000:.0f} ms)", ""))
         mib = 1 << 20
         rows.append(("RSS after the measures: llama-server", f"{llama['rss'] / mib:.0f} MiB",
                      f"this server, no flags (gateway + worker): {defaults['rss'] / mib:.0f} MiB, "
-                     f"{defaults['rss'] / llama['rss']:.2f}x (int8: {int8['rss'] / mib:.0f} MiB, int4: "
-                     f"{int4['rss'] / mib:.0f} MiB)", "<= 1.5x"))
+                     f"{defaults['rss'] / llama['rss']:.2f}x (none: {fp32['rss'] / mib:.0f} MiB, int8: "
+                     f"{int8['rss'] / mib:.0f} MiB)", "<= 1.5x"))
     return rows
 
 

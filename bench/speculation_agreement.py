@@ -1,7 +1,7 @@
 """Speculation's promise per precision, measured: the default model's greedy answers with --speculate 8 against
 --speculate 0, in one engine each, the same prompts at once (RAG answers that quote a passage, and free text).
 
-    .venv/bin/python bench/speculation_agreement.py [float32 bfloat16 int8 float16]
+    .venv/bin/python bench/speculation_agreement.py [float32 bfloat16 int4 int8 float16]
 
 fp32 answers are identical by construction (a verify step computes each position as a plain step does, up to
 float32 rounding that never moved a greedy token in the tests); in half precision and int8 a verify step adds in
@@ -52,8 +52,8 @@ def answers(lm, speculate: int, prompt_ids: list) -> list:
 def main(precisions: list) -> None:
     for precision in precisions:
         started = time.monotonic()
-        lm = load(None, device="cpu", quantize="int8") if precision == "int8" else \
-            load(None, device="cpu", dtype=precision)
+        lm = load(None, device="cpu", quantize=precision) if precision.startswith("int") else \
+            load(None, device="cpu", dtype=precision, quantize="none")
         prompt_ids = prompts(lm.tokenizer)
         plain, speculated = answers(lm, 0, prompt_ids), answers(lm, 8, prompt_ids)
         same = [a == b for a, b in zip(plain, speculated)]
@@ -65,4 +65,4 @@ def main(precisions: list) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["float32", "bfloat16", "int8"])
+    main(sys.argv[1:] or ["float32", "bfloat16", "int4", "int8"])

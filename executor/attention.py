@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .int4 import matmul_input_dtype
+
 log = logging.getLogger("jina_llm_stream.attention")
 
 NAME = "jina_shared_prefix"
@@ -204,9 +206,10 @@ def enable_shared_prefix(model, cache_kwarg: str, device, block_size: int) -> st
     if implementation != "sdpa":
         return f"its attention is {implementation!r}, not sdpa"
     register()
-    # Two roundings of the model's dtype apart at most (bfloat16: 2^-7; float32 and float16: 1e-3): the plain
-    # pass rounds its attention output once more than the merge, which works in float32.
-    tolerance = max(1e-3, 2 * torch.finfo(next(model.parameters()).dtype).eps)
+    # Two roundings of the dtype its matmuls read apart at most (bfloat16, also int4's inputs: 2^-7; float32
+    # and float16: 1e-3): the plain pass rounds its attention output once more than the merge, which works in
+    # float32.
+    tolerance = max(1e-3, 2 * torch.finfo(matmul_input_dtype(model)).eps)
     tokens = torch.arange(1, 2 * block_size + 3, device=device).remainder_(model.config.vocab_size - 1).add_(1)[None]
     model.set_attn_implementation(NAME)
     try:

@@ -87,6 +87,14 @@ class WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def matmul_input_dtype(model) -> torch.dtype:
+    """The narrowest float the model's matmuls read: bfloat16 where a ``WeightOnlyLinear`` rounds its inputs
+    (int4 layers, int8's head), else the parameters' own dtype."""
+    if any(isinstance(module, WeightOnlyLinear) for module in model.modules()):
+        return torch.bfloat16
+    return next(model.parameters()).dtype
+
+
 class Int4Linear(WeightOnlyLinear):
     """4-bit levels in groups of GROUP inputs, each group with a bfloat16 scale and zero (ATen's int4 kernel)."""
 

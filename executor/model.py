@@ -16,7 +16,7 @@ import torch
 from .errors import ModelLoadError
 from .gguf_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, default_model_file, dequantized, is_gguf
 from .int4 import exact_gguf_grid, gguf_linear_kinds, quantize_int4
-from .quantize import check_quantize, choose_quantize, quantize_int8
+from .quantize import DEFAULT_QUANTIZE, check_quantize, choose_quantize, quantize_int8
 
 from .tools import for_template, plain_messages, template_knows_tools
 
@@ -78,7 +78,7 @@ def resolve_device_map(device: str):
 
 
 def load(model_name: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-         allow_pickle: bool = False, cache_dir: Path | None = None, quantize: str = "none",
+         allow_pickle: bool = False, cache_dir: Path | None = None, quantize: str = DEFAULT_QUANTIZE,
          max_memory: dict | None = None) -> LoadedModel:
     """Load a model and its tokenizer by hub name, local folder or GGUF file; the default model when no name
     is given. Logs which model, from where, and how long loading took. ``quantize="int8"``: int8 Linear

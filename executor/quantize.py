@@ -1,6 +1,7 @@
 """``--quantize int8``: int8 Linear weights on a CPU (no Jina here; model.py calls it after loading).
-``--quantize auto`` chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a GGUF
-file of 4-bit blocks, int8 for another float32 model on a CPU wide enough to gain, else the model as loaded.
+``--quantize auto`` (the default) chooses at start-up and says why (``choose_quantize``): int4 (int4.py) for a
+GGUF file of 4-bit blocks on a CPU, which keeps the file's own weights; else the model as loaded (int8 changes a
+float32 model's weights, so a user asks for it).
 
 Every ``nn.Linear`` of the model but the output head becomes ``Int8Linear`` (the head: below): its weight is int8 with one
 scale per output channel, and each forward pass quantizes its input per token (one scale per row) and runs
@@ -50,10 +51,7 @@ from .int4 import (Int8RowsLinear, SharedInput, SharedInputSlice, WeightOnlyLine
 log = logging.getLogger("jina_llm_stream.quantize")
 
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
-DEFAULT_QUANTIZE = "none"
-# quantize=auto's smallest hidden size for int8: below it fbgemm's per-call work (quantizing each input, the
-# packed call) costs more than the smaller weight reads save (measured: see choose_quantize).
-AUTO_INT8_MIN_WIDTH = 128
+DEFAULT_QUANTIZE = "auto"
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: 0 keeps the activations as they are, 1 flattens them
 
 # Calibration only sets the smoothing factors (the largest |activation| per input channel); any varied text
@@ -80,43 +78,26 @@ CALIBRATION_CHAT = [
 
 
 def choose_quantize(model, dtype: str, gguf_grid: bool | None = None) -> tuple:
-    """quantize=auto: ('int4', 'int8' or 'none', why), from where and how the model was loaded. ``gguf_grid``:
-    the model came from a GGUF file of Q4_0 (True) or Q4_1 (False) blocks (int4.exact_gguf_grid), which int4
-    keeps as they are (decode of the default model ~2x its float32 copy, perplexity within 0.2%). Else int8
-    where it pays: a float32 model on a CPU with x86 int8 kernels, wide enough that its Linear layers' reads
-    dominate a step (decode of the default model ~1.8x float32, perplexity within 3%: README "int8 weights")."""
+    """quantize=auto: ('int4' or 'none', why), from where and how the model was loaded. ``gguf_grid``: the model
+    came from a GGUF file of Q4_0 (True) or Q4_1 (False) blocks (int4.exact_gguf_grid), which int4 keeps as they
+    are, as llama.cpp and Ollama run such a file (the default model: one stream 2-3.4x its float32 copy,
+    perplexity within 0.1%). Everything else stays as loaded: int8 would change a float32 model's weights
+    (perplexity +0.5-3%), and float32 keeps greedy answers equal to ``model.generate`` on every CPU."""
     parameter = next(model.parameters())
-    width = hidden_size(model)
     if parameter.device.type != "cpu":
-        return "none", f"the model runs on {parameter.device.type} (int4 and int8 are for CPUs; there --dtype picks the precision)"
+        return "none", f"the model runs on {parameter.device.type} (int4 is for CPUs; there --dtype picks the precision)"
     if dtype != "auto" or parameter.dtype != torch.float32:
         return "none", f"the model is {str(parameter.dtype).removeprefix('torch.')}" + \
-            (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int4 and int8 replace float32 only)"
-    if gguf_grid is not None:
-        return "int4", (f"the GGUF file holds {'Q4_0' if gguf_grid else 'Q4_1'} blocks: int4 keeps them packed "
-                        "(about 7x fewer bytes per weight than float32, the same weights; --quantize none keeps float32)")
-    if not has_x86_int8_kernels():
-        return "none", "this torch build has no x86 int8 kernels (fbgemm)"
-    if width is None or width < AUTO_INT8_MIN_WIDTH:
-        return "none", (f"its hidden size {width} is under {AUTO_INT8_MIN_WIDTH}: int8's per-layer work would cost "
-                        "more than its smaller weights save")
-    if not linear_layers(model):
-        return "none", f"{type(model).__name__} has no nn.Linear layers"
-    return "int8", ("a float32 model on a CPU: int8 weights decode about 1.8x faster, perplexity within 3% "
-                    "(--quantize none keeps float32)")
+            (f" as --dtype {dtype} asked" if dtype != "auto" else " in its checkpoint") + " (int4 replaces float32 only)"
+    if gguf_grid is None:
+        return "none", ("not a GGUF file of Q4_0/Q4_1 blocks: float32 as loaded (--quantize int8 or int4 trade "
+                        "some perplexity for speed: README \"int8 weights\", \"4-bit weights\")")
+    return "int4", (f"the GGUF file holds {'Q4_0' if gguf_grid else 'Q4_1'} blocks: int4 keeps them packed "
+                    "(about 7x fewer bytes per weight than float32, the same weights; --quantize none keeps float32)")
 
 
 def has_x86_int8_kernels() -> bool:
     return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
-
-
-def hidden_size(model) -> int | None:
-    config = model.config.get_text_config(decoder=True)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def check_quantize(quantize: str, device_type: str | None = None) -> None:

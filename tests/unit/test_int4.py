@@ -140,3 +140,19 @@ def test_layers_that_read_one_input_are_stacked_and_answer_as_they_would_alone()
     ids = torch.randint(0, 1024, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(stacked(input_ids=ids).logits, separate(input_ids=ids).logits)
+
+
+def test_the_default_model_in_int4_reads_prefix_cache_hits_in_place(models):
+    """int4's layers read bfloat16, so the shared-prefix check allows bfloat16's two roundings (its logits moved
+    0.25 of 31 here with a one-block prefix; float32's 1e-3 made every hit a copy)."""
+    from executor.attention import NAME, enable_shared_prefix
+    from executor.int4 import matmul_input_dtype
+    from executor.model_runner import cache_kwarg
+
+    fp32, int4 = models
+    assert matmul_input_dtype(int4.model) == torch.bfloat16 and matmul_input_dtype(fp32.model) == torch.float32
+    try:
+        assert enable_shared_prefix(int4.model, cache_kwarg(int4.model), "cpu", 16) is None
+        assert int4.model.config._attn_implementation == NAME
+    finally:
+        int4.model.set_attn_implementation("sdpa")

@@ -54,9 +54,9 @@ def test_fallback_chat_template_for_tokenizers_without_one(tiny_models):
 
 
 def test_quantize_auto_says_what_it_chose_and_why(tiny_models, caplog):
-    """A tiny model (hidden size 64) stays float32 under auto, and the log line says why (the wide float32 case
-    is tests/unit/test_quantize.py's)."""
+    """A float32 model that is not a Q4 GGUF stays float32 under auto, and the log line says why (the Q4 GGUF
+    case is tests/unit/test_int4.py's)."""
     with caplog.at_level("INFO", logger="jina_llm_stream.model"):
         loaded = load(str(tiny_models["chat"]), quantize="auto")
-    assert "quantize=auto chose none: its hidden size 64 is under 128" in caplog.text
+    assert "quantize=auto chose none: not a GGUF file of Q4_0/Q4_1 blocks" in caplog.text
     assert next(loaded.model.parameters()).dtype.is_floating_point

@@ -13,7 +13,7 @@ import torch
 from executor.errors import ModelLoadError
 from executor.model import load
 from executor.int4 import Int8RowsLinear, SharedInputSlice
-from executor.quantize import (AUTO_INT8_MIN_WIDTH, BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear,
+from executor.quantize import (DEFAULT_QUANTIZE, BODY_GRID, CALIBRATION_TEXT, HEAD_GRID, PAIR_SUM_LIMIT, Int8Linear,
                                SharedInputInt8, check_quantize, choose_quantize, shared_input_groups,
                                widest_pair_sum)
 
@@ -197,7 +197,9 @@ def test_siblings_that_read_one_tensor_are_grouped_and_a_layer_read_twice_is_not
     assert shared_input_groups([[("q", a), ("q", a), ("k", a)]]) == []
 
 
-def test_auto_chooses_int8_for_a_wide_float32_model_on_a_cpu_and_says_why():
+def test_auto_keeps_a_float32_model_as_loaded_and_says_why():
+    """int8 changes a float32 model's weights, so auto (the default) leaves it to the user: only a Q4 GGUF's
+    blocks are kept in 4 bits (test_int4)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def model(width, dtype=torch.float32):
@@ -205,12 +207,12 @@ def test_auto_chooses_int8_for_a_wide_float32_model_on_a_cpu_and_says_why():
                              num_attention_heads=2, num_key_value_heads=1)
         return LlamaForCausalLM(config).to(dtype)
 
-    assert choose_quantize(model(AUTO_INT8_MIN_WIDTH), "auto")[0] == "int8"
-    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH // 2), "auto")
-    assert choice == "none" and f"hidden size {AUTO_INT8_MIN_WIDTH // 2} is under {AUTO_INT8_MIN_WIDTH}" in why
-    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH, torch.bfloat16), "auto")
+    assert DEFAULT_QUANTIZE == "auto"
+    choice, why = choose_quantize(model(512), "auto")
+    assert choice == "none" and "not a GGUF file of Q4_0/Q4_1 blocks: float32 as loaded" in why
+    choice, why = choose_quantize(model(128, torch.bfloat16), "auto", False)
     assert choice == "none" and "bfloat16 in its checkpoint" in why
-    choice, why = choose_quantize(model(AUTO_INT8_MIN_WIDTH), "float32")
+    choice, why = choose_quantize(model(128), "float32", False)
     assert choice == "none" and "as --dtype float32 asked" in why
 
 
