@@ -235,6 +235,10 @@ class Engine(AsyncCalls):
         cached = len(prefix) * pool.block_size if prefix is not None else 0
         return {"batch": batch, "prefix_cache": cached, "free": pool.tokens - batch - cached}
 
+    def kv_resident_bytes(self) -> int:
+        """Bytes of the KV pool in memory now (kv_pool.KVPool.resident_bytes), for metrics and leak checks."""
+        return self.kv.pool.resident_bytes()
+
     def kv_copies(self) -> dict:
         """What the running batch's KV storage copied (BatchKV.copy_stats), for metrics."""
         return self.kv.batch.copy_stats()

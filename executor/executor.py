@@ -145,7 +145,7 @@ class TokenStreamingExecutor(Executor):
         registry = getattr(self.runtime_args, "metrics_registry", None)
         if registry is not None:  # Jina's --monitoring: our metrics join Jina's on the same endpoint
             self.engine.metrics = EngineMetrics(registry, self.engine.load, self.engine.kv_copies,
-                                                self.engine.kv_usage)
+                                                self.engine.kv_usage, self.engine.kv_resident_bytes)
         self._call_preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._grammar_compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self.grammars = Grammars(loaded.tokenizer, loaded.vocab_size,

@@ -10,7 +10,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class EngineMetrics:
     """Called by the engine thread; each call is a few microseconds."""
 
-    def __init__(self, registry, load, kv_copies=None, kv_usage=None):
+    def __init__(self, registry, load, kv_copies=None, kv_usage=None, kv_resident=None):
         prefix = "jina_llm_stream"
         self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Time from request to its first token",
                               buckets=_LATENCY_BUCKETS, registry=registry)
@@ -43,6 +43,10 @@ class EngineMetrics:
                          ["holder"], registry=registry)
             for holder in ("batch", "prefix_cache", "free"):
                 pool.labels(holder).set_function(lambda holder=holder: kv_usage()[holder])
+        if kv_resident is not None:
+            Gauge(f"{prefix}_kv_pool_resident_bytes", "Bytes of the KV pool in memory: on a CPU its pages arrive as "
+                  "they are first written (kv_pool.lazy_zeros), so this grows with the tokens held, up to the pool's "
+                  "size", registry=registry).set_function(kv_resident)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -222,6 +222,8 @@ def test_prometheus_metrics(server):
     assert 'jina_llm_stream_kv_copied_bytes_total{cause="join"}' in text  # 0 when each joined an empty batch
     pool = dict(re.findall(r'jina_llm_stream_kv_pool_tokens\{holder="(\w+)"\} ([0-9.e+]+)', text))
     assert set(pool) == {"batch", "prefix_cache", "free"} and float(pool["prefix_cache"]) > 0, pool
+    resident = re.search(r"^jina_llm_stream_kv_pool_resident_bytes ([0-9.e+]+)$", text, re.M)
+    assert resident and float(resident.group(1)) > 0, "the pool's written pages are in memory"
 
 
 def replica_metrics_ports(server) -> list:

@@ -423,3 +423,23 @@ def test_probing_a_model_reads_each_layers_device(tiny_models):
 
     lm = load(str(tiny_models["chat"]))
     assert {shape.device for shape in probe_layer_shapes(lm.model, torch.device("cpu"))} == {torch.device("cpu")}
+
+
+def test_the_pool_takes_memory_as_its_blocks_are_written_not_at_start():
+    """A CPU pool is an anonymous map (kv_pool.lazy_zeros): zeros that cost nothing until written, so RSS follows
+    the tokens held; reading an unwritten block costs nothing either, and resident_bytes counts what is there."""
+    import psutil
+
+    from executor.kv_pool import KVPool
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    pool = KVPool([LayerShape(2, 64, 64, torch.float32)] * 4, 65536, block_size=16, device=torch.device("cpu"))
+    assert pool.bytes == 256 << 20 and pool.resident_bytes() == 0
+    assert process.memory_info().rss - before < 16 << 20
+    keys, values = pool.blocks_view(0)
+    assert float(keys[:1024].sum()) == 0.0 and pool.resident_bytes() == 0  # read only: the kernel's page of zeros
+    keys[:256].fill_(1.0)  # 256 blocks of 16 tokens x 2 heads x 64 floats: 2 MiB
+    # (Where transparent huge pages are always on, a write may bring a whole 2 MiB page on each side.)
+    assert 2 << 20 <= pool.resident_bytes() <= 6 << 20
+    assert 2 << 20 <= process.memory_info().rss - before < 24 << 20

@@ -69,13 +69,16 @@ def test_kv_pool_holders_are_read_at_each_scrape_and_preemptions_are_counted_by_
         held, cached = pool.batch_blocks * 4, len(cache) * 4
         return {"batch": held, "prefix_cache": cached, "free": pool.tokens - held - cached}
 
-    metrics = EngineMetrics(registry, lambda: {"waiting": 0, "prefilling": 0, "running": batch.rows}, None, usage)
+    metrics = EngineMetrics(registry, lambda: {"waiting": 0, "prefilling": 0, "running": batch.rows}, None, usage,
+                            pool.resident_bytes)
     value = registry.get_sample_value
     assert value("jina_llm_stream_kv_pool_tokens", {"holder": "free"}) == 64
+    assert value("jina_llm_stream_kv_pool_resident_bytes") == 0  # nothing written yet: no page in memory
     batch.add_row(tokens(5), 5)
     cache.insert(list(range(8)), 8, lambda a, b: [(k[:, a:b], v[:, a:b]) for k, v in tokens(8)])
     assert [value("jina_llm_stream_kv_pool_tokens", {"holder": h}) for h in ("batch", "prefix_cache", "free")] == \
         [8, 8, 48]
+    assert value("jina_llm_stream_kv_pool_resident_bytes") > 0
     metrics.preempted("kv_pool")
     metrics.preempted("kv_pool")
     metrics.preempted("fairness")
