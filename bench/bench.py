@@ -880,7 +880,7 @@ def real_model_folder() -> Path:
     return dequantized(default_model_file())
 
 
-def real_model_references(path: Path, new_tokens: int, batch: int) -> dict:
+def real_model_references(new_tokens: int, batch: int) -> dict:
     """In-process, on the real model as the server loads it by default (its GGUF file, int4): the raw loop
     (batch 1), model.generate on the short prompts and on the RAG-shaped prompts (static batches of ``batch``)."""
     from executor.model import encode_prompt, load
@@ -971,7 +971,7 @@ def real_model_measures(new_tokens: int, batch: int, peer_llama: bool = True) ->
 
     path = real_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    found = {"ref": real_model_references(path, new_tokens, batch)}
+    found = {"ref": real_model_references(new_tokens, batch)}
     for name, flags in REAL_SERVERS:
         port, openai_port = free_port(), free_port()
         server = real_model_server(port, openai_port, f"jina-llm-stream-bench-real-{name}.log", flags)

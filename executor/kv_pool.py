@@ -35,8 +35,8 @@ def lazy_zeros(elements: int, dtype: torch.dtype, device) -> torch.Tensor:
     an unwritten page maps the kernel's one page of zeros: no memory)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(elements, dtype=dtype, device=device)
-    size, page = max(1, elements * torch.empty(0, dtype=dtype).element_size()), mmap.PAGESIZE
-    size = -(-size // page) * page
+    page = mmap.PAGESIZE
+    size = -(-max(1, elements * dtype.itemsize) // page) * page
     anonymous = mmap.mmap(-1, size + 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # A page on each side that nothing may touch: the kernel cannot merge the map with a neighbour (another
     # pool's, malloc's), so /proc/self/smaps lists it alone and resident_bytes reads its own Rss.
